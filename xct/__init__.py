@@ -1,0 +1,2 @@
+"""xct: few-view X-ray to CT reconstruction in JAX."""
+__version__ = "0.1.0"
