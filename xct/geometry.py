@@ -181,6 +181,19 @@ class Geometry:
             + c[None, None, :, None] * self.det_u_xyz_mm[:, None, None, :]
         )
 
+    def rays(self) -> tuple[jax.Array, jax.Array]:
+        """Per-pixel rays: start points and unit directions, each ``[V, rows, cols, 3]``.
+
+        Cone beam: from the source to each pixel. Parallel beam: from the plane through the
+        source, along the central ray, to each pixel.
+        """
+        pix = self.pixel_centers_xyz_mm()
+        src = jnp.broadcast_to(self.source_xyz_mm[:, None, None, :], pix.shape)
+        if self.kind == "parallel":
+            src = pix - (self.det_center_xyz_mm - self.source_xyz_mm)[:, None, None, :]
+        vec = pix - src
+        return src, vec / jnp.linalg.norm(vec, axis=-1, keepdims=True)
+
     def project_points(self, points_xyz_mm) -> np.ndarray:
         """Continuous ``(row, col)`` detector coordinates of world points, ``[V, P, 2]``.
 
@@ -243,7 +256,7 @@ def rotation_from_rotvec(rotvec: jax.typing.ArrayLike) -> jax.Array:
         [jnp.stack([zero, -z, y], -1), jnp.stack([z, zero, -x], -1), jnp.stack([-y, x, zero], -1)],
         -2,
     )
-    eye = jnp.eye(3, dtype=w.dtype)
+    eye = jnp.broadcast_to(jnp.eye(3, dtype=w.dtype), k.shape)
     return eye + a * k + b * (k @ k)
 
 
@@ -285,13 +298,14 @@ def from_poses(
     if kind not in ("cone", "parallel"):
         raise ValueError(f"kind: expected 'cone' or 'parallel', got {kind!r}")
     det_shape, (pv, pu), sod, sdd = _check_detector(det_shape, pixel_mm, sod_mm, sdd_mm)
-    rot = jnp.asarray(rotation, jnp.float32)
+    rot = jnp.asarray(rotation)
+    rot = rot.astype(jnp.result_type(rot.dtype, jnp.float32))  # float32, or float64 under x64
     if rot.ndim != 3 or rot.shape[1:] != (3, 3) or rot.shape[0] == 0:
         raise ValueError(f"rotation: expected shape [V>0, 3, 3], got {rot.shape}")
-    t = jnp.asarray(translation_mm, jnp.float32)
+    t = jnp.asarray(translation_mm, rot.dtype)
     if t.shape != (rot.shape[0], 3):
         raise ValueError(f"translation_mm: expected shape [{rot.shape[0]}, 3], got {t.shape}")
-    col = lambda v: jnp.asarray(v, jnp.float32)[None, :, None]  # noqa: E731
+    col = lambda v: jnp.asarray(v, rot.dtype)[None, :, None]  # noqa: E731
     world = lambda p: (rot @ col(p))[..., 0] + t  # noqa: E731
     direction = lambda v: (rot @ col(v))[..., 0]  # noqa: E731
     return Geometry(
@@ -308,7 +322,8 @@ def from_pose_params(
     rotvec: jax.typing.ArrayLike, translation_mm: jax.typing.ArrayLike, **kwargs
 ) -> Geometry:
     """``from_poses`` with axis-angle rotations ``[V, 3]`` (radians): the form to optimise."""
-    return from_poses(rotation_from_rotvec(jnp.asarray(rotvec, jnp.float32)), translation_mm, **kwargs)
+    w = jnp.asarray(rotvec)
+    return from_poses(rotation_from_rotvec(w.astype(jnp.result_type(w.dtype, jnp.float32))), translation_mm, **kwargs)
 
 
 def _angles(angles_deg) -> np.ndarray:

@@ -270,6 +270,7 @@ _CHUNK_FNS = {"joseph": _joseph_chunk, "trilinear": _trilinear_chunk, "siddon": 
 
 
 def _forward_raw(volume: jax.Array, geom: Geometry, cfg: _Config) -> jax.Array:
+    volume = jnp.asarray(volume)
     dtype = volume.dtype
     if cfg.method == "siddon":
         flat = volume.reshape(-1)
@@ -296,6 +297,7 @@ def _forward_raw(volume: jax.Array, geom: Geometry, cfg: _Config) -> jax.Array:
 
 def _backward_raw(drr: jax.Array, geom: Geometry, cfg: _Config) -> jax.Array:
     """The transpose of ``_forward_raw`` in the volume (scatter-add of the same weights)."""
+    drr = jnp.asarray(drr)
     like = jax.ShapeDtypeStruct(cfg.grid.shape, drr.dtype)
     (vol,) = jax.linear_transpose(lambda v: _forward_raw(v, geom, cfg), like)(drr)
     return vol
