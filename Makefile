@@ -1,0 +1,28 @@
+# xct: two commands work on a fresh machine with Python 3.11 and the package registries.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: quickstart test bench lint clean
+
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+quickstart: $(STAMP)  ## projector demo: DRRs of the shared chest CT (or a phantom) -> ./quickstart_out/
+	$(PY) -m scripts.quickstart --out quickstart_out
+
+test: $(STAMP)  ## the default test suite (excludes slow and gpu tests)
+	$(PY) -m pytest -n 2 tests
+
+bench: $(STAMP)  ## projector throughput against RTK on this machine -> bench_out/ and a table
+	$(PY) -m scripts.bench_projector --out bench_out
+
+lint: $(STAMP)
+	$(PY) -m ruff check xct scripts tests data_pipelines configs
+
+clean:
+	rm -rf quickstart_out bench_out .pytest_cache
