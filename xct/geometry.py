@@ -228,6 +228,12 @@ jax.tree_util.register_dataclass(
 )
 
 
+def _mm(a, b):
+    """Matrix product at full float32 precision (GPUs default to TF32 for ``@``, which
+    moves rays by tenths of a millimetre)."""
+    return jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)
+
+
 def rotation_y(angles_rad: jax.typing.ArrayLike) -> jax.Array:
     """Rotations about +y by ``angles_rad``, ``[V, 3, 3]`` (RTK's gantry rotation)."""
     a = jnp.asarray(angles_rad)
@@ -257,7 +263,7 @@ def rotation_from_rotvec(rotvec: jax.typing.ArrayLike) -> jax.Array:
         -2,
     )
     eye = jnp.broadcast_to(jnp.eye(3, dtype=w.dtype), k.shape)
-    return eye + a * k + b * (k @ k)
+    return eye + a * k + b * _mm(k, k)
 
 
 def _check_detector(det_shape, pixel_mm, sod_mm, sdd_mm):
@@ -306,8 +312,8 @@ def from_poses(
     if t.shape != (rot.shape[0], 3):
         raise ValueError(f"translation_mm: expected shape [{rot.shape[0]}, 3], got {t.shape}")
     col = lambda v: jnp.asarray(v, rot.dtype)[None, :, None]  # noqa: E731
-    world = lambda p: (rot @ col(p))[..., 0] + t  # noqa: E731
-    direction = lambda v: (rot @ col(v))[..., 0]  # noqa: E731
+    world = lambda p: _mm(rot, col(p))[..., 0] + t  # noqa: E731
+    direction = lambda v: _mm(rot, col(v))[..., 0]  # noqa: E731
     return Geometry(
         source_xyz_mm=world([0.0, 0.0, sod]),
         det_center_xyz_mm=world([0.0, 0.0, -(sdd - sod)]),

@@ -101,7 +101,8 @@ def _vec(v, like):
 def _normalised(e: Ellipsoid, points_xyz):
     """Points in the ellipsoid's unit-sphere frame, ``[..., 3]``."""
     rel = points_xyz - _vec(e.center_xyz_mm, points_xyz)
-    return (rel @ jnp.asarray(e.rotation(), points_xyz.dtype)) / _vec(e.semi_axes_mm, points_xyz)
+    rot = jnp.asarray(e.rotation(), points_xyz.dtype)
+    return jnp.matmul(rel, rot, precision=jax.lax.Precision.HIGHEST) / _vec(e.semi_axes_mm, points_xyz)
 
 
 def evaluate(ellipsoids: Sequence[Ellipsoid], points_xyz_mm) -> jax.Array:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -37,9 +38,11 @@ import numpy as np
 from xct.geometry import Geometry, VolumeGrid
 
 METHODS = ("joseph", "trilinear", "siddon")
-# Samples held in flight per chunk when ``chunk_rays`` is not given (about 16 MB per
-# float32 [chunk, samples] array); measured on CPU and GPU in scripts/bench_projector.py.
-_DEFAULT_SAMPLES_PER_CHUNK = 1 << 22
+# Samples held in flight per chunk when ``chunk_rays`` is not given: about 16 MB per
+# float32 [chunk, samples] array on CPU (larger chunks gave no speed-up there), more on
+# accelerators where each chunk must fill the device (scripts/bench_projector.py --chunks).
+_DEFAULT_SAMPLES_PER_CHUNK = {"cpu": 1 << 22}
+_DEFAULT_SAMPLES_PER_CHUNK_ACCELERATOR = 1 << 25
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,7 +75,8 @@ def _resolve_config(grid, method, chunk_rays, step_mm) -> _Config:
         raise ValueError(f"step_mm: expected a positive step in mm, got {step_mm!r}")
     cfg = _Config(grid, method, 1, float(step_mm))
     if chunk_rays is None:
-        chunk_rays = max(256, _DEFAULT_SAMPLES_PER_CHUNK // _num_samples(cfg))
+        budget = _DEFAULT_SAMPLES_PER_CHUNK.get(jax.default_backend(), _DEFAULT_SAMPLES_PER_CHUNK_ACCELERATOR)
+        chunk_rays = max(256, budget // _num_samples(cfg))
     if int(chunk_rays) < 1:
         raise ValueError(f"chunk_rays: expected a positive number of rays, got {chunk_rays!r}")
     return dataclasses.replace(cfg, chunk_rays=int(chunk_rays))
@@ -133,8 +137,9 @@ def _rays(geom: Geometry, grid: VolumeGrid, ids: jax.Array, dtype):
     unit = vec / length[:, None]
     m, origin = grid.world_to_index()
     m = jnp.asarray(m, dtype)
-    o = (src - jnp.asarray(origin, dtype)[None, :]) @ m.T
-    d = unit @ m.T
+    # Full precision: TF32 (the GPU default for f32 matmuls) would move rays visibly.
+    o = jnp.matmul(src - jnp.asarray(origin, dtype)[None, :], m.T, precision=jax.lax.Precision.HIGHEST)
+    d = jnp.matmul(unit, m.T, precision=jax.lax.Precision.HIGHEST)
     return o, d, length
 
 
@@ -153,11 +158,24 @@ def _gather(flat, idx):
 
 
 # --------------------------------------------------------------------------------------
-# Per-chunk line integrals. ``flat`` is the volume raveled in [z, y, x] order (padded by
-# one zero voxel on every side for the interpolating methods).
+# Per-chunk interpolation taps. Each method turns a chunk of rays into taps: flat voxel
+# indices ``idx`` and weights ``w`` (each ``[C, K]``), a validity mask and a per-ray
+# scale (mm per sample), so that
+#     line_integral[ray] = scale[ray] * sum_{tap, k} w[ray, k] * volume_flat[idx[ray, k]].
+# The forward projection gathers with these taps and the adjoint scatters with the very
+# same taps, so the two are exact transposes by construction. The flat volume is raveled
+# in [z, y, x] order, padded by one zero voxel on every side for the interpolating methods.
 
 
-def _joseph_chunk(flat, cfg: _Config, o, d, t_max):
+@dataclasses.dataclass(frozen=True)
+class _Taps:
+    idx: list  # [C, K] int32 flat indices, 0 where not valid
+    w: list  # [C, K] weights, 0 where not valid
+    valid: jax.Array  # [C, K] bool
+    scale: jax.Array  # [C] mm per unit weight
+
+
+def _joseph_samples(cfg: _Config, o, d, t_max) -> _Bilinear:
     nx, ny, nz = cfg.grid.shape_xyz
     dtype = o.dtype
     n_xyz = jnp.asarray([nx, ny, nz], jnp.int32)
@@ -191,21 +209,45 @@ def _joseph_chunk(flat, cfg: _Config, o, d, t_max):
     )
     fb = jnp.floor(pb)
     fc = jnp.floor(pc)
-    wb = pb - fb
-    wc = pc - fc
     base = (k + 1) * s_a[:, None] + fb.astype(jnp.int32) * s_b[:, None] + fc.astype(jnp.int32) * s_c[:, None]
     base = jnp.where(valid, base, 0)
-    sb, sc = s_b[:, None], s_c[:, None]
-    v00 = _gather(flat, base)
-    v10 = _gather(flat, base + sb)
-    v01 = _gather(flat, base + sc)
-    v11 = _gather(flat, base + sb + sc)
-    val = (1.0 - wc) * ((1.0 - wb) * v00 + wb * v10) + wc * ((1.0 - wb) * v01 + wb * v11)
-    val = jnp.where(valid, val, 0.0)
-    return jnp.sum(val, axis=-1) * jnp.abs(inv_a)
+    return _Bilinear(base, s_b[:, None], s_c[:, None], pb - fb, pc - fc, valid, jnp.abs(inv_a))
 
 
-def _trilinear_chunk(flat, cfg: _Config, o, d, t_max):
+class _Bilinear(NamedTuple):
+    """Joseph samples: 2x2 neighbourhoods at ``base`` (+ ``sb``, + ``sc``), fractions ``wb, wc``."""
+
+    base: jax.Array
+    sb: jax.Array
+    sc: jax.Array
+    wb: jax.Array
+    wc: jax.Array
+    valid: jax.Array
+    scale: jax.Array
+
+
+def _joseph_forward(flat, s: _Bilinear):
+    # One expression, so that XLA fuses index arithmetic, gathers and the reduction into
+    # a single loop (splitting it into taps materialises every [C, K] array: 3x slower).
+    v00 = _gather(flat, s.base)
+    v10 = _gather(flat, s.base + s.sb)
+    v01 = _gather(flat, s.base + s.sc)
+    v11 = _gather(flat, s.base + s.sb + s.sc)
+    val = (1.0 - s.wc) * ((1.0 - s.wb) * v00 + s.wb * v10) + s.wc * ((1.0 - s.wb) * v01 + s.wb * v11)
+    return jnp.sum(jnp.where(s.valid, val, 0.0), axis=-1) * s.scale
+
+
+def _joseph_taps_from(s: _Bilinear) -> _Taps:
+    wb0, wc0 = 1.0 - s.wb, 1.0 - s.wc
+    return _Taps(
+        idx=[s.base, s.base + s.sb, s.base + s.sc, s.base + s.sb + s.sc],
+        w=[wb0 * wc0, s.wb * wc0, wb0 * s.wc, s.wb * s.wc],
+        valid=s.valid,
+        scale=s.scale,
+    )
+
+
+def _trilinear_taps(cfg: _Config, o, d, t_max) -> _Taps:
     nx, ny, nz = cfg.grid.shape_xyz
     dtype = o.dtype
     n = jnp.asarray([nx, ny, nz], dtype)
@@ -226,22 +268,19 @@ def _trilinear_chunk(flat, cfg: _Config, o, d, t_max):
     w = p - f
     fi = f.astype(jnp.int32)
     sy, sz = nx + 2, (nx + 2) * (ny + 2)
-    base = fi[..., 0] + fi[..., 1] * sy + fi[..., 2] * sz
-    base = jnp.where(valid, base, 0)
-    wx, wy, wz = w[..., 0], w[..., 1], w[..., 2]
-    acc = 0.0
+    base = jnp.where(valid, fi[..., 0] + fi[..., 1] * sy + fi[..., 2] * sz, 0)
+    wx, wy, wz = (jnp.where(valid, w[..., i], 0.0) for i in range(3))
+    ux, uy, uz = (jnp.where(valid, 1.0 - w[..., i], 0.0) for i in range(3))
+    idx, weights = [], []
     for dz in (0, 1):
         for dy in (0, 1):
             for dx in (0, 1):
-                weight = (
-                    (wx if dx else 1.0 - wx) * (wy if dy else 1.0 - wy) * (wz if dz else 1.0 - wz)
-                )
-                acc = acc + weight * _gather(flat, base + (dx + dy * sy + dz * sz))
-    acc = jnp.where(valid, acc, 0.0)
-    return jnp.sum(acc, axis=-1) * step
+                idx.append(base + (dx + dy * sy + dz * sz))
+                weights.append((wx if dx else ux) * (wy if dy else uy) * (wz if dz else uz))
+    return _Taps(idx=idx, w=weights, valid=valid, scale=jnp.full(o.shape[:1], step, dtype))
 
 
-def _siddon_chunk(flat, cfg: _Config, o, d, t_max):
+def _siddon_taps(cfg: _Config, o, d, t_max) -> _Taps:
     nx, ny, nz = cfg.grid.shape_xyz
     dtype = o.dtype
     inv = _safe_inverse(d)
@@ -260,31 +299,50 @@ def _siddon_chunk(flat, cfg: _Config, o, d, t_max):
     seg = alphas[:, 1:] - alphas[:, :-1]  # mm
     mid = 0.5 * (alphas[:, 1:] + alphas[:, :-1])
     p = o[:, None, :] + mid[..., None] * d[:, None, :]
-    idx = jnp.clip(jnp.floor(p + 0.5), 0.0, n[None, None, :] - 1.0).astype(jnp.int32)
-    flat_idx = idx[..., 0] + idx[..., 1] * nx + idx[..., 2] * (nx * ny)
-    vals = _gather(flat, flat_idx)
-    return jnp.sum(jnp.where(seg > 0, seg * vals, 0.0), axis=-1)
+    vox = jnp.clip(jnp.floor(p + 0.5), 0.0, n[None, None, :] - 1.0).astype(jnp.int32)
+    valid = seg > 0
+    flat_idx = jnp.where(valid, vox[..., 0] + vox[..., 1] * nx + vox[..., 2] * (nx * ny), 0)
+    return _Taps(idx=[flat_idx], w=[jnp.where(valid, seg, 0.0)], valid=valid, scale=jnp.ones(o.shape[:1], dtype))
 
 
-_CHUNK_FNS = {"joseph": _joseph_chunk, "trilinear": _trilinear_chunk, "siddon": _siddon_chunk}
+def _taps_forward(flat, taps: _Taps):
+    acc = sum(w * _gather(flat, i) for i, w in zip(taps.idx, taps.w, strict=True))
+    return jnp.sum(jnp.where(taps.valid, acc, 0.0), axis=-1) * taps.scale
+
+
+# method -> (samples of a chunk of rays, forward evaluation, taps for the adjoint)
+_METHOD_FNS = {
+    "joseph": (_joseph_samples, _joseph_forward, _joseph_taps_from),
+    "trilinear": (_trilinear_taps, _taps_forward, lambda t: t),
+    "siddon": (_siddon_taps, _taps_forward, lambda t: t),
+}
+
+
+def _chunking(geom: Geometry, cfg: _Config):
+    num_rays = geom.num_rays
+    chunk = min(cfg.chunk_rays, num_rays)
+    return num_rays, chunk, -(-num_rays // chunk)
+
+
+def _chunk_samples(geom: Geometry, cfg: _Config, start, chunk: int, num_rays: int, dtype):
+    ids = start + jnp.arange(chunk, dtype=jnp.int32)
+    o, d, t_max = _rays(geom, cfg.grid, jnp.minimum(ids, num_rays - 1), dtype)
+    return _METHOD_FNS[cfg.method][0](cfg, o, d, t_max)
+
+
+def _padded(method: str) -> bool:
+    return method != "siddon"
 
 
 def _forward_raw(volume: jax.Array, geom: Geometry, cfg: _Config) -> jax.Array:
     volume = jnp.asarray(volume)
     dtype = volume.dtype
-    if cfg.method == "siddon":
-        flat = volume.reshape(-1)
-    else:
-        flat = jnp.pad(volume, 1).reshape(-1)
-    num_rays = geom.num_rays
-    chunk = min(cfg.chunk_rays, num_rays)
-    num_chunks = -(-num_rays // chunk)
-    chunk_fn = _CHUNK_FNS[cfg.method]
+    flat = (jnp.pad(volume, 1) if _padded(cfg.method) else volume).reshape(-1)
+    num_rays, chunk, num_chunks = _chunking(geom, cfg)
 
     def one_chunk(start):
-        ids = start + jnp.arange(chunk, dtype=jnp.int32)
-        o, d, t_max = _rays(geom, cfg.grid, jnp.minimum(ids, num_rays - 1), dtype)
-        return chunk_fn(flat, cfg, o, d, t_max)
+        samples = _chunk_samples(geom, cfg, start, chunk, num_rays, dtype)
+        return _METHOD_FNS[cfg.method][1](flat, samples)
 
     if num_chunks == 1:
         out = one_chunk(jnp.int32(0))
@@ -296,10 +354,32 @@ def _forward_raw(volume: jax.Array, geom: Geometry, cfg: _Config) -> jax.Array:
 
 
 def _backward_raw(drr: jax.Array, geom: Geometry, cfg: _Config) -> jax.Array:
-    """The transpose of ``_forward_raw`` in the volume (scatter-add of the same weights)."""
+    """The transpose of ``_forward_raw`` in the volume: scatter-add with the same taps.
+
+    Chunks run in a ``fori_loop`` that carries the (padded) volume, so temporaries are
+    bounded by one chunk. Invalid taps are sent out of range and dropped, so they neither
+    contribute nor pile atomic adds onto one voxel on GPUs.
+    """
     drr = jnp.asarray(drr)
-    like = jax.ShapeDtypeStruct(cfg.grid.shape, drr.dtype)
-    (vol,) = jax.linear_transpose(lambda v: _forward_raw(v, geom, cfg), like)(drr)
+    dtype = drr.dtype
+    num_rays, chunk, num_chunks = _chunking(geom, cfg)
+    g = drr.reshape(-1)
+    g = jnp.pad(g, (0, num_chunks * chunk - num_rays))
+    shape = tuple(n + 2 for n in cfg.grid.shape) if _padded(cfg.method) else cfg.grid.shape
+    size = math.prod(shape)
+
+    def body(ci, flat):
+        start = ci * chunk
+        taps = _METHOD_FNS[cfg.method][2](_chunk_samples(geom, cfg, start, chunk, num_rays, dtype))
+        gc = jax.lax.dynamic_slice(g, (start,), (chunk,)) * taps.scale
+        for i, w in zip(taps.idx, taps.w, strict=True):
+            flat = flat.at[jnp.where(taps.valid, i, size)].add(w * gc[:, None], mode="drop")
+        return flat
+
+    flat = jax.lax.fori_loop(0, num_chunks, body, jnp.zeros((size,), dtype))
+    vol = flat.reshape(shape)
+    if _padded(cfg.method):
+        vol = vol[1:-1, 1:-1, 1:-1]
     return vol
 
 

@@ -1,0 +1,178 @@
+"""Projector throughput: forward and forward+VJP, against RTK's Joseph CPU projector in the same run.
+
+    python -m scripts.bench_projector --out bench_out            # full matrix (make bench)
+    python -m scripts.bench_projector --sizes 128 --views 2 8 --dets 128   # a quick look
+
+For each volume size n^3 (2 mm voxels), view count and detector size (cone beam, sod/sdd
+1000/1500 mm, the whole volume on the detector) it reports: wall time of the jitted
+forward projection and of forward+VJP (value_and_grad of a weighted sum), throughput in
+samples/s (rays x samples per ray; Joseph takes n samples per ray) and DRRs/s, compile
+time, the compiled program's temporary memory, RTK's time for the same projection and the
+ratio RTK time / xct time (> 1 means xct is faster), and the relative L2 difference to RTK.
+Where RTK is absent (GPU images) the in-run peer is xct's own trilinear ray-marcher (the
+naive method). On GPU it also measures copy bandwidth and reports forward throughput as
+bytes touched (4 gathers x 4 B per sample) against it. Writes ``bench_projector.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import pathlib
+import platform
+import sys
+import time
+
+import numpy as np
+
+
+def _time(fn, *args, min_reps=3, budget_s=2.0):
+    """Best wall time (s) of fn(*args) over repetitions, after one warm-up call."""
+    import jax
+
+    jax.block_until_ready(fn(*args))
+    best, total, reps = float("inf"), 0.0, 0
+    while reps < min_reps or (total < budget_s and reps < 20):
+        t = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        dt = time.perf_counter() - t
+        best, total, reps = min(best, dt), total + dt, reps + 1
+        if dt > budget_s:
+            break
+    return best
+
+
+def copy_bandwidth_gbs(nbytes=2 << 30):
+    """Measured device copy bandwidth (read + write bytes / s) of x -> x + 1, GB/s."""
+    import jax
+    import jax.numpy as jnp
+
+    x = jnp.zeros((nbytes // 4,), jnp.float32)
+    f = jax.jit(lambda a: a + 1.0)
+    return 2 * nbytes / _time(f, x) / 1e9
+
+
+def phantom(n):
+    import jax
+
+    from xct import geometry, phantoms
+
+    grid = geometry.VolumeGrid.centered((n, n, n), 2.0)
+    ells = phantoms.shepp_logan_3d(0.45 * n * 2.0, scale=0.02)
+    vol = np.asarray(phantoms.voxelize(ells, grid, supersample=1))
+    return vol + 0.001 * np.asarray(jax.random.uniform(jax.random.key(0), vol.shape)), grid
+
+
+def bench_case(vol, grid, views, det, *, method, rtk, backward=True, chunk_rays=None):
+    import jax
+    import jax.numpy as jnp
+
+    from xct import geometry, peers, projector
+
+    n = grid.shape[0]
+    angles = np.arange(views) * 360.0 / views
+    kw = dict(sod_mm=1000.0, sdd_mm=1500.0, det_shape=(det, det), pixel_mm=(1.5 * 2.0 * n * 1.05 / det,) * 2)
+    geom = geometry.circular_cone_beam(angles, **kw)
+    v = jnp.asarray(vol, jnp.float32)
+    opts = dict(method=method, chunk_rays=chunk_rays)
+    fwd = jax.jit(lambda x: projector.forward_project(x, grid, geom, **opts))
+    t = time.perf_counter()
+    compiled = fwd.lower(v).compile()
+    compile_s = time.perf_counter() - t
+    mem = compiled.memory_analysis()
+    temp_bytes = int(getattr(mem, "temp_size_in_bytes", 0)) if mem is not None else None
+    out = np.asarray(compiled(v))
+    fwd_s = _time(compiled, v)
+    rays = views * det * det
+    samples = rays * projector.samples_per_ray(grid, method=method)
+    row = dict(
+        n=n, views=views, det=det, method=method, chunk_rays=chunk_rays, rays=rays, samples=samples,
+        compile_s=round(compile_s, 3), fwd_ms=round(fwd_s * 1e3, 2),
+        fwd_gsamples_s=round(samples / fwd_s / 1e9, 3), fwd_drrs_s=round(views / fwd_s, 1),
+        temp_mb=None if temp_bytes is None else round(temp_bytes / 2**20, 1),
+    )
+    if backward:
+        w = jnp.asarray(np.random.default_rng(0).random(out.shape), jnp.float32)
+        vg = jax.jit(jax.value_and_grad(lambda x: jnp.sum(projector.forward_project(x, grid, geom, **opts) * w)))
+        t = time.perf_counter()
+        vg_c = vg.lower(v).compile()
+        row["vjp_compile_s"] = round(time.perf_counter() - t, 3)
+        vjp_s = _time(vg_c, v)
+        row["fwd_vjp_ms"] = round(vjp_s * 1e3, 2)
+        row["fwd_vjp_gsamples_s"] = round(samples / vjp_s / 1e9, 3)
+        vmem = vg_c.memory_analysis()
+        row["vjp_temp_mb"] = None if vmem is None else round(vmem.temp_size_in_bytes / 2**20, 1)
+    if rtk:
+        r = peers.RTKJoseph(vol, 2.0, angles, **kw)
+        ref = r.run()
+        rtk_s = _time(r.run, min_reps=2)
+        row["rtk_ms"] = round(rtk_s * 1e3, 2)
+        row["ratio_rtk_over_xct"] = round(rtk_s / fwd_s, 3)
+        row["rel_l2_vs_rtk"] = float(f"{np.linalg.norm(out - ref) / np.linalg.norm(ref):.2e}")
+    return row, out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="bench_out")
+    p.add_argument("--sizes", type=int, nargs="+", default=[128, 256])
+    p.add_argument("--views", type=int, nargs="+", default=[2, 8, 64])
+    p.add_argument("--dets", type=int, nargs="+", default=[128, 256])
+    p.add_argument("--no-backward", action="store_true", help="skip forward+VJP timing")
+    p.add_argument("--chunks", type=int, nargs="+", default=None, help="chunk_rays values to sweep")
+    p.add_argument("--naive-peer", action="store_true", help="also time the trilinear ray-marcher")
+    args = p.parse_args(argv)
+
+    import jax
+
+    from xct import peers
+
+    dev = jax.devices()[0]
+    use_rtk = peers.rtk_available()
+    meta = dict(
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        jax=jax.__version__, backend=dev.platform, device=dev.device_kind,
+        cpu_count=os.cpu_count(), machine=platform.machine(), python=platform.python_version(),
+        command="python -m scripts.bench_projector " + " ".join(argv if argv is not None else sys.argv[1:]),
+        peer="RTK JosephForwardProjectionImageFilter (CPU)" if use_rtk else "xct trilinear (naive)",
+    )
+    if dev.platform == "gpu":
+        meta["copy_bandwidth_gbs"] = round(copy_bandwidth_gbs(), 1)
+    print(json.dumps(meta))
+    rows = []
+    naive_peer = args.naive_peer or not use_rtk
+    for n in args.sizes:
+        vol, grid = phantom(n)
+        for det in args.dets:
+            for views in args.views:
+                for chunk in args.chunks or [None]:
+                    row, _ = bench_case(vol, grid, views, det, method="joseph", rtk=use_rtk,
+                                        backward=not args.no_backward, chunk_rays=chunk)
+                    if chunk is not None and chunk != (args.chunks or [None])[-1]:
+                        rows.append(row)
+                        print(json.dumps(row), flush=True)
+                if naive_peer:
+                    naive, _ = bench_case(vol, grid, views, det, method="trilinear", rtk=False, backward=False)
+                    row["naive_trilinear_ms"] = naive["fwd_ms"]
+                    row["ratio_naive_over_xct"] = round(naive["fwd_ms"] / row["fwd_ms"], 3)
+                if "copy_bandwidth_gbs" in meta:  # 4 gathers of 4 bytes per sample
+                    row["fwd_gather_gbs"] = round(row["samples"] * 16 / (row["fwd_ms"] / 1e3) / 1e9, 1)
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench_projector.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
+    cols = ["n", "views", "det", "chunk_rays", "fwd_ms", "fwd_gsamples_s", "fwd_drrs_s", "fwd_vjp_ms", "fwd_vjp_gsamples_s",
+            "compile_s", "temp_mb", "rtk_ms", "ratio_rtk_over_xct", "rel_l2_vs_rtk", "naive_trilinear_ms",
+            "ratio_naive_over_xct", "fwd_gather_gbs"]
+    cols = [c for c in cols if any(c in r for r in rows)]
+    print("\n| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
+    for r in rows:
+        print("| " + " | ".join(str(r.get(c, "")) for c in cols) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
