@@ -1,4 +1,4 @@
-"""Projector throughput: forward and forward+VJP, against RTK's Joseph CPU projector in the same run.
+"""Projector throughput, forward and forward+VJP, against RTK's Joseph CPU projector in one run.
 
     python -m scripts.bench_projector --out bench_out            # full matrix (make bench)
     python -m scripts.bench_projector --sizes 128 --views 2 8 --dets 128   # a quick look
@@ -73,7 +73,12 @@ def bench_case(vol, grid, views, det, *, method, rtk, backward=True, chunk_rays=
 
     n = grid.shape[0]
     angles = np.arange(views) * 360.0 / views
-    kw = dict(sod_mm=1000.0, sdd_mm=1500.0, det_shape=(det, det), pixel_mm=(1.5 * 2.0 * n * 1.05 / det,) * 2)
+    kw = dict(
+        sod_mm=1000.0,
+        sdd_mm=1500.0,
+        det_shape=(det, det),
+        pixel_mm=(1.5 * 2.0 * n * 1.05 / det,) * 2,
+    )
     geom = geometry.circular_cone_beam(angles, **kw)
     v = jnp.asarray(vol, jnp.float32)
     opts = dict(method=method, chunk_rays=chunk_rays)
@@ -88,14 +93,26 @@ def bench_case(vol, grid, views, det, *, method, rtk, backward=True, chunk_rays=
     rays = views * det * det
     samples = rays * projector.samples_per_ray(grid, method=method)
     row = dict(
-        n=n, views=views, det=det, method=method, chunk_rays=chunk_rays, rays=rays, samples=samples,
-        compile_s=round(compile_s, 3), fwd_ms=round(fwd_s * 1e3, 2),
-        fwd_gsamples_s=round(samples / fwd_s / 1e9, 3), fwd_drrs_s=round(views / fwd_s, 1),
+        n=n,
+        views=views,
+        det=det,
+        method=method,
+        chunk_rays=chunk_rays,
+        rays=rays,
+        samples=samples,
+        compile_s=round(compile_s, 3),
+        fwd_ms=round(fwd_s * 1e3, 2),
+        fwd_gsamples_s=round(samples / fwd_s / 1e9, 3),
+        fwd_drrs_s=round(views / fwd_s, 1),
         temp_mb=None if temp_bytes is None else round(temp_bytes / 2**20, 1),
     )
     if backward:
         w = jnp.asarray(np.random.default_rng(0).random(out.shape), jnp.float32)
-        vg = jax.jit(jax.value_and_grad(lambda x: jnp.sum(projector.forward_project(x, grid, geom, **opts) * w)))
+        vg = jax.jit(
+            jax.value_and_grad(
+                lambda x: jnp.sum(projector.forward_project(x, grid, geom, **opts) * w)
+            )
+        )
         t = time.perf_counter()
         vg_c = vg.lower(v).compile()
         row["vjp_compile_s"] = round(time.perf_counter() - t, 3)
@@ -132,10 +149,15 @@ def main(argv=None) -> int:
     dev = jax.devices()[0]
     use_rtk = peers.rtk_available()
     meta = dict(
-        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        jax=jax.__version__, backend=dev.platform, device=dev.device_kind,
-        cpu_count=os.cpu_count(), machine=platform.machine(), python=platform.python_version(),
-        command="python -m scripts.bench_projector " + " ".join(argv if argv is not None else sys.argv[1:]),
+        date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        jax=jax.__version__,
+        backend=dev.platform,
+        device=dev.device_kind,
+        cpu_count=os.cpu_count(),
+        machine=platform.machine(),
+        python=platform.python_version(),
+        command="python -m scripts.bench_projector "
+        + " ".join(argv if argv is not None else sys.argv[1:]),
         peer="RTK JosephForwardProjectionImageFilter (CPU)" if use_rtk else "xct trilinear (naive)",
     )
     if dev.platform == "gpu":
@@ -148,25 +170,53 @@ def main(argv=None) -> int:
         for det in args.dets:
             for views in args.views:
                 for chunk in args.chunks or [None]:
-                    row, _ = bench_case(vol, grid, views, det, method="joseph", rtk=use_rtk,
-                                        backward=not args.no_backward, chunk_rays=chunk)
+                    row, _ = bench_case(
+                        vol,
+                        grid,
+                        views,
+                        det,
+                        method="joseph",
+                        rtk=use_rtk,
+                        backward=not args.no_backward,
+                        chunk_rays=chunk,
+                    )
                     if chunk is not None and chunk != (args.chunks or [None])[-1]:
                         rows.append(row)
                         print(json.dumps(row), flush=True)
                 if naive_peer:
-                    naive, _ = bench_case(vol, grid, views, det, method="trilinear", rtk=False, backward=False)
+                    naive, _ = bench_case(
+                        vol, grid, views, det, method="trilinear", rtk=False, backward=False
+                    )
                     row["naive_trilinear_ms"] = naive["fwd_ms"]
                     row["ratio_naive_over_xct"] = round(naive["fwd_ms"] / row["fwd_ms"], 3)
                 if "copy_bandwidth_gbs" in meta:  # 4 gathers of 4 bytes per sample
-                    row["fwd_gather_gbs"] = round(row["samples"] * 16 / (row["fwd_ms"] / 1e3) / 1e9, 1)
+                    row["fwd_gather_gbs"] = round(
+                        row["samples"] * 16 / (row["fwd_ms"] / 1e3) / 1e9, 1
+                    )
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench_projector.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
-    cols = ["n", "views", "det", "chunk_rays", "fwd_ms", "fwd_gsamples_s", "fwd_drrs_s", "fwd_vjp_ms", "fwd_vjp_gsamples_s",
-            "compile_s", "temp_mb", "rtk_ms", "ratio_rtk_over_xct", "rel_l2_vs_rtk", "naive_trilinear_ms",
-            "ratio_naive_over_xct", "fwd_gather_gbs"]
+    cols = [
+        "n",
+        "views",
+        "det",
+        "chunk_rays",
+        "fwd_ms",
+        "fwd_gsamples_s",
+        "fwd_drrs_s",
+        "fwd_vjp_ms",
+        "fwd_vjp_gsamples_s",
+        "compile_s",
+        "temp_mb",
+        "rtk_ms",
+        "ratio_rtk_over_xct",
+        "rel_l2_vs_rtk",
+        "naive_trilinear_ms",
+        "ratio_naive_over_xct",
+        "fwd_gather_gbs",
+    ]
     cols = [c for c in cols if any(c in r for r in rows)]
     print("\n| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
     for r in rows:

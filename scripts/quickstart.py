@@ -76,15 +76,25 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     mu, grid, what = load_volume(args.size, args.fov_mm)
     io.write_ct(out / "volume_mu.nii.gz", mu, grid)
-    print(f"volume: {what}, {mu.shape} voxels of {grid.spacing_mm[0]:.2f} mm -> {out / 'volume_mu.nii.gz'}")
+    print(
+        f"volume: {what}, {mu.shape} voxels of {grid.spacing_mm[0]:.2f} mm"
+        f" -> {out / 'volume_mu.nii.gz'}"
+    )
     sod, sdd = 1000.0, 1500.0
     pixel = 1.5 * args.fov_mm * 1.1 / args.det  # the whole cube fits on the detector
     saved = {}
     for views in tqdm((2, 8), desc="rendering DRRs", unit="set"):
         angles = geometry.evenly_spaced_angles(views, 180.0 if views == 2 else 360.0)
-        geom = geometry.circular_cone_beam(angles, sod_mm=sod, sdd_mm=sdd, det_shape=(args.det, args.det), pixel_mm=pixel)
+        geom = geometry.circular_cone_beam(
+            angles, sod_mm=sod, sdd_mm=sdd, det_shape=(args.det, args.det), pixel_mm=pixel
+        )
         drr = np.asarray(jax.block_until_ready(projector.forward_project(mu, grid, geom)))
-        save_montage(out / f"drr_{views}views.png", drr, angles, f"{what}: {views} cone-beam DRRs (line integrals)")
+        save_montage(
+            out / f"drr_{views}views.png",
+            drr,
+            angles,
+            f"{what}: {views} cone-beam DRRs (line integrals)",
+        )
         saved[f"drr_{views}views"] = drr
         saved[f"angles_{views}views_deg"] = angles
     np.savez_compressed(out / "drrs.npz", **saved)

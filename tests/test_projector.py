@@ -14,8 +14,12 @@ N, SPACING = 64, 4.0  # the issue's 64^3 analytic setting: 256 mm field of view
 
 def _geometry(kind, angles=(0.0, 33.0, 90.0, 137.0), det=(64, 64)):
     if kind == "cone":  # magnification 2: 8 mm pixels are 4 mm at the isocentre
-        return geometry.circular_cone_beam(angles, sod_mm=600.0, sdd_mm=1200.0, det_shape=det, pixel_mm=8.0)
-    return geometry.circular_parallel_beam(angles, sod_mm=600.0, sdd_mm=1200.0, det_shape=det, pixel_mm=4.0)
+        return geometry.circular_cone_beam(
+            angles, sod_mm=600.0, sdd_mm=1200.0, det_shape=det, pixel_mm=8.0
+        )
+    return geometry.circular_parallel_beam(
+        angles, sod_mm=600.0, sdd_mm=1200.0, det_shape=det, pixel_mm=4.0
+    )
 
 
 @pytest.fixture(scope="module")
@@ -87,8 +91,13 @@ def test_siddon_is_exact_for_voxel_boxes(kind):
     for p in picks:
         vol[p] = rng.uniform(0.5, 2.0)
     geom = geometry.from_pose_params(
-        rng.normal(size=(3, 3)) * 0.7, rng.normal(size=(3, 3)) * 2.0, sod_mm=60.0, sdd_mm=100.0,
-        det_shape=(9, 11), pixel_mm=(1.9, 1.7), kind=kind,
+        rng.normal(size=(3, 3)) * 0.7,
+        rng.normal(size=(3, 3)) * 2.0,
+        sod_mm=60.0,
+        sdd_mm=100.0,
+        det_shape=(9, 11),
+        pixel_mm=(1.9, 1.7),
+        kind=kind,
     )
     o, d = (np.asarray(a, np.float64) for a in geom.rays())
     ref = np.zeros(o.shape[:-1])
@@ -107,7 +116,11 @@ def test_adjoint_dot_product(kind, method):
     geom = geometry.from_pose_params(
         jnp.asarray([[0.0, 0.3, 0.0], [0.2, 1.7, -0.1], [1.0, 0.0, 0.5]]),
         jnp.asarray([[0.0, 0.0, 0.0], [3.0, -2.0, 1.0], [-1.0, 1.0, 0.0]]),
-        sod_mm=80.0, sdd_mm=140.0, det_shape=(10, 13), pixel_mm=(3.0, 2.5), kind=kind,
+        sod_mm=80.0,
+        sdd_mm=140.0,
+        det_shape=(10, 13),
+        pixel_mm=(3.0, 2.5),
+        kind=kind,
     )
     kx, ky = jax.random.split(jax.random.key(1))
     x = jax.random.uniform(kx, grid.shape)
@@ -136,13 +149,18 @@ def test_check_grads_volume_and_adjoint(method):
     # and the custom VJPs are exactly the matched operators
     g = jax.random.normal(jax.random.key(2), (2, 6, 7))
     np.testing.assert_allclose(
-        jax.vjp(fp, x)[1](g)[0], projector.back_project(g, SMALL_GRID, geom, method=method), rtol=1e-5, atol=1e-5
+        jax.vjp(fp, x)[1](g)[0],
+        projector.back_project(g, SMALL_GRID, geom, method=method),
+        rtol=1e-5,
+        atol=1e-5,
     )
 
 
 def _blob(grid, centre_xyz, sigma_mm):
     p = grid.voxel_centers_xyz_mm()
-    return jnp.asarray(np.exp(-np.sum((p - np.asarray(centre_xyz)) ** 2, -1) / (2 * sigma_mm**2)), jnp.float32)
+    return jnp.asarray(
+        np.exp(-np.sum((p - np.asarray(centre_xyz)) ** 2, -1) / (2 * sigma_mm**2)), jnp.float32
+    )
 
 
 @pytest.mark.parametrize("method", ["joseph", "trilinear"])
@@ -163,16 +181,28 @@ def test_pose_gradients(method):
 
         def loss(rotvec, trans):
             geom = geometry.from_pose_params(rotvec, trans, **kw)
-            return jnp.sum((projector.forward_project(vol, grid, geom, method=method) - target) ** 2)
+            return jnp.sum(
+                (projector.forward_project(vol, grid, geom, method=method) - target) ** 2
+            )
 
-        check_grads(loss, (jnp.asarray(rv0), jnp.asarray(tr0)), order=1, modes=("rev",), eps=1e-5, atol=1e-3, rtol=1e-3)
+        check_grads(
+            loss,
+            (jnp.asarray(rv0), jnp.asarray(tr0)),
+            order=1,
+            modes=("rev",),
+            eps=1e-5,
+            atol=1e-3,
+            rtol=1e-3,
+        )
     vol32 = _blob(grid, (3.0, -2.0, 1.0), 5.0)
 
     def loss32(rotvec, trans):
         geom = geometry.from_pose_params(rotvec, trans, **kw)
         return jnp.sum((projector.forward_project(vol32, grid, geom, method=method) - target0) ** 2)
 
-    g_rv, g_tr = jax.grad(loss32, argnums=(0, 1))(jnp.asarray(rv0, jnp.float32), jnp.asarray(tr0, jnp.float32))
+    g_rv, g_tr = jax.grad(loss32, argnums=(0, 1))(
+        jnp.asarray(rv0, jnp.float32), jnp.asarray(tr0, jnp.float32)
+    )
     assert g_rv.dtype == jnp.float32
     assert np.all(np.isfinite(g_rv)) and np.all(np.isfinite(g_tr))
     assert np.abs(g_tr).max() > 0
@@ -203,11 +233,17 @@ def test_jit_vmap_and_chunking_agree():
     geom = geometry.circular_cone_beam([0.0, 50.0, 120.0], **SMALL_KW)
     x = jax.random.uniform(jax.random.key(3), (2,) + grid.shape)
     eager = projector.forward_project(x[0], grid, geom)
-    jitted = jax.jit(projector.forward_project, static_argnames=("method", "chunk_rays"))(x[0], grid, geom)
-    batched = jax.jit(jax.vmap(lambda v: projector.forward_project(v, grid, geom, chunk_rays=17)))(x)
+    jitted = jax.jit(projector.forward_project, static_argnames=("method", "chunk_rays"))(
+        x[0], grid, geom
+    )
+    batched = jax.jit(jax.vmap(lambda v: projector.forward_project(v, grid, geom, chunk_rays=17)))(
+        x
+    )
     np.testing.assert_allclose(jitted, eager, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(batched[0], eager, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(batched[1], projector.forward_project(x[1], grid, geom), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        batched[1], projector.forward_project(x[1], grid, geom), rtol=1e-5, atol=1e-5
+    )
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -215,8 +251,12 @@ def test_rays_missing_the_volume_give_zero_and_finite_gradients(method):
     grid = geometry.VolumeGrid.centered((8, 8, 8), 1.0)
     # A translated pose: the whole detector looks past the volume, plus an axis-aligned view.
     geom = geometry.from_pose_params(
-        jnp.zeros((2, 3)), jnp.asarray([[200.0, 0.0, 0.0], [0.0, 0.0, 0.0]]),
-        sod_mm=50.0, sdd_mm=80.0, det_shape=(4, 4), pixel_mm=1.0,
+        jnp.zeros((2, 3)),
+        jnp.asarray([[200.0, 0.0, 0.0], [0.0, 0.0, 0.0]]),
+        sod_mm=50.0,
+        sdd_mm=80.0,
+        det_shape=(4, 4),
+        pixel_mm=1.0,
     )
     x = jnp.ones(grid.shape)
     out = projector.forward_project(x, grid, geom, method=method)
@@ -224,7 +264,9 @@ def test_rays_missing_the_volume_give_zero_and_finite_gradients(method):
     assert float(out[1].min()) > 0
 
     def loss(v, t):
-        g = geometry.from_pose_params(jnp.zeros((2, 3)), t, sod_mm=50.0, sdd_mm=80.0, det_shape=(4, 4), pixel_mm=1.0)
+        g = geometry.from_pose_params(
+            jnp.zeros((2, 3)), t, sod_mm=50.0, sdd_mm=80.0, det_shape=(4, 4), pixel_mm=1.0
+        )
         return jnp.sum(projector.forward_project(v, grid, g, method=method) ** 2)
 
     gv, gt = jax.grad(loss, argnums=(0, 1))(x, jnp.asarray([[200.0, 0.0, 0.0], [0.0, 0.0, 0.0]]))
@@ -238,8 +280,14 @@ def test_rays_missing_the_volume_give_zero_and_finite_gradients(method):
         (lambda g, geo: projector.forward_project(jnp.ones((1, 8, 8, 8)), g, geo), "volume"),
         (lambda g, geo: projector.forward_project(jnp.ones((8, 8, 9)), g, geo), "volume"),
         (lambda g, geo: projector.back_project(jnp.ones((2, 6, 6)), g, geo), "drr"),
-        (lambda g, geo: projector.forward_project(jnp.ones((8, 8, 8)), g, geo, method="spline"), "method"),
-        (lambda g, geo: projector.forward_project(jnp.ones((8, 8, 8)), g, geo, chunk_rays=0), "chunk_rays"),
+        (
+            lambda g, geo: projector.forward_project(jnp.ones((8, 8, 8)), g, geo, method="spline"),
+            "method",
+        ),
+        (
+            lambda g, geo: projector.forward_project(jnp.ones((8, 8, 8)), g, geo, chunk_rays=0),
+            "chunk_rays",
+        ),
         (lambda g, geo: projector.forward_project(jnp.ones((8, 8, 8)), (8, 8, 8), geo), "grid"),
         (lambda g, geo: projector.forward_project(jnp.ones((8, 8, 8)), g, "geom"), "geom"),
     ],

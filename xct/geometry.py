@@ -77,11 +77,17 @@ class VolumeGrid:
         object.__setattr__(self, "spacing_mm", _positive_tuple("spacing_mm", self.spacing_mm, 3))
         origin = tuple(float(v) for v in np.asarray(self.origin_xyz_mm, np.float64).reshape(-1))
         if len(origin) != 3 or not all(np.isfinite(origin)):
-            raise ValueError(f"origin_xyz_mm: expected 3 finite numbers, got {self.origin_xyz_mm!r}")
+            raise ValueError(
+                f"origin_xyz_mm: expected 3 finite numbers, got {self.origin_xyz_mm!r}"
+            )
         object.__setattr__(self, "origin_xyz_mm", origin)
         d = np.asarray(self.direction, np.float64).reshape(-1)
-        if d.size != 9 or not np.allclose(d.reshape(3, 3) @ d.reshape(3, 3).T, np.eye(3), atol=1e-4):
-            raise ValueError(f"direction: expected an orthonormal 3x3 matrix, got {self.direction!r}")
+        if d.size != 9 or not np.allclose(
+            d.reshape(3, 3) @ d.reshape(3, 3).T, np.eye(3), atol=1e-4
+        ):
+            raise ValueError(
+                f"direction: expected an orthonormal 3x3 matrix, got {self.direction!r}"
+            )
         object.__setattr__(self, "direction", tuple(float(v) for v in d))
 
     @classmethod
@@ -208,11 +214,15 @@ class Geometry:
         normal = np.cross(u, v)
         if self.kind == "cone":
             d = p[None] - src
-            s = np.sum((ctr - src) * normal, -1, keepdims=True) / np.sum(d * normal, -1, keepdims=True)
+            s = np.sum((ctr - src) * normal, -1, keepdims=True) / np.sum(
+                d * normal, -1, keepdims=True
+            )
             hit = src + s * d
         else:
             axis = (ctr - src) / np.linalg.norm(ctr - src, axis=-1, keepdims=True)
-            s = np.sum((ctr - p[None]) * normal, -1, keepdims=True) / np.sum(axis * normal, -1, keepdims=True)
+            s = np.sum((ctr - p[None]) * normal, -1, keepdims=True) / np.sum(
+                axis * normal, -1, keepdims=True
+            )
             hit = p[None] + s * axis
         rel = hit - ctr
         rows, cols = self.det_shape
@@ -274,7 +284,9 @@ def _check_detector(det_shape, pixel_mm, sod_mm, sdd_mm):
     sod = _positive_tuple("sod_mm", [sod_mm], 1)[0]
     sdd = _positive_tuple("sdd_mm", [sdd_mm], 1)[0]
     if sdd <= sod:
-        raise ValueError(f"sdd_mm: the detector must lie beyond the isocentre, sdd_mm={sdd} <= sod_mm={sod}")
+        raise ValueError(
+            f"sdd_mm: the detector must lie beyond the isocentre, sdd_mm={sdd} <= sod_mm={sod}"
+        )
     return det_shape, pixel_mm, sod, sdd
 
 
@@ -329,7 +341,11 @@ def from_pose_params(
 ) -> Geometry:
     """``from_poses`` with axis-angle rotations ``[V, 3]`` (radians): the form to optimise."""
     w = jnp.asarray(rotvec)
-    return from_poses(rotation_from_rotvec(w.astype(jnp.result_type(w.dtype, jnp.float32))), translation_mm, **kwargs)
+    return from_poses(
+        rotation_from_rotvec(w.astype(jnp.result_type(w.dtype, jnp.float32))),
+        translation_mm,
+        **kwargs,
+    )
 
 
 def _angles(angles_deg) -> np.ndarray:
@@ -353,8 +369,13 @@ def circular_cone_beam(
     a = _angles(angles_deg)
     rot = rotation_y(jnp.asarray(np.deg2rad(a), jnp.float32))
     return from_poses(
-        rot, jnp.zeros((a.size, 3), jnp.float32), sod_mm=sod_mm, sdd_mm=sdd_mm,
-        det_shape=det_shape, pixel_mm=pixel_mm, kind="cone",
+        rot,
+        jnp.zeros((a.size, 3), jnp.float32),
+        sod_mm=sod_mm,
+        sdd_mm=sdd_mm,
+        det_shape=det_shape,
+        pixel_mm=pixel_mm,
+        kind="cone",
     )
 
 
@@ -374,12 +395,19 @@ def circular_parallel_beam(
     a = _angles(angles_deg)
     rot = rotation_y(jnp.asarray(np.deg2rad(a), jnp.float32))
     return from_poses(
-        rot, jnp.zeros((a.size, 3), jnp.float32), sod_mm=sod_mm, sdd_mm=sdd_mm,
-        det_shape=det_shape, pixel_mm=pixel_mm, kind="parallel",
+        rot,
+        jnp.zeros((a.size, 3), jnp.float32),
+        sod_mm=sod_mm,
+        sdd_mm=sdd_mm,
+        det_shape=det_shape,
+        pixel_mm=pixel_mm,
+        kind="parallel",
     )
 
 
-def evenly_spaced_angles(num_views: int, arc_deg: float = 180.0, start_deg: float = 0.0) -> np.ndarray:
+def evenly_spaced_angles(
+    num_views: int, arc_deg: float = 180.0, start_deg: float = 0.0
+) -> np.ndarray:
     """``num_views`` gantry angles over ``arc_deg`` (endpoint excluded), degrees."""
     if int(num_views) < 1:
         raise ValueError(f"num_views: expected >= 1, got {num_views}")

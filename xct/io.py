@@ -24,7 +24,9 @@ def read_ct(path) -> tuple[np.ndarray, VolumeGrid]:
     try:
         img = sitk.ReadImage(str(path), sitk.sitkFloat32)
     except RuntimeError as e:
-        raise ValueError(f"{path}: not a readable CT volume ({str(e).strip().splitlines()[-1]})") from e
+        raise ValueError(
+            f"{path}: not a readable CT volume ({str(e).strip().splitlines()[-1]})"
+        ) from e
     if img.GetDimension() != 3:
         raise ValueError(f"{path}: expected a 3-D volume, got {img.GetDimension()}-D")
     return sitk.GetArrayFromImage(img), VolumeGrid.from_sitk(img)

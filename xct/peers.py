@@ -92,6 +92,11 @@ class RTKJoseph:
 def rtk_forward_project(volume_zyx, spacing_mm, angles_deg, *, sod_mm, sdd_mm, det_shape, pixel_mm):
     """One-shot RTK Joseph projection, ``[views, rows, cols]``."""
     return RTKJoseph(
-        volume_zyx, spacing_mm, angles_deg, sod_mm=sod_mm, sdd_mm=sdd_mm,
-        det_shape=det_shape, pixel_mm=pixel_mm,
+        volume_zyx,
+        spacing_mm,
+        angles_deg,
+        sod_mm=sod_mm,
+        sdd_mm=sdd_mm,
+        det_shape=det_shape,
+        pixel_mm=pixel_mm,
     ).run()

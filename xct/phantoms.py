@@ -61,7 +61,9 @@ _SHEPP_LOGAN = (
 )
 
 
-def shepp_logan_3d(half_fov_mm: float, scale: float = 1.0, profile: str = "uniform") -> list[Ellipsoid]:
+def shepp_logan_3d(
+    half_fov_mm: float, scale: float = 1.0, profile: str = "uniform"
+) -> list[Ellipsoid]:
     """The 3D Shepp-Logan phantom filling a cube of half-width ``half_fov_mm``.
 
     ``scale`` multiplies all values (e.g. 0.02 /mm to look like water-ish attenuation).
@@ -102,7 +104,9 @@ def _normalised(e: Ellipsoid, points_xyz):
     """Points in the ellipsoid's unit-sphere frame, ``[..., 3]``."""
     rel = points_xyz - _vec(e.center_xyz_mm, points_xyz)
     rot = jnp.asarray(e.rotation(), points_xyz.dtype)
-    return jnp.matmul(rel, rot, precision=jax.lax.Precision.HIGHEST) / _vec(e.semi_axes_mm, points_xyz)
+    return jnp.matmul(rel, rot, precision=jax.lax.Precision.HIGHEST) / _vec(
+        e.semi_axes_mm, points_xyz
+    )
 
 
 def evaluate(ellipsoids: Sequence[Ellipsoid], points_xyz_mm) -> jax.Array:
@@ -169,7 +173,9 @@ def line_integrals(ellipsoids: Sequence[Ellipsoid], origins_xyz_mm, directions_x
     return total
 
 
-def near_surface(ellipsoids: Sequence[Ellipsoid], origins_xyz_mm, directions_xyz, margin_mm: float) -> np.ndarray:
+def near_surface(
+    ellipsoids: Sequence[Ellipsoid], origins_xyz_mm, directions_xyz, margin_mm: float
+) -> np.ndarray:
     """True for lines passing within about ``margin_mm`` of any ellipsoid surface.
 
     A line is flagged when growing or shrinking the ellipsoid's axes by ``margin_mm``

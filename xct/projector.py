@@ -75,7 +75,9 @@ def _resolve_config(grid, method, chunk_rays, step_mm) -> _Config:
         raise ValueError(f"step_mm: expected a positive step in mm, got {step_mm!r}")
     cfg = _Config(grid, method, 1, float(step_mm))
     if chunk_rays is None:
-        budget = _DEFAULT_SAMPLES_PER_CHUNK.get(jax.default_backend(), _DEFAULT_SAMPLES_PER_CHUNK_ACCELERATOR)
+        budget = _DEFAULT_SAMPLES_PER_CHUNK.get(
+            jax.default_backend(), _DEFAULT_SAMPLES_PER_CHUNK_ACCELERATOR
+        )
         chunk_rays = max(256, budget // _num_samples(cfg))
     if int(chunk_rays) < 1:
         raise ValueError(f"chunk_rays: expected a positive number of rays, got {chunk_rays!r}")
@@ -138,7 +140,9 @@ def _rays(geom: Geometry, grid: VolumeGrid, ids: jax.Array, dtype):
     m, origin = grid.world_to_index()
     m = jnp.asarray(m, dtype)
     # Full precision: TF32 (the GPU default for f32 matmuls) would move rays visibly.
-    o = jnp.matmul(src - jnp.asarray(origin, dtype)[None, :], m.T, precision=jax.lax.Precision.HIGHEST)
+    o = jnp.matmul(
+        src - jnp.asarray(origin, dtype)[None, :], m.T, precision=jax.lax.Precision.HIGHEST
+    )
     d = jnp.matmul(unit, m.T, precision=jax.lax.Precision.HIGHEST)
     return o, d, length
 
@@ -209,7 +213,11 @@ def _joseph_samples(cfg: _Config, o, d, t_max) -> _Bilinear:
     )
     fb = jnp.floor(pb)
     fc = jnp.floor(pc)
-    base = (k + 1) * s_a[:, None] + fb.astype(jnp.int32) * s_b[:, None] + fc.astype(jnp.int32) * s_c[:, None]
+    base = (
+        (k + 1) * s_a[:, None]
+        + fb.astype(jnp.int32) * s_b[:, None]
+        + fc.astype(jnp.int32) * s_c[:, None]
+    )
     base = jnp.where(valid, base, 0)
     return _Bilinear(base, s_b[:, None], s_c[:, None], pb - fb, pc - fc, valid, jnp.abs(inv_a))
 
@@ -233,7 +241,9 @@ def _joseph_forward(flat, s: _Bilinear):
     v10 = _gather(flat, s.base + s.sb)
     v01 = _gather(flat, s.base + s.sc)
     v11 = _gather(flat, s.base + s.sb + s.sc)
-    val = (1.0 - s.wc) * ((1.0 - s.wb) * v00 + s.wb * v10) + s.wc * ((1.0 - s.wb) * v01 + s.wb * v11)
+    val = (1.0 - s.wc) * ((1.0 - s.wb) * v00 + s.wb * v10) + s.wc * (
+        (1.0 - s.wb) * v01 + s.wb * v11
+    )
     return jnp.sum(jnp.where(s.valid, val, 0.0), axis=-1) * s.scale
 
 
@@ -295,14 +305,21 @@ def _siddon_taps(cfg: _Config, o, d, t_max) -> _Taps:
     for axis, count in enumerate((nx, ny, nz)):
         planes = jnp.arange(count + 1, dtype=dtype) - 0.5
         crossings.append((planes[None, :] - o[:, axis : axis + 1]) * inv[:, axis : axis + 1])
-    alphas = jnp.sort(jnp.clip(jnp.concatenate(crossings, axis=-1), t_in[:, None], t_out[:, None]), axis=-1)
+    alphas = jnp.sort(
+        jnp.clip(jnp.concatenate(crossings, axis=-1), t_in[:, None], t_out[:, None]), axis=-1
+    )
     seg = alphas[:, 1:] - alphas[:, :-1]  # mm
     mid = 0.5 * (alphas[:, 1:] + alphas[:, :-1])
     p = o[:, None, :] + mid[..., None] * d[:, None, :]
     vox = jnp.clip(jnp.floor(p + 0.5), 0.0, n[None, None, :] - 1.0).astype(jnp.int32)
     valid = seg > 0
     flat_idx = jnp.where(valid, vox[..., 0] + vox[..., 1] * nx + vox[..., 2] * (nx * ny), 0)
-    return _Taps(idx=[flat_idx], w=[jnp.where(valid, seg, 0.0)], valid=valid, scale=jnp.ones(o.shape[:1], dtype))
+    return _Taps(
+        idx=[flat_idx],
+        w=[jnp.where(valid, seg, 0.0)],
+        valid=valid,
+        scale=jnp.ones(o.shape[:1], dtype),
+    )
 
 
 def _taps_forward(flat, taps: _Taps):
@@ -400,7 +417,9 @@ def _project(volume, geom, cfg):
 def _project_fwd(volume, geom, cfg):
     keep_volume = volume.value if _any_perturbed(geom) else None
     return _forward_raw(volume.value, geom_value(geom), cfg), (
-        geom_value(geom), keep_volume, () if volume.perturbed else None
+        geom_value(geom),
+        keep_volume,
+        () if volume.perturbed else None,
     )
 
 
@@ -424,7 +443,9 @@ def _adjoint(drr, geom, cfg):
 def _adjoint_fwd(drr, geom, cfg):
     keep_drr = drr.value if _any_perturbed(geom) else None
     return _backward_raw(drr.value, geom_value(geom), cfg), (
-        geom_value(geom), keep_drr, () if drr.perturbed else None
+        geom_value(geom),
+        keep_drr,
+        () if drr.perturbed else None,
     )
 
 
@@ -512,6 +533,8 @@ def back_project(
     return _adjoint(drr, geom, cfg)
 
 
-def samples_per_ray(grid: VolumeGrid, *, method: str = "joseph", step_mm: float | None = None) -> int:
+def samples_per_ray(
+    grid: VolumeGrid, *, method: str = "joseph", step_mm: float | None = None
+) -> int:
     """Static number of volume samples (segments for Siddon) each ray takes; for benchmarks."""
     return _num_samples(_resolve_config(grid, method, 1, step_mm))
