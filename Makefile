@@ -15,7 +15,8 @@ $(STAMP): setup.cfg pyproject.toml
 quickstart: $(STAMP)  ## projector demo: DRRs of the shared chest CT (or a phantom) -> ./quickstart_out/
 	$(PY) -m scripts.quickstart --out quickstart_out
 
-test: $(STAMP)  ## the default test suite (excludes slow and gpu tests)
+test: $(STAMP)  ## lint, then the default test suite (excludes slow and gpu tests)
+	$(PY) -m ruff check xct scripts tests data_pipelines configs
 	$(PY) -m pytest -n 2 tests
 
 bench: $(STAMP)  ## projector throughput against RTK on this machine -> bench_out/ and a table
