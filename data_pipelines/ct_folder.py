@@ -1,0 +1,128 @@
+"""TFDS builder ``ct_folder``: any directory of CT volumes, rendered to multi-view DRRs.
+
+    python -m data_pipelines.build --dataset=ct_folder/res128_views8 --data_dir=DIR \\
+        --source_dir=../shared/data/ct
+
+Sources: every NIfTI / MHA / MHD / NRRD file, and every folder holding a DICOM series (a
+LIDC-IDRI tree works: each series folder is one volume), under ``source_dir``. Each is
+read with ``xct.io.read_ct``, preprocessed with ``xct.io.preprocess`` (canonical
+orientation, couch removal, crop/pad to a ``fov_mm`` cube, resize), and projected. The
+split of a volume is a stable hash of its patient id (its path relative to
+``source_dir``), so adding files never moves existing ones between splits. A file that
+cannot be read (truncated, not CT, not HU, ...) is skipped with a warning and counted;
+it never aborts the build.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import pathlib
+
+import tensorflow_datasets as tfds
+
+from data_pipelines import common
+
+VOLUME_SUFFIXES = (".nii", ".nii.gz", ".mha", ".mhd", ".nrrd")
+_SPLITS = (("train", 0.8), ("validation", 0.9), ("test", 1.0))
+
+
+@dataclasses.dataclass(eq=False)
+class CTFolderConfig(tfds.core.BuilderConfig):
+    resolution: int = 128  # voxels per side (CT) and pixels per side (DRR)
+    num_views: int = 8  # views stored per example
+    fov_mm: float = 400.0  # side of the CT cube in mm
+
+
+def find_sources(source_dir) -> list[pathlib.Path]:
+    """Volume files and DICOM series folders under ``source_dir``, sorted."""
+    root = pathlib.Path(source_dir)
+    if not root.is_dir():
+        raise ValueError(f"source_dir: {root} is not a directory")
+    found = []
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and p.name.lower().endswith(VOLUME_SUFFIXES):
+            found.append(p)
+        elif p.is_dir() and any(q.suffix.lower() == ".dcm" for q in p.iterdir() if q.is_file()):
+            found.append(p)
+    return found
+
+
+def _fingerprint(path: str) -> str:
+    """Size and modification time, so an edited source is rendered again, not cached."""
+    p = pathlib.Path(path)
+    files = [p] if p.is_file() else [q for q in p.iterdir() if q.is_file()]
+    return f"{sum(q.stat().st_size for q in files)}-{max(int(q.stat().st_mtime) for q in files)}"
+
+
+def split_of(patient_id: str) -> str:
+    f = common.stable_fraction(patient_id)
+    return next(name for name, upper in _SPLITS if f < upper)
+
+
+def make_ct_example(path: str, patient_id: str, spec: common.ViewSpec) -> dict:
+    """One example from a CT file or DICOM folder (plain arguments: runs in a worker)."""
+    from xct import io
+
+    hu, grid = io.read_ct(path)
+    hu, _ = io.preprocess(hu, grid, spec.resolution, spec.fov_mm)
+    return common.render_example(hu, spec, patient_id)
+
+
+class CtFolder(tfds.core.GeneratorBasedBuilder):
+    """CT volumes from a folder (NIfTI, MHA, NRRD, DICOM series) with multi-view DRRs."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "First release."}
+    BUILDER_CONFIGS = [
+        CTFolderConfig(name=f"res{r}_views8", resolution=r, num_views=8, description=f"{r}^3 CT")
+        for r in (32, 64, 128, 256)
+    ]
+
+    def __init__(self, *, source_dir=None, workers: int = 1, cache_dir=None, **kwargs):
+        super().__init__(**kwargs)
+        self._source_dir = None if source_dir is None else pathlib.Path(source_dir)
+        self._workers = int(workers)
+        self._cache = common.ExampleCache(cache_dir)
+        self.skipped: list[tuple[str, str]] = []
+
+    @property
+    def spec(self) -> common.ViewSpec:
+        c = self.builder_config
+        return common.ViewSpec(c.resolution, c.num_views, c.fov_mm)
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return self.dataset_info_from_configs(
+            features=common.features(self.spec, with_labels=False),
+            description=__doc__,
+        )
+
+    def _split_generators(self, dl_manager):
+        if self._source_dir is None:
+            raise ValueError("source_dir: ct_folder needs --source_dir, the folder of CT volumes")
+        by_split = {name: [] for name, _ in _SPLITS}
+        for p in find_sources(self._source_dir):
+            pid = str(p.relative_to(self._source_dir))
+            by_split[split_of(pid)].append((str(p), pid))
+        return {name: self._generate_examples(name, items) for name, items in by_split.items()}
+
+    def _generate_examples(self, split: str, items):
+        c = self.builder_config
+        jobs = [
+            (f"{c.name}/{self.VERSION}/{pid}/{_fingerprint(path)}", (path, pid, self.spec))
+            for path, pid in items
+        ]
+        for key, ex, err in common.run_jobs(
+            jobs,
+            make_ct_example,
+            workers=self._workers,
+            cache=self._cache,
+            progress_desc=f"{c.name} {split}",
+            total=len(jobs),
+        ):
+            if ex is None:
+                pid = key.split("/")[2]
+                logging.warning("skipped %s: %s", pid, err)
+                self.skipped.append((pid, err))
+                continue
+            yield ex["id"], ex
