@@ -412,3 +412,27 @@ def evenly_spaced_angles(
     if int(num_views) < 1:
         raise ValueError(f"num_views: expected >= 1, got {num_views}")
     return start_deg + np.arange(int(num_views)) * (arc_deg / int(num_views))
+
+
+def nested_view_angles(num_views: int, arc_deg: float = 180.0) -> np.ndarray:
+    """``num_views`` angles over ``arc_deg``, ordered so that every prefix is well spread.
+
+    Datasets store views in this order so that the first 2, 4 or 8 make a sensible subset:
+    for 8 views over 180 degrees, ``[0, 90, 45, 135, 22.5, 112.5, 67.5, 157.5]`` (the first
+    two are a PA and a lateral view). Greedy farthest-point ordering on the circle of
+    period ``arc_deg``.
+    """
+    if int(num_views) < 1:
+        raise ValueError(f"num_views: expected >= 1, got {num_views}")
+    grid_deg = np.arange(int(num_views)) * (arc_deg / int(num_views))
+    order = [0]
+    remaining = list(range(1, int(num_views)))
+    while remaining:
+        def gap(i):
+            d = np.abs(grid_deg[i] - grid_deg[order])
+            return np.min(np.minimum(d, arc_deg - d))
+
+        best = max(remaining, key=lambda i: (round(gap(i), 9), -i))
+        order.append(best)
+        remaining.remove(best)
+    return grid_deg[order]
