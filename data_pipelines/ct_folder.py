@@ -6,7 +6,8 @@
 Sources: every NIfTI / MHA / MHD / NRRD file, and every folder holding a DICOM series (a
 LIDC-IDRI tree works: each series folder is one volume), under ``source_dir``. Each is
 read with ``xct.io.read_ct``, preprocessed with ``xct.io.preprocess`` (canonical
-orientation, couch removal, crop/pad to a ``fov_mm`` cube, resize), and projected. The
+orientation, couch removal, crop/pad to a ``fov_mm`` cube, resize), turned into the
+projector frame (``xct.io.to_projector_frame``: 0 degrees is a PA view), and projected. The
 split of a volume is a stable hash of its patient id (its path relative to
 ``source_dir``), so adding files never moves existing ones between splits. A file that
 cannot be read (truncated, not CT, not HU, ...) is skipped with a warning and counted;
@@ -66,7 +67,7 @@ def make_ct_example(path: str, patient_id: str, spec: common.ViewSpec) -> dict:
 
     hu, grid = io.read_ct(path)
     hu, _ = io.preprocess(hu, grid, spec.resolution, spec.fov_mm)
-    return common.render_example(hu, spec, patient_id)
+    return common.render_example(io.to_projector_frame(hu), spec, patient_id)
 
 
 class CtFolder(tfds.core.GeneratorBasedBuilder):

@@ -25,11 +25,10 @@ def load_volume(n: int, fov_mm: float):
 
     if CHEST.exists():
         hu, grid = io.read_ct(CHEST)
+        hu, grid = io.canonical_orientation(hu, grid)
         hu, grid = io.resample_to_cube(hu, grid, n, fov_mm)
-        # Projector frame: the orbit turns about +y, so put the patient's long axis (LPS z)
-        # on y with the head at detector row 0, and LPS y (posterior) on z: gantry 0 deg is
-        # then a PA view and 90 deg a lateral one. The data issue makes this canonical.
-        hu = np.flip(np.transpose(hu, (1, 0, 2)), axis=1)
+        # The orbit turns about +y: put the patient's long axis on y, head at row 0.
+        hu = io.to_projector_frame(hu)
         grid = geometry.VolumeGrid.centered(hu.shape, grid.spacing_mm)
         return np.asarray(physics.hu_to_mu(hu)), grid, f"real chest CT ({CHEST.name})"
     grid = geometry.VolumeGrid.centered((n, n, n), fov_mm / n)

@@ -700,3 +700,16 @@ def preprocess(
     hu, grid = remove_couch(hu, grid, fill_hu, mask=mask)
     hu, grid = crop_or_pad_cube(hu, grid, fov_mm, fill_hu, mask=mask)
     return resize(hu, grid, n, fill_hu=fill_hu)
+
+
+def to_projector_frame(hu_lps: np.ndarray) -> np.ndarray:
+    """A canonical-LPS ``[z, y, x]`` volume (``canonical_orientation``) in the projector frame.
+
+    xct's circular orbits turn about world +y (RTK's convention), so datasets store volumes
+    with the patient's long axis on y, head at low y (detector row 0), and posterior at +z:
+    gantry 0 degrees is then a PA view and 90 degrees a lateral one. Returns a new array
+    ``[z', y', x']`` with ``z' = posterior``, ``y' = head to foot``, ``x' = right to left``;
+    place it on a centred grid of the same spacing (the axes permute, the spacing must be
+    isotropic, as after ``preprocess``).
+    """
+    return np.ascontiguousarray(np.flip(np.transpose(np.asarray(hu_lps), (1, 0, 2)), axis=1))
