@@ -1,0 +1,108 @@
+"""Tests for the procedural chest phantom in xct.phantoms."""
+
+import jax
+import numpy as np
+import pytest
+
+from xct import geometry, phantoms
+
+L = phantoms.CHEST_LABELS
+
+
+@pytest.fixture(scope="module")
+def grid64():
+    return geometry.VolumeGrid.centered((64, 64, 64), 7.0)
+
+
+@pytest.fixture(scope="module")
+def chest64(grid64):
+    return phantoms.chest_phantom(0, grid64, nodules=True, couch=True)
+
+
+def test_labels_dict():
+    assert L["background"] == 0
+    assert len(set(L.values())) == len(L) == 12
+    for name in ("fat", "muscle", "lung", "vessel", "heart", "aorta", "vertebra", "rib"):
+        assert name in L
+    assert {"sternum", "nodule", "couch"} <= set(L)
+
+
+def test_shapes_dtypes_range(chest64, grid64):
+    hu, labels = chest64
+    assert hu.shape == labels.shape == grid64.shape
+    assert hu.dtype == np.float32 and labels.dtype == np.uint8
+    assert hu.min() >= -1024.0 and hu.max() <= 1500.0
+    assert set(np.unique(labels).tolist()) <= set(L.values())
+
+
+def test_deterministic_per_seed_and_key(grid64, chest64):
+    hu, labels = phantoms.chest_phantom(0, grid64, nodules=True, couch=True)
+    np.testing.assert_array_equal(hu, chest64[0])
+    np.testing.assert_array_equal(labels, chest64[1])
+    other, _ = phantoms.chest_phantom(1, grid64, nodules=True, couch=True)
+    assert np.abs(other - hu).mean() > 10.0
+    a, _ = phantoms.chest_phantom(jax.random.key(5), grid64)
+    b, _ = phantoms.chest_phantom(jax.random.key(5), grid64)
+    np.testing.assert_array_equal(a, b)
+
+
+def test_hu_per_label(chest64):
+    hu, labels = chest64
+    for name in ("fat", "muscle", "lung", "heart", "vertebra", "rib", "couch"):
+        assert (labels == L[name]).sum() > 0, name
+    assert hu[labels == L["lung"]].mean() < -700.0
+    assert hu[labels == L["background"]].mean() < -950.0
+    bone = np.isin(labels, [L["vertebra"], L["rib"], L["sternum"]])
+    assert np.median(hu[bone]) > 300.0
+    assert abs(np.median(hu[labels == L["heart"]]) - 40.0) < 15.0
+    assert abs(np.median(hu[labels == L["muscle"]]) - 40.0) < 15.0
+    assert abs(np.median(hu[labels == L["fat"]]) + 100.0) < 30.0
+    assert abs(np.median(hu[labels == L["couch"]]) - 200.0) < 60.0
+
+
+def test_labels_consistent_with_hu(chest64):
+    hu, labels = chest64
+    # where a voxel is labelled, its HU lies on the labelled side of the mixture midpoint
+    assert np.mean(hu[labels == L["background"]] < -450.0) > 0.99
+    assert np.mean(hu[labels == L["lung"]] < -300.0) > 0.95
+    soft = np.isin(labels, [L["muscle"], L["heart"], L["aorta"]])
+    assert np.mean(hu[soft] > -450.0) > 0.97
+
+
+def test_options_change_labels(grid64):
+    hu, labels = phantoms.chest_phantom(3, grid64, nodules=False, couch=False)
+    assert not np.any(labels == L["couch"]) and not np.any(labels == L["nodule"])
+
+
+def test_nodules_in_lungs():
+    grid = geometry.VolumeGrid.centered((48, 48, 48), 8.0)
+    found = 0
+    for seed in range(4):
+        hu, labels = phantoms.chest_phantom(seed, grid, nodules=True)
+        nod = labels == L["nodule"]
+        found += int(nod.any())
+        if nod.any():
+            assert hu[nod].max() > -600.0  # small nodules are partial volume at 8 mm
+    assert found >= 1
+
+
+def test_resolution_independence():
+    fine = geometry.VolumeGrid.centered((64, 64, 64), 6.0)
+    coarse = geometry.VolumeGrid.centered((32, 32, 32), 12.0)
+    hu_f, lab_f = phantoms.chest_phantom(7, fine, nodules=False)
+    hu_c, lab_c = phantoms.chest_phantom(7, coarse, nodules=False)
+    down = hu_f.reshape(32, 2, 32, 2, 32, 2).mean(axis=(1, 3, 5))
+    assert abs(down.mean() - hu_c.mean()) < 15.0
+    assert np.mean(np.abs(down - hu_c)) < 60.0
+    # large structures keep their HU and volume; thin ones (fat layer, ribs) are partial
+    # volume at 12 mm and are covered by the block-mean comparison above
+    for name in ("lung", "muscle", "heart"):
+        mf = np.median(hu_f[lab_f == L[name]])
+        mc = np.median(hu_c[lab_c == L[name]])
+        assert abs(mf - mc) < 40.0, (name, mf, mc)
+        vf = (lab_f == L[name]).sum() * 6.0**3
+        vc = (lab_c == L[name]).sum() * 12.0**3
+        assert abs(vf - vc) / vf < 0.2, (name, vf, vc)
+    body_f = (lab_f > 0).sum() * 6.0**3
+    body_c = (lab_c > 0).sum() * 12.0**3
+    assert abs(body_f - body_c) / body_f < 0.05
