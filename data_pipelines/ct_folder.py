@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import pathlib
+import tempfile
 
 import tensorflow_datasets as tfds
 
@@ -84,7 +85,8 @@ class CtFolder(tfds.core.GeneratorBasedBuilder):
         super().__init__(**kwargs)
         self._source_dir = None if source_dir is None else pathlib.Path(source_dir)
         self._workers = int(workers)
-        self._cache = common.ExampleCache(cache_dir)
+        # The cache holds rendered examples between reading and writing (always on).
+        self._cache = common.ExampleCache(cache_dir or tempfile.mkdtemp(prefix="xct_ct_folder_"))
         self.skipped: list[tuple[str, str]] = []
 
     @property
@@ -101,29 +103,40 @@ class CtFolder(tfds.core.GeneratorBasedBuilder):
     def _split_generators(self, dl_manager):
         if self._source_dir is None:
             raise ValueError("source_dir: ct_folder needs --source_dir, the folder of CT volumes")
-        by_split = {name: [] for name, _ in _SPLITS}
-        for p in find_sources(self._source_dir):
-            pid = str(p.relative_to(self._source_dir))
-            by_split[split_of(pid)].append((str(p), pid))
-        return {name: self._generate_examples(name, items) for name, items in by_split.items()}
-
-    def _generate_examples(self, split: str, items):
+        sources = find_sources(self._source_dir)
+        if not sources:
+            raise ValueError(
+                f"source_dir: no CT volumes or DICOM series found in {self._source_dir}"
+            )
         c = self.builder_config
-        jobs = [
-            (f"{c.name}/{self.VERSION}/{pid}/{_fingerprint(path)}", (path, pid, self.spec))
-            for path, pid in items
-        ]
+        jobs, split_of_key = [], {}
+        for p in sources:
+            pid = str(p.relative_to(self._source_dir))
+            key = f"{c.name}/{self.VERSION}/{pid}/{_fingerprint(str(p))}"
+            jobs.append((key, (str(p), pid, self.spec)))
+            split_of_key[key] = split_of(pid)
+        # Render everything first (into the cache): which inputs are readable is only known
+        # after reading them, and TFDS refuses a split that yields nothing.
+        by_split: dict[str, list[str]] = {}
         for key, ex, err in common.run_jobs(
             jobs,
             make_ct_example,
             workers=self._workers,
             cache=self._cache,
-            progress_desc=f"{c.name} {split}",
+            progress_desc=f"{c.name} volumes",
             total=len(jobs),
         ):
             if ex is None:
                 pid = key.split("/")[2]
                 logging.warning("skipped %s: %s", pid, err)
                 self.skipped.append((pid, err))
-                continue
+            else:
+                by_split.setdefault(split_of_key[key], []).append(key)
+        if not by_split:
+            raise ValueError(f"source_dir: none of the {len(jobs)} inputs could be read")
+        return {name: self._generate_examples(keys) for name, keys in by_split.items()}
+
+    def _generate_examples(self, keys):
+        for key in keys:
+            ex = self._cache.get(key)
             yield ex["id"], ex

@@ -89,7 +89,7 @@ class SyntheticChest(tfds.core.GeneratorBasedBuilder):
         c = self.builder_config
         sizes = {"train": c.num_train, "validation": c.num_validation, "test": c.num_test}
         sizes.update(self._split_sizes)
-        return {split: self._generate_examples(split, n) for split, n in sizes.items()}
+        return {split: self._generate_examples(split, n) for split, n in sizes.items() if n > 0}
 
     def _generate_examples(self, split: str, count: int):
         c = self.builder_config
