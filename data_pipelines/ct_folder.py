@@ -21,11 +21,14 @@ import logging
 import pathlib
 import tempfile
 
+import numpy as np
 import tensorflow_datasets as tfds
 
 from data_pipelines import common
 
 VOLUME_SUFFIXES = (".nii", ".nii.gz", ".mha", ".mhd", ".nrrd")
+MIN_SLICES = 8  # fewer slices than this is a scout or single slice, not a volume
+MIN_EXTENT_MM = 30.0  # nor is a slab thinner than this
 _SPLITS = (("train", 0.8), ("validation", 0.9), ("test", 1.0))
 
 
@@ -45,9 +48,20 @@ def find_sources(source_dir) -> list[pathlib.Path]:
     for p in sorted(root.rglob("*")):
         if p.is_file() and p.name.lower().endswith(VOLUME_SUFFIXES):
             found.append(p)
-        elif p.is_dir() and any(q.suffix.lower() == ".dcm" for q in p.iterdir() if q.is_file()):
-            found.append(p)
+        elif p.is_dir():
+            files = sorted(q for q in p.iterdir() if q.is_file())[:8]
+            if any(q.suffix.lower() == ".dcm" or _is_dicom(q) for q in files):
+                found.append(p)
     return found
+
+
+def _is_dicom(path: pathlib.Path) -> bool:
+    """DICOM Part 10 files carry 'DICM' after a 128-byte preamble (names often lack .dcm)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(132)[128:] == b"DICM"
+    except OSError:
+        return False
 
 
 def _fingerprint(path: str) -> str:
@@ -67,6 +81,13 @@ def make_ct_example(path: str, patient_id: str, spec: common.ViewSpec) -> dict:
     from xct import io
 
     hu, grid = io.read_ct(path)
+    extent_mm = np.asarray(grid.shape) * np.asarray(grid.spacing_mm)
+    if min(grid.shape) < MIN_SLICES or extent_mm.min() < MIN_EXTENT_MM:
+        raise ValueError(
+            f"{path}: a {grid.shape[::-1]} (x, y, z) image of {np.round(extent_mm[::-1], 1)} mm "
+            f"is not a CT volume; expected at least {MIN_SLICES} slices and {MIN_EXTENT_MM} mm "
+            "along every axis"
+        )
     hu, _ = io.preprocess(hu, grid, spec.resolution, spec.fov_mm)
     return common.render_example(io.to_projector_frame(hu), spec, patient_id)
 
