@@ -147,6 +147,19 @@ def make_dataset(
     return ds.batch(batch_size, drop_remainder=train)
 
 
+def iterate(ds, *, worker_count: int = 0):
+    """An iterator over a ``make_dataset`` result; ``worker_count > 0`` decodes and
+    augments in that many grain worker processes (the program must run under
+    ``absl.app.run``, which grain's workers need). ``get_state``/``set_state`` work in both.
+    """
+    import grain
+
+    it_ds = ds.to_iter_dataset()
+    if worker_count > 0:
+        it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+    return iter(it_ds)
+
+
 def to_global(batch: Mapping, mesh: jax.sharding.Mesh, data_axis: str = "data") -> dict:
     """Each host's batch as one globally sharded array per field (leading axis on ``data``)."""
     from jax.sharding import NamedSharding, PartitionSpec
