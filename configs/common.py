@@ -1,0 +1,35 @@
+"""Helpers shared by config files (imports only ml_collections)."""
+
+from ml_collections import ConfigDict
+
+
+def smoke(config: ConfigDict) -> ConfigDict:
+    """Shrink any config to seconds: tiny data, tiny model, a few steps."""
+    c = config
+    c.data.resolution = 32
+    c.data.fov_mm = 400.0
+    c.data.batch_size = 2
+    if c.data.source == "tfds":
+        c.data.dataset = "synthetic_chest/tiny_res32_views8"
+        c.data.split_sizes = {"train": 8, "validation": 2, "test": 2}
+    c.data.pool_size = 2
+    c.model.base_features = 4
+    c.model.num_levels = 2
+    c.model.num_res_blocks = 1
+    if "base_features" in c.disc:
+        c.disc.base_features = 4
+    c.train.num_steps = 2
+    c.train.log_every = 1
+    c.train.eval_every = 2
+    c.train.checkpoint_every = 2
+    c.eval.batch_size = 2
+    return c
+
+
+def apply_arg(config: ConfigDict, arg: str | None) -> ConfigDict:
+    """Config-file argument after the colon: ``smoke`` or nothing."""
+    if not arg:
+        return config
+    if arg == "smoke":
+        return smoke(config)
+    raise ValueError(f"config argument: expected ':smoke' or nothing, got ':{arg}'")

@@ -1,0 +1,90 @@
+"""Base config: a U-Net from 2 views of 64^3 synthetic chests. Variants import and override.
+
+python -m xct.main --config=configs/default.py --workdir=/tmp/xct/default
+python -m xct.main --config=configs/default.py:smoke --workdir=/tmp/xct/smoke   # seconds
+"""
+
+from ml_collections import ConfigDict
+
+from configs import common
+
+
+def get_config(arg: str | None = None) -> ConfigDict:
+    c = ConfigDict()
+    c.seed = 0  # root PRNG seed; each step folds in its number
+    c.init_from = ""  # workdir whose checkpoint initialises the parameters (if this one has none)
+    c.distributed = (
+        False  # call jax.distributed.initialize() (also when JAX_COORDINATOR_ADDRESS is set)
+    )
+    c.mesh = ConfigDict({"data": -1, "spatial": 1})  # device mesh axis sizes (-1: all devices)
+
+    c.geometry = ConfigDict()
+    c.geometry.sod_mm = 1000.0  # source to isocentre, must match the dataset
+    c.geometry.sdd_mm = 1500.0  # source to detector, must match the dataset
+
+    c.data = ConfigDict()
+    c.data.source = "tfds"  # "tfds" (a built dataset) or "render" (phantoms rendered each step)
+    c.data.dataset = "synthetic_chest/res64_views8"  # TFDS NAME/CONFIG (source="tfds")
+    c.data.data_dir = "~/xct_data"  # where TFDS datasets live
+    c.data.split_sizes = ConfigDict()  # override split sizes when the synthetic set is auto-built
+    c.data.resolution = 64  # CT voxels per side = DRR pixels per side; must match the dataset
+    c.data.fov_mm = 400.0  # CT cube side in mm; must match the dataset
+    c.data.num_views = 2  # views the model sees (<= views stored in the dataset)
+    c.data.view_selection = "first"  # "first" (nested prefix: 2 = PA + lateral) or "random"
+    c.data.batch_size = 4  # global batch (split over the data axis)
+    c.data.intensity_jitter = 0.05  # DRR scale jitter (train)
+    c.data.drr_noise_std = 0.005  # Gaussian noise on normalised DRRs (train)
+    c.data.worker_count = 0  # grain worker processes (0: in the main process)
+    c.data.pool_size = 32  # source="render": phantoms kept on the device
+    c.data.flip = True  # source="render": random left-right flips
+    c.data.elastic_mm = 0.0  # source="render": elastic deformation amplitude
+    c.data.photons = 0.0  # source="render": Poisson noise photons per pixel (0: none)
+
+    c.model = ConfigDict()
+    c.model.name = "unet"  # "unet" or "baseline" (xct.models.get_model)
+    c.model.base_features = 16  # channels at the finest level
+    c.model.num_levels = 3  # resolution levels of encoder and decoder
+    c.model.num_res_blocks = 1  # residual blocks per level
+    c.model.lifting = "backproject"  # "backproject" (geometry-aware) or "expand" (X2CT-style)
+    c.model.fusion = "mean"  # fusion over views: "mean" or "attention"
+    c.model.attention = "bottleneck"  # "bottleneck", "gates" or "none"
+    c.model.seg_classes = 0  # >0: joint organ segmentation head
+
+    c.disc = ConfigDict()
+    c.disc.name = "patchgan"  # discriminator (used when adversarial weights are > 0)
+    c.disc.base_features = 16  # channels of its first layer
+
+    c.loss = ConfigDict()
+    c.loss.l1 = 1.0  # L1 on the normalised volume
+    c.loss.mse = 0.0  # MSE on the normalised volume
+    c.loss.ssim = 0.1  # 1 - 3D SSIM
+    c.loss.gradient = 0.0  # L1 of finite-difference gradients
+    c.loss.projection = 0.1  # L1 between DRRs of the prediction and the input DRRs
+    c.loss.projection_extra_views = 0  # random extra angles compared with the true CT's DRRs
+    c.loss.seg = 0.0  # cross-entropy of the segmentation head
+    c.loss.adversarial = 0.0  # LSGAN generator loss
+    c.loss.feature_matching = 0.0  # discriminator feature matching
+    c.loss.gan_kind = "lsgan"  # "lsgan" (hinge is available in xct.losses)
+
+    c.optim = ConfigDict()
+    c.optim.learning_rate = 2e-3  # peak AdamW learning rate
+    c.optim.warmup_steps = 100  # linear warm-up, then cosine decay to 1%
+    c.optim.weight_decay = 1e-4  # AdamW decoupled weight decay
+    c.optim.b1 = 0.9  # Adam beta1
+    c.optim.b2 = 0.99  # Adam beta2
+    c.optim.grad_clip = 1.0  # global-norm gradient clipping
+    c.optim.ema_decay = 0.99  # EMA of parameters (evaluated and exported)
+    c.optim.disc_learning_rate = 2e-4  # discriminator Adam learning rate
+
+    c.train = ConfigDict()
+    c.train.num_steps = 5000  # optimisation steps
+    c.train.log_every = 50  # steps between progress lines / metric rows
+    c.train.eval_every = 500  # steps between validations (best checkpoint by PSNR)
+    c.train.checkpoint_every = 500  # steps between checkpoints
+    c.train.keep_checkpoints = 3  # last checkpoints kept
+
+    c.eval = ConfigDict()
+    c.eval.batch_size = 4  # evaluation batch
+    c.eval.split = "test"  # split for --mode=evaluate
+    c.eval.num_views = 0  # 0: as trained
+    return common.apply_arg(c, arg)

@@ -1,0 +1,13 @@
+"""U-Net, 64^3, 2 views (geometry-aware back-projection lifting, bottleneck attention).
+
+python -m xct.main --config=configs/unet64.py --workdir=/tmp/xct/unet64
+"""
+
+from configs import common, default
+
+
+def get_config(arg=None):
+    c = default.get_config()
+    c.data.dataset = "synthetic_chest/res64_views8"
+    c.data.resolution = 64
+    return common.apply_arg(c, arg)

@@ -1,0 +1,13 @@
+"""U-Net, 128^3, 8 views with attention fusion.
+
+python -m xct.main --config=configs/views8_128.py --workdir=/tmp/xct/views8_128
+"""
+
+from configs import common, unet128
+
+
+def get_config(arg=None):
+    c = unet128.get_config()
+    c.data.num_views = 8
+    c.model.fusion = "attention"
+    return common.apply_arg(c, arg)

@@ -1,0 +1,72 @@
+"""xct entry point: ``python -m xct.main --config=configs/unet64.py --workdir=DIR``.
+
+    --mode=train      train (resumes from DIR's last checkpoint), then validate
+    --mode=evaluate   score the best checkpoint on config.eval.split -> DIR/metrics.json
+    --mode=predict    --xrays=a.png,b.png --angles_deg=0,90 --output=ct.nii.gz
+
+Any config field can be overridden: ``--config.data.num_views=4``. Errors in the config or
+the inputs are printed as one line with a non-zero exit status.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file(
+    "config", None, "config file (configs/*.py[:smoke])", lock_config=True
+)
+flags.DEFINE_string("workdir", None, "where checkpoints, logs and metrics go")
+flags.DEFINE_enum("mode", "train", ["train", "evaluate", "predict"], "what to do")
+flags.DEFINE_string("checkpoint", "best", "evaluate/predict: 'best', 'last' or a step number")
+flags.DEFINE_list("xrays", [], "predict: X-ray files (.npy line integrals, .png, .dcm)")
+flags.DEFINE_list("angles_deg", [], "predict: gantry angle of each X-ray, degrees")
+flags.DEFINE_string("output", "prediction.nii.gz", "predict: output NIfTI path")
+
+
+def main(argv) -> int:
+    if len(argv) > 1:
+        print(f"error: unexpected arguments {argv[1:]}", file=sys.stderr)
+        return 2
+    if FLAGS.config is None or not FLAGS.workdir:
+        print("error: --config and --workdir are required", file=sys.stderr)
+        return 2
+    from xct import evaluate, train
+
+    config = FLAGS.config
+    try:
+        if FLAGS.mode == "train":
+            train.train_and_evaluate(config, FLAGS.workdir)
+            result = (
+                evaluate.evaluate(config, FLAGS.workdir) if config.data.source == "tfds" else {}
+            )
+            if result:
+                print(_summary(result))
+        elif FLAGS.mode == "evaluate":
+            print(_summary(evaluate.evaluate(config, FLAGS.workdir, FLAGS.checkpoint)))
+        else:
+            angles = [float(a) for a in FLAGS.angles_deg]
+            path = evaluate.predict(
+                config, FLAGS.workdir, FLAGS.xrays, angles, FLAGS.output, FLAGS.checkpoint
+            )
+            print(f"wrote {path}")
+    except (ValueError, KeyError, FileNotFoundError, FloatingPointError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"error: {msg}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _summary(r: dict) -> str:
+    return (
+        f"{r['split']} split, {r['num_views']} views, checkpoint step {r['checkpoint_step']}: "
+        f"PSNR {r['psnr']:.2f} dB  SSIM {r['ssim']:.4f}  MAE {r['mae_hu']:.1f} HU  "
+        f"(HU clipped to [-1000, 1024] -> [0, 1]; 3D PSNR peak 1; 3D SSIM sigma 1.5 voxels)"
+    )
+
+
+if __name__ == "__main__":
+    app.run(main)
