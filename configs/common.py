@@ -14,8 +14,9 @@ def smoke(config: ConfigDict) -> ConfigDict:
         c.data.split_sizes = {"train": 8, "validation": 2, "test": 2}
     c.data.pool_size = 2
     c.model.base_features = 4
-    c.model.num_levels = 2
-    c.model.num_res_blocks = 1
+    for key, value in (("num_levels", 2), ("num_res_blocks", 1), ("num_layers", 2)):
+        if key in c.model:
+            c.model[key] = value
     if "base_features" in c.disc:
         c.disc.base_features = 4
     c.train.num_steps = 2

@@ -76,7 +76,9 @@ def make_setup(config) -> Setup:
     g = data_geometry(config)
     model_kwargs = dict(config.model)
     name = model_kwargs.pop("name")
-    model = models.get_model(name, **models.geometry_kwargs(name, g), **model_kwargs)
+    allowed = models.model_kwargs(name) if name in models.MODELS else ()
+    geo = {k: v for k, v in g.items() if k in allowed and k not in model_kwargs}
+    model = models.get_model(name, **geo, **model_kwargs)
     weights = {
         k: float(v)
         for k, v in config.loss.items()
@@ -148,7 +150,7 @@ def create_train_state(setup: Setup, key: jax.Array, batch: dict) -> TrainState:
         nonfinite_steps=jnp.zeros((), jnp.int32),
     )
     if setup.disc is not None:
-        dvars = setup.disc.init(k_disc, batch["ct"], update_stats=False)
+        dvars = setup.disc.init(k_disc, batch["ct"], train=False)
         state = state.replace(
             disc_params=dvars["params"],
             disc_stats=dvars.get("batch_stats", {}),
@@ -163,7 +165,7 @@ def create_train_state(setup: Setup, key: jax.Array, batch: dict) -> TrainState:
 
 def _disc_apply(setup: Setup, params, stats, ct, update: bool):
     out, new = setup.disc.apply(
-        {"params": params, "batch_stats": stats}, ct, update_stats=update, mutable=["batch_stats"]
+        {"params": params, "batch_stats": stats}, ct, train=update, mutable=["batch_stats"]
     )
     return out, new["batch_stats"]
 

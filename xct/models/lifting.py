@@ -1,0 +1,200 @@
+"""Lifting 2D view features into the 3D volume, one view at a time.
+
+Two ways, both pure functions of one view (batch them with ``jax.vmap``) and both
+independent of how many views there are:
+
+* ``expand_view`` (X2CT-style): the feature map is broadcast along the view's ray
+  direction. For gantry angle 0 the source sits at +z, so the map is copied along z; for
+  90 degrees along x; for any angle the rotated voxel grid samples the map bilinearly
+  (the same as "expand along z, then rotate the volume about y" with one resampling
+  instead of two). Rays are taken parallel and the map is scaled by the magnification at
+  the isocentre (``sdd / sod``), so the scale matches the data's cone-beam detector.
+* ``backproject_view`` (geometry-aware): each feature channel is back-projected with the
+  exact adjoint of the DRR projector (``xct.projector.back_project``) for the true
+  cone-beam view, then divided by the back-projection of ones, so a voxel holds the
+  ray-weighted mean of the detector features that see it, whatever the resolution.
+
+Exception to the import rule of STYLE.md (``models`` imports only jax/flax): this module
+needs ``xct.geometry`` and ``xct.projector`` to build the cone-beam view and to
+back-project with the same operator that renders the DRRs. Nothing else in
+``xct.models`` imports them.
+
+Conventions (``xct.geometry``): volumes are ``[z, y, x]`` on a centred cube of side
+``fov_mm``; a view at gantry angle ``theta`` has its detector columns along
+``(cos theta, 0, -sin theta)`` and rows along ``+y``; features are channels-last.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from xct import geometry, projector
+
+LIFTINGS = ("expand", "backproject")
+
+
+def default_pixel_mm(resolution: int, fov_mm: float, sod_mm: float, sdd_mm: float) -> float:
+    """Detector pixel of the data generator: a ``resolution``-pixel detector that sees the
+    whole cylinder inscribed in the cube (its nearest edge is magnified most)."""
+    half = (fov_mm / 2.0) * sdd_mm / (sod_mm - fov_mm / 2.0)
+    return 2.0 * half / resolution
+
+
+def _linear_taps(pos: jax.Array, n: int) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """Indices and weights of linear interpolation at continuous ``pos`` into ``n`` samples,
+    zero outside (the value fades to 0 over the half-sample beyond each edge)."""
+    f = jnp.floor(pos)
+    w1 = pos - f
+    i0 = f.astype(jnp.int32)
+    i1 = i0 + 1
+    w0 = jnp.where((i0 >= 0) & (i0 < n), 1.0 - w1, 0.0)
+    w1 = jnp.where((i1 >= 0) & (i1 < n), w1, 0.0)
+    return jnp.clip(i0, 0, n - 1), jnp.clip(i1, 0, n - 1), w0, w1
+
+
+def expand_view(
+    features: jax.Array,
+    angle_deg: jax.Array,
+    *,
+    size: int,
+    fov_mm: float,
+    sod_mm: float,
+    sdd_mm: float,
+    det_width_mm: float,
+) -> jax.Array:
+    """Broadcast one view's features along its (parallel) rays.
+
+    Args:
+      features: ``[h, w, C]`` feature map of the view (rows along +y, columns along u).
+      angle_deg: scalar gantry angle in degrees (may be traced).
+      size: voxels per side ``d`` of the output cube (side ``fov_mm``, centred).
+      fov_mm: side of the cube in mm.
+      sod_mm, sdd_mm: source-isocentre and source-detector distances (magnification).
+      det_width_mm: physical width (and height) of the whole detector in mm.
+
+    Returns:
+      ``[d, d, d, C]`` (``[z, y, x, C]``), the dtype of ``features``.
+    """
+    h, w, _ = features.shape
+    theta = jnp.deg2rad(jnp.asarray(angle_deg, jnp.float32))
+    t = (jnp.arange(size, dtype=jnp.float32) - (size - 1) / 2.0) * (fov_mm / size)  # mm
+    mag = sdd_mm / sod_mm
+    # World (x, z) -> detector column coordinate u = x cos(theta) - z sin(theta) (mm at the
+    # isocentre), then to pixel indices at this level's pitch.
+    u_mm = jnp.cos(theta) * t[None, :] - jnp.sin(theta) * t[:, None]  # [z, x]
+    col = u_mm * (mag * w / det_width_mm) + (w - 1) / 2.0
+    row = t * (mag * h / det_width_mm) + (h - 1) / 2.0  # [y]
+    r0, r1, wr0, wr1 = _linear_taps(row, h)
+    dt = features.dtype
+    rows = (
+        features[r0] * wr0.astype(dt)[:, None, None] + features[r1] * wr1.astype(dt)[:, None, None]
+    )
+    c0, c1, wc0, wc1 = _linear_taps(col, w)  # [z, x]
+    vol = (
+        rows[:, c0] * wc0.astype(dt)[None, :, :, None]
+        + rows[:, c1] * wc1.astype(dt)[None, :, :, None]
+    )  # [y, z, x, C]
+    return jnp.transpose(vol, (1, 0, 2, 3))
+
+
+def backproject_view(
+    features: jax.Array,
+    angle_deg: jax.Array,
+    *,
+    size: int,
+    fov_mm: float,
+    sod_mm: float,
+    sdd_mm: float,
+    det_width_mm: float,
+    eps_fraction: float = 0.05,
+) -> jax.Array:
+    """Normalised back-projection of one cone-beam view's feature channels.
+
+    The view's geometry at this scale: detector ``[h, w]`` pixels of ``det_width_mm / w``
+    mm (the same detector as the data, coarser), volume the centred ``d^3`` cube of side
+    ``fov_mm``. Each channel is back-projected (Joseph, exact adjoint of the projector) and
+    divided by ``max(back_project(ones), eps)`` with ``eps = eps_fraction * voxel_mm``, so
+    voxels no ray reaches are 0 and the scale does not depend on ``d`` or the view count.
+    Computed in float32 (scatter-adds in bfloat16 lose too much), returned in the input
+    dtype. Differentiable in ``features`` (the VJP is the forward projection).
+
+    Args:
+      features: ``[h, w, C]`` feature map of the view.
+      angle_deg: scalar gantry angle in degrees (may be traced).
+      size, fov_mm, sod_mm, sdd_mm, det_width_mm: as in ``expand_view``.
+      eps_fraction: floor of the normaliser, in voxel sizes.
+
+    Returns:
+      ``[d, d, d, C]`` (``[z, y, x, C]``).
+    """
+    h, w, _ = features.shape
+    voxel_mm = fov_mm / size
+    grid = geometry.VolumeGrid.centered((size, size, size), voxel_mm)
+    theta = jnp.deg2rad(jnp.asarray(angle_deg, jnp.float32)).reshape(1)
+    geom = geometry.from_poses(
+        geometry.rotation_y(theta),
+        jnp.zeros((1, 3), jnp.float32),
+        sod_mm=sod_mm,
+        sdd_mm=sdd_mm,
+        det_shape=(h, w),
+        pixel_mm=(det_width_mm / h, det_width_mm / w),
+    )
+
+    def bp(image: jax.Array) -> jax.Array:  # [h, w] -> [d, d, d]
+        return projector.back_project(image[None], grid, geom)
+
+    # The normaliser rides along as one more channel: one batched back-projection instead
+    # of two (the second compiles as long as the first).
+    ones = jnp.ones((h, w, 1), jnp.float32)
+    vol = jax.vmap(bp, in_axes=-1, out_axes=-1)(
+        jnp.concatenate([features.astype(jnp.float32), ones], axis=-1)
+    )
+    norm = jax.lax.stop_gradient(vol[..., -1:])
+    vol = vol[..., :-1] / jnp.maximum(norm, eps_fraction * voxel_mm)
+    return vol.astype(features.dtype)
+
+
+def lift(
+    features: jax.Array,
+    angles_deg: jax.Array,
+    *,
+    method: str,
+    size: int,
+    fov_mm: float,
+    sod_mm: float,
+    sdd_mm: float,
+    det_width_mm: float,
+) -> jax.Array:
+    """Lift a batch of per-view feature maps: ``[B, V, h, w, C]``, angles ``[B, V]`` degrees
+    -> ``[B, V, d, d, d, C]`` with ``d = size``. ``method`` is one of ``LIFTINGS``."""
+    if method not in LIFTINGS:
+        raise ValueError(f"lifting: expected one of {LIFTINGS}, got {method!r}")
+    fn = expand_view if method == "expand" else backproject_view
+    one = lambda f, a: fn(  # noqa: E731
+        f,
+        a,
+        size=size,
+        fov_mm=fov_mm,
+        sod_mm=sod_mm,
+        sdd_mm=sdd_mm,
+        det_width_mm=det_width_mm,
+    )
+    return jax.vmap(jax.vmap(one))(features, angles_deg)
+
+
+def check_inputs(drr: jax.Array, angles_deg: jax.Array, resolution: int) -> None:
+    """Shape checks shared by the generators (static, so they run at trace time)."""
+    if drr.ndim != 4:
+        raise ValueError(f"drr: expected [B, V, H, W] projections, got shape {tuple(drr.shape)}")
+    b, v, hh, ww = drr.shape
+    if (hh, ww) != (resolution, resolution):
+        raise ValueError(
+            f"drr: expected {resolution}x{resolution} projections (model resolution), got {hh}x{ww}"
+        )
+    if tuple(np.shape(angles_deg)) != (b, v):
+        raise ValueError(
+            f"angles_deg: expected shape [B, V] = {(b, v)} matching drr, "
+            f"got {tuple(np.shape(angles_deg))}"
+        )

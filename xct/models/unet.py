@@ -1,0 +1,195 @@
+"""The few-view CT generator: shared 2D encoder -> lifting -> view fusion -> 3D U-Net decoder.
+
+``UNetGenerator().apply(variables, drr [B, V, D, D], angles_deg [B, V], train=...)``
+returns ``{"ct": [B, D, D, D]}`` (plus ``"seg_logits": [B, D, D, D, K]`` when
+``seg_classes = K > 0``). The 2D features of every encoder level are lifted into a cube of
+the same resolution (``D / 2^l`` voxels per side) and fused over views; the coarsest fused
+volume starts the decoder and the finer ones are its skip connections. No BatchNorm, so
+there is no mutable state; ``train`` is accepted for a uniform interface (nothing in the
+generator depends on it).
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from xct.models.encoder import ViewEncoder
+from xct.models.fusion import FUSIONS, ViewFusion
+from xct.models.layers import (
+    AttentionGate,
+    BottleneckAttention,
+    Dtype,
+    ResBlock,
+    group_norm,
+    upsample2,
+)
+from xct.models.lifting import LIFTINGS, check_inputs, default_pixel_mm, lift
+
+ATTENTIONS = ("bottleneck", "gates", "none")
+
+
+def check_geometry_fields(module) -> None:
+    """Validate the fields shared by the generators (called from ``__post_init__``)."""
+    cls = type(module).__name__
+    if int(module.resolution) < 2:
+        raise ValueError(f"{cls}.resolution: expected >= 2 voxels, got {module.resolution!r}")
+    for f in ("fov_mm", "sod_mm", "sdd_mm"):
+        v = getattr(module, f)
+        if not (np.isfinite(v) and v > 0):
+            raise ValueError(f"{cls}.{f}: expected a positive length in mm, got {v!r}")
+    if module.sdd_mm <= module.sod_mm:
+        raise ValueError(
+            f"{cls}.sdd_mm: the detector must lie beyond the isocentre, "
+            f"sdd_mm={module.sdd_mm} <= sod_mm={module.sod_mm}"
+        )
+    if module.sod_mm <= module.fov_mm * np.sqrt(2.0) / 2.0:
+        raise ValueError(
+            f"{cls}.sod_mm: the source ({module.sod_mm} mm) must stay outside the "
+            f"fov_mm={module.fov_mm} cube"
+        )
+    if module.pixel_mm is not None and not (np.isfinite(module.pixel_mm) and module.pixel_mm > 0):
+        raise ValueError(
+            f"{cls}.pixel_mm: expected a positive size or None, got {module.pixel_mm!r}"
+        )
+
+
+def detector_width_mm(module) -> float:
+    """Physical detector side: ``resolution`` pixels of ``pixel_mm`` (data default)."""
+    pixel = module.pixel_mm
+    if pixel is None:
+        pixel = default_pixel_mm(module.resolution, module.fov_mm, module.sod_mm, module.sdd_mm)
+    return float(module.resolution * pixel)
+
+
+class UNetGenerator(nn.Module):
+    """Few-view X-ray to CT generator (registry name ``"unet"``).
+
+    Attributes:
+      resolution: ``D``, voxels per side of the CT and pixels per side of each DRR.
+      fov_mm: side of the CT cube in mm (centred on the isocentre).
+      sod_mm, sdd_mm: source-isocentre and source-detector distances in mm.
+      pixel_mm: detector pixel at full resolution; None: the data generator's
+        ``2 (fov/2) sdd / (sod - fov/2) / D``.
+      base_features: channels at full resolution; level ``l`` has ``base * 2^l``.
+      num_levels: resolution levels (``D`` must be divisible by ``2^(num_levels-1)``).
+      num_res_blocks: residual blocks per level, in the encoder and the decoder.
+      lifting: ``"backproject"`` (cone-beam adjoint) or ``"expand"`` (X2CT broadcast).
+      fusion: ``"mean"`` or ``"attention"`` over views.
+      attention: ``"bottleneck"`` (self-attention at the coarsest level), ``"gates"``
+        (attention gates on the skips) or ``"none"``.
+      num_heads: heads of the bottleneck attention (must divide its channels).
+      seg_classes: > 0 adds an organ-segmentation head with that many classes.
+      dtype: compute dtype (e.g. ``jnp.bfloat16``); parameters stay float32 and the outputs
+        are float32.
+    """
+
+    resolution: int = 64
+    fov_mm: float = 400.0
+    sod_mm: float = 1000.0
+    sdd_mm: float = 1500.0
+    pixel_mm: float | None = None
+    base_features: int = 8
+    num_levels: int = 4
+    num_res_blocks: int = 1
+    lifting: str = "backproject"
+    fusion: str = "attention"
+    attention: str = "bottleneck"
+    num_heads: int = 4
+    seg_classes: int = 0
+    dtype: Dtype = jnp.float32
+
+    def __post_init__(self):
+        check_geometry_fields(self)
+        if self.lifting not in LIFTINGS:
+            raise ValueError(
+                f"UNetGenerator.lifting: expected one of {LIFTINGS}, got {self.lifting!r}"
+            )
+        if self.fusion not in FUSIONS:
+            raise ValueError(
+                f"UNetGenerator.fusion: expected one of {FUSIONS}, got {self.fusion!r}"
+            )
+        if self.attention not in ATTENTIONS:
+            raise ValueError(
+                f"UNetGenerator.attention: expected one of {ATTENTIONS}, got {self.attention!r}"
+            )
+        for f in ("base_features", "num_levels", "num_res_blocks", "num_heads"):
+            if int(getattr(self, f)) < 1:
+                raise ValueError(f"UNetGenerator.{f}: expected >= 1, got {getattr(self, f)!r}")
+        if int(self.seg_classes) < 0:
+            raise ValueError(f"UNetGenerator.seg_classes: expected >= 0, got {self.seg_classes!r}")
+        if self.resolution % (2 ** (self.num_levels - 1)) != 0:
+            raise ValueError(
+                f"UNetGenerator.resolution: {self.resolution} is not divisible by "
+                f"2^(num_levels-1) = {2 ** (self.num_levels - 1)}"
+            )
+        top = self.base_features * 2 ** (self.num_levels - 1)
+        if self.attention == "bottleneck" and top % self.num_heads != 0:
+            raise ValueError(
+                f"UNetGenerator.num_heads: {self.num_heads} heads do not divide the "
+                f"{top} bottleneck channels"
+            )
+        super().__post_init__()
+
+    @property
+    def level_features(self) -> tuple[int, ...]:
+        return tuple(self.base_features * 2**level for level in range(self.num_levels))
+
+    @nn.compact
+    def __call__(
+        self, drr: jax.Array, angles_deg: jax.Array, train: bool = False
+    ) -> dict[str, jax.Array]:
+        """``drr [B, V, D, D]`` (normalised line integrals), ``angles_deg [B, V]`` ->
+        ``{"ct": [B, D, D, D]}`` and, with ``seg_classes = K > 0``,
+        ``"seg_logits": [B, D, D, D, K]`` (float32). Any ``V >= 1``."""
+        del train  # no dropout or batch statistics
+        check_inputs(drr, angles_deg, self.resolution)
+        b, v, hh, ww = drr.shape
+        feats = ViewEncoder(
+            self.level_features, self.num_res_blocks, dtype=self.dtype, name="encoder"
+        )(drr.reshape(b * v, hh, ww, 1))
+        angles = jnp.asarray(angles_deg, jnp.float32)
+        width_mm = detector_width_mm(self)
+        fused = []
+        for level, f in enumerate(feats):
+            lifted = lift(
+                f.reshape(b, v, *f.shape[1:]),
+                angles,
+                method=self.lifting,
+                size=self.resolution // 2**level,
+                fov_mm=self.fov_mm,
+                sod_mm=self.sod_mm,
+                sdd_mm=self.sdd_mm,
+                det_width_mm=width_mm,
+            )  # [B, V, d, d, d, C_l]
+            fused.append(ViewFusion(self.fusion, dtype=self.dtype, name=f"fusion{level}")(lifted))
+
+        top = self.num_levels - 1
+        c = self.level_features[top]
+        h = nn.Conv(c, (3, 3, 3), dtype=self.dtype, name="bottleneck_in")(fused[top])
+        for i in range(self.num_res_blocks):
+            h = ResBlock(c, dtype=self.dtype, name=f"bottleneck_res{i}")(h)
+        if self.attention == "bottleneck":
+            h = BottleneckAttention(self.num_heads, dtype=self.dtype, name="bottleneck_attn")(h)
+            h = ResBlock(c, dtype=self.dtype, name="bottleneck_post")(h)
+        for level in range(top - 1, -1, -1):
+            c = self.level_features[level]
+            h = nn.Conv(c, (3, 3, 3), dtype=self.dtype, name=f"up{level}")(upsample2(h))
+            skip = fused[level]
+            if self.attention == "gates":
+                skip = AttentionGate(dtype=self.dtype, name=f"gate{level}")(skip, h)
+            h = jnp.concatenate([h, skip.astype(h.dtype)], axis=-1)
+            for i in range(self.num_res_blocks):
+                h = ResBlock(c, dtype=self.dtype, name=f"dec{level}_res{i}")(h)
+        h = nn.silu(group_norm(self.dtype, h.shape[-1], name="head_norm")(h))
+        out = {
+            "ct": nn.Conv(1, (3, 3, 3), dtype=self.dtype, name="ct_head")(h)[..., 0].astype(
+                jnp.float32
+            )
+        }
+        if self.seg_classes > 0:
+            seg = nn.Conv(self.seg_classes, (1, 1, 1), dtype=self.dtype, name="seg_head")(h)
+            out["seg_logits"] = seg.astype(jnp.float32)
+        return out
