@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
@@ -28,6 +28,8 @@ flags.DEFINE_string("output", "prediction.nii.gz", "predict: output NIfTI path")
 
 
 def main(argv) -> int:
+    if not FLAGS.is_parsed() or FLAGS["verbosity"].present == 0:
+        logging.set_verbosity(logging.WARNING)  # Orbax and TFDS are chatty at INFO
     if len(argv) > 1:
         print(f"error: unexpected arguments {argv[1:]}", file=sys.stderr)
         return 2

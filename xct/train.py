@@ -443,7 +443,8 @@ def train_and_evaluate(config, workdir) -> dict:
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=1))
     if config.data.source == "tfds":
         ensure_dataset(config)
-    setup, mesh, init_fn, step_fn, abstract, _ = build(config)
+    setup, mesh, init_fn, step_fn, abstract, example = build(config)
+    batch_keys = tuple(example)  # the fields the step consumes (the data may carry more)
     ckpt = checkpoint.Checkpointer(workdir, keep=int(config.train.keep_checkpoints))
     root_key = jax.random.key(int(config.seed))
 
@@ -489,7 +490,7 @@ def train_and_evaluate(config, workdir) -> dict:
         for step in range(start, num_steps):
             batch = next_batch(step)
             if render_fn is None:
-                batch = sharding.shard_batch(batch, mesh)
+                batch = sharding.shard_batch({k: batch[k] for k in batch_keys}, mesh)
             state, m = step_fn(state, batch, jax.random.fold_in(root_key, 2 * step))
             pending.append(m)
             done = step + 1
