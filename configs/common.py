@@ -14,7 +14,8 @@ def smoke(config: ConfigDict) -> ConfigDict:
         c.data.split_sizes = {"train": 8, "validation": 2, "test": 2}
     c.data.pool_size = 2
     c.model.base_features = 4
-    for key, value in (("num_levels", 2), ("num_res_blocks", 1), ("num_layers", 2)):
+    # 3 levels: the coarsest grid is 8^3, so bottleneck attention stays cheap.
+    for key, value in (("num_levels", 3), ("num_res_blocks", 1), ("num_layers", 2)):
         if key in c.model:
             c.model[key] = value
     if "base_features" in c.disc:

@@ -82,6 +82,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
     c.train.eval_every = 500  # steps between validations (best checkpoint by PSNR)
     c.train.checkpoint_every = 500  # steps between checkpoints
     c.train.keep_checkpoints = 3  # last checkpoints kept
+    c.train.max_seconds = 0.0  # stop (after saving) once training ran this long; 0: no limit
 
     c.eval = ConfigDict()
     c.eval.batch_size = 4  # evaluation batch

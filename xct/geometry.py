@@ -428,6 +428,7 @@ def nested_view_angles(num_views: int, arc_deg: float = 180.0) -> np.ndarray:
     order = [0]
     remaining = list(range(1, int(num_views)))
     while remaining:
+
         def gap(i):
             d = np.abs(grid_deg[i] - grid_deg[order])
             return np.min(np.minimum(d, arc_deg - d))

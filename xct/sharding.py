@@ -46,6 +46,8 @@ def make_mesh(axis_sizes: Mapping[str, int], devices=None) -> Mesh:
         if len(devices) % known:
             raise ValueError(f"mesh: {len(devices)} devices do not split into {dict(axis_sizes)}")
         sizes[sizes.index(-1)] = len(devices) // known
+    if -1 not in [int(axis_sizes.get(a, 1)) for a in AXES] and math.prod(sizes) < len(devices):
+        devices = devices[: math.prod(sizes)]  # an explicit smaller mesh uses the first devices
     if math.prod(sizes) != len(devices):
         raise ValueError(
             f"mesh: axis sizes {dict(zip(AXES, sizes, strict=True))} need {math.prod(sizes)} "

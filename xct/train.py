@@ -239,7 +239,7 @@ def train_step(setup: Setup, state: TrainState, batch: dict, key: jax.Array):
     )
     new = state.replace(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state)
     out_metrics = {"loss": loss, **{f"loss_{k}": v for k, v in parts.items()}}
-    out_metrics["grad_norm"] = optax.global_norm(grads)
+    out_metrics["grad_norm"] = optax.tree.norm(grads)
 
     if setup.disc is not None:
         fake = jax.lax.stop_gradient(pred)
@@ -485,6 +485,7 @@ def train_and_evaluate(config, workdir) -> dict:
     pending: list[dict] = []
     last_good = ckpt.latest_step()
     t_log, s_log = time.perf_counter(), start
+    t_start = t_log
     final_val = {}
     try:
         for step in range(start, num_steps):
@@ -494,6 +495,9 @@ def train_and_evaluate(config, workdir) -> dict:
             state, m = step_fn(state, batch, jax.random.fold_in(root_key, 2 * step))
             pending.append(m)
             done = step + 1
+            budget = float(config.train.get("max_seconds", 0.0))
+            if budget and time.perf_counter() - t_start > budget and not stop["signal"]:
+                stop["signal"] = f"time budget of {budget:.0f} s"
             if done % int(config.train.log_every) == 0 or done == num_steps or stop["signal"]:
                 rows = jax.device_get(pending)
                 pending = []
@@ -538,9 +542,7 @@ def train_and_evaluate(config, workdir) -> dict:
                     )
                 ckpt.save_best(done, state, {"val_psnr": final_val["psnr"]}, get_data_state())
             if stop["signal"]:
-                print(
-                    f"received signal {stop['signal']}: saved step {done} and stopped", flush=True
-                )
+                print(f"stopped ({stop['signal']}): saved step {done}", flush=True)
                 break
     finally:
         signal.signal(signal.SIGTERM, previous)
