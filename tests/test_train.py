@@ -106,6 +106,7 @@ def _final_params(workdir, c):
     return step, jax.device_get(state.params)
 
 
+@pytest.mark.slow  # three full training runs, each compiling its step (minutes on 2 cores)
 def test_interrupted_run_resumes_exactly(tmp_path):
     """Stop after 2 of 4 steps (as a kill would leave it), rerun: the result equals an
     uninterrupted run, because keys fold in the step and checkpoints hold everything."""
@@ -121,6 +122,7 @@ def test_interrupted_run_resumes_exactly(tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow  # about 7 minutes on 2 cores
 def test_sigterm_saves_a_restorable_checkpoint_and_stops(tmp_path):
     c = _render_config(
         **{"train.num_steps": 10_000, "train.log_every": 1, "train.checkpoint_every": 10_000}
@@ -141,13 +143,16 @@ def test_sigterm_saves_a_restorable_checkpoint_and_stops(tmp_path):
     assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(params))
 
 
+@pytest.mark.slow
 def test_nonfinite_loss_stops_with_a_clear_message(tmp_path):
     c = _render_config(**{"optim.learning_rate": float("nan"), "train.log_every": 1})
     with pytest.raises(FloatingPointError, match="NaN/inf"):
         train.train_and_evaluate(c, tmp_path)
 
 
-@pytest.mark.parametrize("name", CONFIGS)
+@pytest.mark.parametrize(
+    "name", [n if n == "quickstart" else pytest.param(n, marks=pytest.mark.slow) for n in CONFIGS]
+)
 def test_every_config_smoke_compiles_and_steps(name):
     c = importlib.import_module(f"configs.{name}").get_config("smoke")
     setup, mesh, init_fn, step_fn, _, batch = train.build(c)

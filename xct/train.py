@@ -262,7 +262,7 @@ def train_step(setup: Setup, state: TrainState, batch: dict, key: jax.Array):
         grads = (grads, d_grads)
 
     # NaN/inf guard: a non-finite step leaves the state as it was (and is counted).
-    finite = jnp.isfinite(loss) & _all_finite(grads)
+    finite = jnp.isfinite(loss) & _all_finite(grads) & _all_finite(new.params)
     new = jax.tree.map(
         lambda n, o: jnp.where(finite, n, o), new, state.replace(step=state.step + 1)
     )
