@@ -12,8 +12,10 @@ $(STAMP): setup.cfg pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-quickstart: $(STAMP)  ## projector demo: DRRs of the shared chest CT (or a phantom) -> ./quickstart_out/
+quickstart: $(STAMP)  ## DRR demo, then train + evaluate the quickstart model (CPU, minutes) -> ./quickstart_out/
 	$(PY) -m scripts.quickstart --out quickstart_out
+	$(PY) -m xct.main --config=configs/quickstart.py --workdir=quickstart_out/train \
+		--config.data.data_dir=quickstart_out/data
 
 test: $(STAMP)  ## lint, then the default test suite (excludes slow and gpu tests)
 	$(PY) -m ruff check xct scripts tests data_pipelines configs

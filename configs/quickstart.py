@@ -3,7 +3,8 @@
     python -m xct.main --config=configs/quickstart.py --workdir=quickstart_out/run
     python -m xct.main --config=configs/quickstart.py --workdir=quickstart_out/run --mode=evaluate
 
-The dataset (96 phantoms) is built on first use into ``~/xct_data``.
+The dataset (96 phantoms) is built on first use into ``~/xct_data`` (``make quickstart``
+puts it in ``quickstart_out/data``).
 """
 
 from configs import common, default
@@ -17,9 +18,9 @@ def get_config(arg=None):
     c.data.batch_size = 4
     c.model.base_features = 8
     c.model.num_levels = 3
-    c.train.num_steps = 400
-    c.train.log_every = 25
-    c.train.eval_every = 200
-    c.train.checkpoint_every = 100
-    c.optim.warmup_steps = 40
+    c.train.num_steps = 240
+    c.train.log_every = 20
+    c.train.eval_every = 120
+    c.train.checkpoint_every = 60
+    c.optim.warmup_steps = 24
     return common.apply_arg(c, arg)
