@@ -8,7 +8,7 @@ def smoke(config: ConfigDict) -> ConfigDict:
     c = config
     c.data.resolution = 32
     c.data.fov_mm = 400.0
-    c.data.batch_size = 2
+    c.data.batch_size = 4  # divisible by the 4 fake test devices
     if c.data.source == "tfds":
         c.data.dataset = "synthetic_chest/tiny_res32_views8"
         c.data.split_sizes = {"train": 8, "validation": 2, "test": 2}
@@ -24,7 +24,7 @@ def smoke(config: ConfigDict) -> ConfigDict:
     c.train.log_every = 1
     c.train.eval_every = 2
     c.train.checkpoint_every = 2
-    c.eval.batch_size = 2
+    c.eval.batch_size = 4
     return c
 
 
