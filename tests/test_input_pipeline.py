@@ -79,9 +79,36 @@ def test_hosts_read_disjoint_shards():
     src = _fake_source(n=10)
     got = []
     for host in range(2):
-        ds = _make(src, batch_size=1, train=False, shard_index=host, shard_count=2)
+        ds = _make(src, batch_size=2, train=False, shard_index=host, shard_count=2)
         got.append({i for b in ds.to_iter_dataset() for i in _ids(b)})
     assert got[0].isdisjoint(got[1]) and got[0] | got[1] == set(range(10))
+
+
+def test_two_hosts_make_the_global_batches_of_one_host():
+    """Each host keeps every other example of the same global stream: global batch k has
+    the same examples (and the same augmentation draws) on 1 or 2 hosts."""
+    src = _fake_source(n=12)
+    one = [b for b, _ in zip(_make(src, batch_size=4).to_iter_dataset(), range(7), strict=False)]
+    hosts = [
+        [
+            b
+            for b, _ in zip(
+                _make(src, batch_size=4, shard_index=h, shard_count=2).to_iter_dataset(),
+                range(7),
+                strict=False,
+            )
+        ]
+        for h in range(2)
+    ]
+    for k in range(7):
+        assert hosts[0][k]["drr"].shape[0] == 2
+        merged = {i: None for h in range(2) for i in _ids(hosts[h][k])}
+        assert sorted(merged) == sorted(_ids(one[k])), k
+        both = np.concatenate([hosts[0][k]["drr"], hosts[1][k]["drr"]])
+        order = np.argsort(np.concatenate([_ids(hosts[0][k]), _ids(hosts[1][k])]))
+        np.testing.assert_array_equal(both[order], one[k]["drr"][np.argsort(_ids(one[k]))])
+    with pytest.raises(ValueError, match="not divisible by 2 hosts"):
+        _make(src, batch_size=3, shard_index=0, shard_count=2)
 
 
 def test_view_selection_and_bad_view_count():

@@ -113,18 +113,25 @@ def make_dataset(
     shard_index: int | None = None,
     shard_count: int | None = None,
 ):
-    """A grain ``MapDataset`` of batches (dicts of NumPy arrays with a leading batch axis).
+    """A grain ``MapDataset`` of this host's part of each global batch (dicts of NumPy
+    arrays with a leading batch axis of ``batch_size // shard_count``).
+
+    Every host walks the same globally shuffled (and augmented) stream of examples and
+    keeps every ``shard_count``-th one, starting at ``shard_index``; so global batch ``k``
+    holds the same examples whatever the number of hosts (only their order within the batch
+    differs), a multi-host run trains on the data of a single-host run, and hosts never
+    read the same example for the same batch.
 
     Args:
       source: a random-access source (``data_source(...)``, or any sequence of examples).
-      batch_size: examples per batch on this host.
+      batch_size: global batch (all hosts together); divisible by ``shard_count``.
       transform: per-example preprocessing (``ExampleTransform``).
       seed: shuffling and augmentation seed; a resumed run with the same seed and the
         saved iterator state sees the same batches.
       train: shuffle (reshuffled every epoch), repeat ``num_epochs`` times (forever when
         ``None``), augment, and drop a last partial batch.
       shard_index, shard_count: this host's shard (default ``jax.process_index()`` of
-        ``jax.process_count()``), so hosts read disjoint examples.
+        ``jax.process_count()``).
     """
     import grain
 
@@ -132,19 +139,25 @@ def make_dataset(
         raise ValueError(f"batch_size: expected >= 1, got {batch_size}")
     shard_index = jax.process_index() if shard_index is None else shard_index
     shard_count = jax.process_count() if shard_count is None else shard_count
-    ds = grain.MapDataset.source(source)[shard_index::shard_count]
-    if len(ds) < (batch_size if train else 1):
+    if batch_size % shard_count:
         raise ValueError(
-            f"dataset: {len(ds)} examples on this host, fewer than batch_size={batch_size}"
+            f"batch_size: the global batch {batch_size} is not divisible by {shard_count} hosts"
         )
+    ds = grain.MapDataset.source(source)
+    if len(ds) < (batch_size if train else 1):
+        raise ValueError(f"dataset: {len(ds)} examples, fewer than batch_size={batch_size}")
     if train:
         ds = ds.seed(seed).shuffle().repeat(num_epochs)
         t = dataclasses.replace(transform, train=True)
+        # Augmentation before the host split: an example's random draw depends on its
+        # position in the global stream only.
         ds = ds.random_map(lambda ex, rng: t(ex, rng), seed=seed + 1)
     else:
         t = dataclasses.replace(transform, train=False)
         ds = ds.map(lambda ex: t(ex, None))
-    return ds.batch(batch_size, drop_remainder=train)
+    if shard_count > 1:
+        ds = ds[shard_index::shard_count]
+    return ds.batch(batch_size // shard_count, drop_remainder=train)
 
 
 def iterate(ds, *, worker_count: int = 0):

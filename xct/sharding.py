@@ -1,8 +1,12 @@
 """Device mesh and sharding rules (``jax.jit`` with ``NamedSharding``; no pmap).
 
-The mesh has a ``data`` axis (batch split across devices) and a ``spatial`` axis (kept at
-1 here; the scaling issue splits volumes along z over it). Parameters and optimiser state
-are replicated; batches are split along their leading axis over ``data``.
+The mesh has a ``data`` axis (batch split across devices) and a ``spatial`` axis (volumes
+split along z across devices). Parameters and optimiser state are replicated; batches are
+split along their leading axis over ``data``, and volume fields (``VOLUME_KEYS``: the CT
+and its labels, ``[B, z, y, x]``) also along z over ``spatial``. Inside the models, 3D
+activations carry the same logical axes (``xct.models.layers.constrain``, active under
+``activation_mesh``), so a ``spatial`` of 2 or 4 roughly halves or quarters the
+activation memory per device; XLA inserts the halo exchanges.
 """
 
 from __future__ import annotations
@@ -20,11 +24,23 @@ AXES = ("data", "spatial")
 
 def maybe_initialize_distributed(enabled: bool | None = None) -> None:
     """``jax.distributed.initialize()`` when asked (config) or when the environment sets
-    ``JAX_COORDINATOR_ADDRESS`` (one process per host; see the scaling docs)."""
+    ``JAX_COORDINATOR_ADDRESS``: one process per host (or per GPU).
+
+    Environment (read here, so any launcher works): ``JAX_COORDINATOR_ADDRESS`` (host:port
+    of process 0), ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID``; without the last two JAX
+    detects them on clusters it knows (SLURM, Open MPI, TPU pods, ...). On CPU the
+    collectives between processes use gloo.
+    """
     if enabled is None:
         enabled = bool(os.environ.get("JAX_COORDINATOR_ADDRESS"))
-    if enabled and not jax.distributed.is_initialized():
-        jax.distributed.initialize()
+    if not enabled or jax.distributed.is_initialized():
+        return
+    kwargs = {}
+    if os.environ.get("JAX_NUM_PROCESSES"):
+        kwargs["num_processes"] = int(os.environ["JAX_NUM_PROCESSES"])
+    if os.environ.get("JAX_PROCESS_ID"):
+        kwargs["process_id"] = int(os.environ["JAX_PROCESS_ID"])
+    jax.distributed.initialize(**kwargs)
 
 
 def make_mesh(axis_sizes: Mapping[str, int], devices=None) -> Mesh:
@@ -60,15 +76,52 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
-def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
-    """Leading (batch) axis split over ``data``, the rest replicated."""
-    return NamedSharding(mesh, PartitionSpec("data", *([None] * (ndim - 1))))
+VOLUME_KEYS = ("ct", "labels")  # batch fields laid out [B, z, y, x]: split z over spatial
+
+
+def batch_sharding(mesh: Mesh, ndim: int, volume: bool = False) -> NamedSharding:
+    """Leading (batch) axis split over ``data``; with ``volume``, the next (z) axis over
+    ``spatial``; the rest replicated."""
+    rest = ["spatial" if volume else None] + [None] * (ndim - 2) if ndim > 1 else []
+    return NamedSharding(mesh, PartitionSpec("data", *rest))
+
+
+def batch_shardings(mesh: Mesh, batch: Mapping) -> dict:
+    """The sharding of each field of a batch (volume fields also split over ``spatial``)."""
+    return {k: batch_sharding(mesh, np.ndim(v), volume=k in VOLUME_KEYS) for k, v in batch.items()}
 
 
 def shard_batch(batch: Mapping, mesh: Mesh) -> dict:
     """Host NumPy batch -> globally sharded arrays (works single- and multi-host)."""
+    batch = {k: np.asarray(v) for k, v in batch.items()}
+    shardings = batch_shardings(mesh, batch)
+    return {k: jax.make_array_from_process_local_data(shardings[k], v) for k, v in batch.items()}
+
+
+def process_rows(batch: Mapping) -> dict:
+    """This process's rows of a global host batch (all of it in a single-process run)."""
+    n, p = jax.process_count(), jax.process_index()
+    if n == 1:
+        return dict(batch)
     out = {}
     for k, v in batch.items():
-        v = np.asarray(v)
-        out[k] = jax.make_array_from_process_local_data(batch_sharding(mesh, v.ndim), v)
+        if len(v) % n:
+            raise ValueError(f"batch field {k!r}: {len(v)} rows do not split over {n} processes")
+        per = len(v) // n
+        out[k] = v[p * per : (p + 1) * per]
     return out
+
+
+def fetch(tree):
+    """Device arrays -> host NumPy, whole (gathered from every process when sharded
+    across several)."""
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+    from jax.experimental import multihost_utils
+
+    return jax.tree.map(
+        lambda x: np.asarray(
+            x if x.is_fully_addressable else multihost_utils.process_allgather(x, tiled=True)
+        ),
+        tree,
+    )

@@ -32,6 +32,7 @@ import numpy as np
 import optax
 
 from xct import checkpoint, geometry, input_pipeline, losses, metrics, models, physics, sharding
+from xct.models import layers, patches
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -57,6 +58,8 @@ class Setup:
     ema_decay: float
     projection: dict  # fov_mm, sod_mm, sdd_mm, pixel_mm, extra_views
     seg_classes: int
+    patch_size: int = 0  # > 0: patch-based training on random P^3 crops
+    patch_overlap: int = 0  # sliding-window overlap (voxels) when evaluating patch models
 
 
 # ---------------------------------------------------------------------------------------
@@ -78,6 +81,16 @@ def make_setup(config) -> Setup:
     name = model_kwargs.pop("name")
     allowed = models.model_kwargs(name) if name in models.MODELS else ()
     geo = {k: v for k, v in g.items() if k in allowed and k not in model_kwargs}
+    patch = int(config.train.get("patch_size", 0))
+    if patch:
+        if "patch_size" not in allowed:
+            raise ValueError(f"config.train.patch_size: model {name!r} has no patch mode")
+        if float(config.loss.get("projection", 0.0)):
+            raise ValueError(
+                "config.loss.projection: the projection loss needs whole volumes; "
+                "set it to 0 with config.train.patch_size > 0"
+            )
+        model_kwargs["patch_size"] = patch
     model = models.get_model(name, **geo, **model_kwargs)
     weights = {
         k: float(v)
@@ -121,6 +134,8 @@ def make_setup(config) -> Setup:
         float(o.ema_decay),
         proj,
         int(config.model.get("seg_classes", 0)),
+        patch,
+        int(config.train.get("patch_overlap", 0)),
     )
 
 
@@ -175,7 +190,22 @@ def _generator_terms(
 ):
     """Per-example loss terms ``{name: [B]}`` and the prediction."""
     w = setup.loss_weights
-    out = setup.model.apply({"params": params}, batch["drr"], batch["angles_deg"], train=train)
+    if setup.patch_size:  # a random patch per example, compared with the same crop
+        key, k_patch = jax.random.split(key)
+        p = setup.patch_size
+        offsets = patches.random_offsets(k_patch, batch["ct"].shape[0], batch["ct"].shape[1], p)
+        batch = {**batch, "ct": patches.crop(batch["ct"], offsets, p)}
+        if "labels" in batch:
+            batch["labels"] = patches.crop(batch["labels"], offsets, p)
+        out = setup.model.apply(
+            {"params": params},
+            batch["drr"],
+            batch["angles_deg"],
+            train=train,
+            patch_offset=offsets,
+        )
+    else:
+        out = setup.model.apply({"params": params}, batch["drr"], batch["angles_deg"], train=train)
     pred, target = out["ct"], batch["ct"]
     terms = {}
     if w.get("l1", 0.0):
@@ -216,7 +246,7 @@ def _generator_terms(
             terms["feature_matching"] = losses.feature_matching(
                 jax.lax.stop_gradient(real_feats), fake_feats
             )
-    return terms, pred
+    return terms, pred, target
 
 
 def _all_finite(tree) -> jax.Array:
@@ -227,11 +257,11 @@ def train_step(setup: Setup, state: TrainState, batch: dict, key: jax.Array):
     """One optimisation step: ``(state, batch, key) -> (state, metrics)``; pure."""
 
     def loss_fn(params):
-        terms, pred = _generator_terms(setup, params, state, batch, key, train=True)
+        terms, pred, target = _generator_terms(setup, params, state, batch, key, train=True)
         total, parts = losses.total_generator_loss(terms, setup.loss_weights)
-        return total, (parts, pred)
+        return total, (parts, (pred, target))
 
-    (loss, (parts, pred)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    (loss, (parts, (pred, target))), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = setup.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     ema = jax.tree.map(
@@ -245,9 +275,7 @@ def train_step(setup: Setup, state: TrainState, batch: dict, key: jax.Array):
         fake = jax.lax.stop_gradient(pred)
 
         def d_loss_fn(dparams):
-            (real_logits, _), stats = _disc_apply(
-                setup, dparams, state.disc_stats, batch["ct"], True
-            )
+            (real_logits, _), stats = _disc_apply(setup, dparams, state.disc_stats, target, True)
             (fake_logits, _), stats = _disc_apply(setup, dparams, stats, fake, True)
             return jnp.mean(losses.lsgan_discriminator(real_logits, fake_logits)), stats
 
@@ -271,10 +299,26 @@ def train_step(setup: Setup, state: TrainState, batch: dict, key: jax.Array):
     return new, out_metrics
 
 
+def predict_ct(setup: Setup, params, batch: dict) -> jax.Array:
+    """The normalised CT ``[B, D, D, D]`` predicted from ``batch``'s views; patch models
+    tile the volume with overlapping patches (``patches.sliding_window``)."""
+    drr, angles = batch["drr"], batch["angles_deg"]
+    if not setup.patch_size:
+        return setup.model.apply({"params": params}, drr, angles, train=False)["ct"]
+    return patches.sliding_window(
+        lambda offsets: setup.model.apply(
+            {"params": params}, drr, angles, train=False, patch_offset=offsets
+        )["ct"],
+        drr.shape[0],
+        drr.shape[-1],
+        setup.patch_size,
+        setup.patch_overlap,
+    )
+
+
 def eval_step(setup: Setup, params, batch: dict) -> dict:
     """Per-example metrics ``{name: [B]}`` in the primary definition (``xct.metrics``)."""
-    out = setup.model.apply({"params": params}, batch["drr"], batch["angles_deg"], train=False)
-    pred_hu = physics.denormalize_ct(out["ct"])
+    pred_hu = physics.denormalize_ct(predict_ct(setup, params, batch))
     true_hu = physics.denormalize_ct(batch["ct"])
     return metrics.volume_metrics(pred_hu, true_hu)
 
@@ -287,7 +331,7 @@ def ensure_dataset(config) -> None:
     """Build the synthetic dataset when it is missing (in a subprocess: xct does not
     import data_pipelines); any other missing dataset is a clear error."""
     d = config.data
-    data_dir = pathlib.Path(d.data_dir).expanduser()
+    data_dir = pathlib.Path(d.data_dir).expanduser().absolute()
     name = d.dataset
     if (data_dir / name).exists() and any((data_dir / name).glob("*/dataset_info.json")):
         return
@@ -307,8 +351,13 @@ def ensure_dataset(config) -> None:
     if d.get("split_sizes"):
         cmd.append("--split_sizes=" + ",".join(f"{k}={v}" for k, v in dict(d.split_sizes).items()))
     logging.info("building the missing dataset: %s", " ".join(cmd))
-    print(f"building {name} into {data_dir} (first run only) ...", flush=True)
-    subprocess.run(cmd, check=True, cwd=pathlib.Path(__file__).resolve().parents[1])
+    if jax.process_index() == 0:  # one builder; the data_dir is shared by all hosts
+        print(f"building {name} into {data_dir} (first run only) ...", flush=True)
+        subprocess.run(cmd, check=True, cwd=pathlib.Path(__file__).resolve().parents[1])
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("xct: dataset built")
 
 
 def make_train_iterator(config, data_state: dict | None):
@@ -396,12 +445,25 @@ def _mean_metrics(rows: list[dict], masks: list[np.ndarray]) -> dict:
 def evaluate_split(
     config, setup: Setup, params, mesh, split: str, num_views: int | None = None
 ) -> dict:
-    step_fn = jax.jit(functools.partial(eval_step, setup))
+    step_fn = jax.jit(_on_mesh(mesh, functools.partial(eval_step, setup)))
     rows, masks = [], []
     for batch, mask in eval_batches(config, split, num_views):
-        rows.append(jax.device_get(step_fn(params, sharding.shard_batch(batch, mesh))))
+        # Every host reads the whole batch and hands over its own rows.
+        batch = sharding.process_rows(batch)
+        rows.append(sharding.fetch(step_fn(params, sharding.shard_batch(batch, mesh))))
         masks.append(mask)
     return _mean_metrics(rows, masks)
+
+
+def _on_mesh(mesh, fn):
+    """``fn`` traced with the models' activations sharded on ``mesh`` (z over ``spatial``)."""
+
+    @functools.wraps(fn)
+    def wrapped(*args):
+        with layers.activation_mesh(mesh):
+            return fn(*args)
+
+    return wrapped
 
 
 def build(config):
@@ -416,13 +478,13 @@ def build(config):
             f"{mesh.shape['data']} devices of the data axis"
         )
     rep = sharding.replicated(mesh)
-    batch_shardings = {k: sharding.batch_sharding(mesh, v.ndim) for k, v in batch.items()}
+    batch_shardings = sharding.batch_shardings(mesh, batch)
     init = functools.partial(create_train_state, setup)
     abstract = jax.eval_shape(init, jax.random.key(0), batch)
     state_shardings = jax.tree.map(lambda _: rep, abstract)
     init_fn = jax.jit(init, out_shardings=state_shardings)
     step_fn = jax.jit(
-        functools.partial(train_step, setup),
+        _on_mesh(mesh, functools.partial(train_step, setup)),
         in_shardings=(state_shardings, batch_shardings, rep),
         out_shardings=(state_shardings, rep),
         donate_argnums=0,
@@ -438,6 +500,7 @@ def train_and_evaluate(config, workdir) -> dict:
     final validation metrics."""
     workdir = pathlib.Path(workdir).expanduser()
     workdir.mkdir(parents=True, exist_ok=True)
+    sharding.maybe_initialize_distributed(config.get("distributed", None) or None)
     is_main = jax.process_index() == 0
     if is_main:
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=1))
@@ -567,7 +630,7 @@ def _render_source(config, mesh):
     pool = jax.device_put(pool, sharding.replicated(mesh))
     b = int(d.batch_size)
     out_shardings = {
-        "ct": sharding.batch_sharding(mesh, 4),
+        "ct": sharding.batch_sharding(mesh, 4, volume=True),
         "drr": sharding.batch_sharding(mesh, 4),
         "angles_deg": sharding.batch_sharding(mesh, 2),
     }

@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from xct.models.layers import Dtype, group_norm, upsample2
+from xct.models.layers import Dtype, constrain, group_norm, upsample2
 from xct.models.lifting import check_inputs, lift
 from xct.models.unet import check_geometry_fields, detector_width_mm
 
@@ -80,17 +80,14 @@ class Baseline(nn.Module):
             sdd_mm=self.sdd_mm,
             det_width_mm=detector_width_mm(self),
         )
-        h = jnp.mean(h, axis=1)  # [B, d, d, d, C]
+        h = constrain(jnp.mean(h, axis=1))  # [B, d, d, d, C]
         for i in range(self.num_layers - 1, -1, -1):
             c = self.base_features * 2**i
             h = nn.Conv(c, (3, 3, 3), dtype=self.dtype, name=f"dec{i}")(upsample2(h))
-            h = nn.silu(group_norm(self.dtype, c, name=f"dec{i}_norm")(h))
-        out = {
-            "ct": nn.Conv(1, (3, 3, 3), dtype=self.dtype, name="ct_head")(h)[..., 0].astype(
-                jnp.float32
-            )
-        }
+            h = constrain(nn.silu(group_norm(self.dtype, c, name=f"dec{i}_norm")(h)))
+        ct = nn.Conv(1, (3, 3, 3), dtype=self.dtype, name="ct_head")(h)[..., 0]
+        out = {"ct": constrain(ct.astype(jnp.float32))}
         if self.seg_classes > 0:
             seg = nn.Conv(self.seg_classes, (1, 1, 1), dtype=self.dtype, name="seg_head")(h)
-            out["seg_logits"] = seg.astype(jnp.float32)
+            out["seg_logits"] = constrain(seg.astype(jnp.float32))
         return out

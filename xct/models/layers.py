@@ -6,6 +6,8 @@ rank follows the input). Parameters are float32; ``dtype`` is the compute dtype.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from typing import Any
 
 import flax.linen as nn
@@ -13,6 +15,39 @@ import jax
 import jax.numpy as jnp
 
 Dtype = Any
+
+# ------------------------------------------------------------------------------------------
+# Activation sharding: logical axes of 3D activations, mapped onto the mesh of xct.sharding.
+#
+# Models name the axes of their 3D activations (``VOLUME_AXES``: batch and z) and call
+# ``constrain``; outside ``activation_mesh(mesh)`` that is a no-op, inside it becomes
+# ``with_sharding_constraint`` on ``mesh`` with ``LOGICAL_RULES`` (batch -> data,
+# z -> spatial), so XLA splits volumes along z over the ``spatial`` axis and inserts the
+# halo exchanges of the convolutions and the reductions of GroupNorm itself.
+
+LOGICAL_RULES = (("batch", "data"), ("z", "spatial"))
+VOLUME_AXES = ("batch", "z", None, None, None)  # [B, z, y, x, C]
+_MESH: contextvars.ContextVar = contextvars.ContextVar("xct_activation_mesh", default=None)
+
+
+@contextlib.contextmanager
+def activation_mesh(mesh: jax.sharding.Mesh | None):
+    """Within this context (while tracing), ``constrain`` shards activations on ``mesh``."""
+    token = _MESH.set(mesh)
+    try:
+        yield
+    finally:
+        _MESH.reset(token)
+
+
+def constrain(x: jax.Array, axes: tuple = VOLUME_AXES) -> jax.Array:
+    """Constrain ``x``'s sharding to the logical ``axes`` (one name or None per axis;
+    ``VOLUME_AXES`` truncated to ``x.ndim`` by default) on the current activation mesh."""
+    mesh = _MESH.get()
+    if mesh is None:
+        return x
+    axes = tuple(axes)[: x.ndim] + (None,) * max(0, x.ndim - len(axes))
+    return nn.with_logical_constraint(x, axes, rules=LOGICAL_RULES, mesh=mesh)
 
 
 def num_groups(channels: int, max_groups: int = 8) -> int:
@@ -48,7 +83,8 @@ class ResBlock(nn.Module):
         h = nn.Conv(self.features, k, dtype=self.dtype, kernel_init=nn.initializers.zeros)(h)
         if x.shape[-1] != self.features:
             x = nn.Conv(self.features, (1,) * ndim, dtype=self.dtype, name="shortcut")(x)
-        return x.astype(h.dtype) + h
+        out = x.astype(h.dtype) + h
+        return constrain(out) if ndim == 3 else out
 
 
 class BottleneckAttention(nn.Module):

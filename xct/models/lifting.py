@@ -63,6 +63,7 @@ def expand_view(
     sod_mm: float,
     sdd_mm: float,
     det_width_mm: float,
+    center_mm: jax.Array | None = None,
 ) -> jax.Array:
     """Broadcast one view's features along its (parallel) rays.
 
@@ -73,6 +74,8 @@ def expand_view(
       fov_mm: side of the cube in mm.
       sod_mm, sdd_mm: source-isocentre and source-detector distances (magnification).
       det_width_mm: physical width (and height) of the whole detector in mm.
+      center_mm: ``[3]`` world ``(x, y, z)`` of the cube's centre (a patch of a larger
+        volume); default the isocentre.
 
     Returns:
       ``[d, d, d, C]`` (``[z, y, x, C]``), the dtype of ``features``.
@@ -80,12 +83,14 @@ def expand_view(
     h, w, _ = features.shape
     theta = jnp.deg2rad(jnp.asarray(angle_deg, jnp.float32))
     t = (jnp.arange(size, dtype=jnp.float32) - (size - 1) / 2.0) * (fov_mm / size)  # mm
+    c = jnp.zeros(3, jnp.float32) if center_mm is None else jnp.asarray(center_mm, jnp.float32)
+    tx, ty, tz = t + c[0], t + c[1], t + c[2]
     mag = sdd_mm / sod_mm
     # World (x, z) -> detector column coordinate u = x cos(theta) - z sin(theta) (mm at the
     # isocentre), then to pixel indices at this level's pitch.
-    u_mm = jnp.cos(theta) * t[None, :] - jnp.sin(theta) * t[:, None]  # [z, x]
+    u_mm = jnp.cos(theta) * tx[None, :] - jnp.sin(theta) * tz[:, None]  # [z, x]
     col = u_mm * (mag * w / det_width_mm) + (w - 1) / 2.0
-    row = t * (mag * h / det_width_mm) + (h - 1) / 2.0  # [y]
+    row = ty * (mag * h / det_width_mm) + (h - 1) / 2.0  # [y]
     r0, r1, wr0, wr1 = _linear_taps(row, h)
     dt = features.dtype
     rows = (
@@ -108,6 +113,7 @@ def backproject_view(
     sod_mm: float,
     sdd_mm: float,
     det_width_mm: float,
+    center_mm: jax.Array | None = None,
     eps_fraction: float = 0.05,
 ) -> jax.Array:
     """Normalised back-projection of one cone-beam view's feature channels.
@@ -123,7 +129,9 @@ def backproject_view(
     Args:
       features: ``[h, w, C]`` feature map of the view.
       angle_deg: scalar gantry angle in degrees (may be traced).
-      size, fov_mm, sod_mm, sdd_mm, det_width_mm: as in ``expand_view``.
+      size, fov_mm, sod_mm, sdd_mm, det_width_mm, center_mm: as in ``expand_view``
+        (``fov_mm`` is the side of this cube: a patch of ``size`` voxels of the full
+        volume's voxel size has ``fov_mm = size * voxel_mm``).
       eps_fraction: floor of the normaliser, in voxel sizes.
 
     Returns:
@@ -133,9 +141,11 @@ def backproject_view(
     voxel_mm = fov_mm / size
     grid = geometry.VolumeGrid.centered((size, size, size), voxel_mm)
     theta = jnp.deg2rad(jnp.asarray(angle_deg, jnp.float32)).reshape(1)
+    # A cube centred at c in the world is the centred cube seen with the isocentre at -c.
+    c = jnp.zeros(3, jnp.float32) if center_mm is None else jnp.asarray(center_mm, jnp.float32)
     geom = geometry.from_poses(
         geometry.rotation_y(theta),
-        jnp.zeros((1, 3), jnp.float32),
+        -c[None],
         sod_mm=sod_mm,
         sdd_mm=sdd_mm,
         det_shape=(h, w),
@@ -166,13 +176,15 @@ def lift(
     sod_mm: float,
     sdd_mm: float,
     det_width_mm: float,
+    center_mm: jax.Array | None = None,
 ) -> jax.Array:
     """Lift a batch of per-view feature maps: ``[B, V, h, w, C]``, angles ``[B, V]`` degrees
-    -> ``[B, V, d, d, d, C]`` with ``d = size``. ``method`` is one of ``LIFTINGS``."""
+    -> ``[B, V, d, d, d, C]`` with ``d = size``. ``method`` is one of ``LIFTINGS``.
+    ``center_mm [B, 3]``: world ``(x, y, z)`` centre of each example's cube (patches)."""
     if method not in LIFTINGS:
         raise ValueError(f"lifting: expected one of {LIFTINGS}, got {method!r}")
     fn = expand_view if method == "expand" else backproject_view
-    one = lambda f, a: fn(  # noqa: E731
+    one = lambda f, a, c: fn(  # noqa: E731
         f,
         a,
         size=size,
@@ -180,8 +192,11 @@ def lift(
         sod_mm=sod_mm,
         sdd_mm=sdd_mm,
         det_width_mm=det_width_mm,
+        center_mm=c,
     )
-    return jax.vmap(jax.vmap(one))(features, angles_deg)
+    if center_mm is None:
+        center_mm = jnp.zeros((features.shape[0], 3), jnp.float32)
+    return jax.vmap(jax.vmap(one, in_axes=(0, 0, None)))(features, angles_deg, center_mm)
 
 
 def check_inputs(drr: jax.Array, angles_deg: jax.Array, resolution: int) -> None:

@@ -23,6 +23,7 @@ from xct.models.layers import (
     BottleneckAttention,
     Dtype,
     ResBlock,
+    constrain,
     group_norm,
     upsample2,
 )
@@ -56,6 +57,25 @@ def check_geometry_fields(module) -> None:
         )
 
 
+def patch_frame(module, batch: int, patch_offset) -> tuple[int, float, jax.Array]:
+    """``(voxels per side, side in mm, centre [B, 3] world (x, y, z) mm)`` of the cube a
+    generator reconstructs: the whole volume, or its ``patch_size`` patch at
+    ``patch_offset [B, 3]`` (``(z, y, x)`` index of the patch's first voxel)."""
+    d = int(module.resolution)
+    p = int(getattr(module, "patch_size", 0)) or d
+    voxel_mm = module.fov_mm / d
+    if patch_offset is None:
+        offset = jnp.full((batch, 3), (d - p) / 2.0, jnp.float32)
+    else:
+        offset = jnp.asarray(patch_offset, jnp.float32)
+        if offset.shape != (batch, 3):
+            raise ValueError(
+                f"patch_offset: expected shape [B, 3] = {(batch, 3)}, got {offset.shape}"
+            )
+    centre_zyx = (offset + (p - d) / 2.0) * voxel_mm
+    return p, p * voxel_mm, centre_zyx[:, ::-1]
+
+
 def detector_width_mm(module) -> float:
     """Physical detector side: ``resolution`` pixels of ``pixel_mm`` (data default)."""
     pixel = module.pixel_mm
@@ -82,6 +102,9 @@ class UNetGenerator(nn.Module):
         (attention gates on the skips) or ``"none"``.
       num_heads: heads of the bottleneck attention (must divide its channels).
       seg_classes: > 0 adds an organ-segmentation head with that many classes.
+      patch_size: 0 (the whole ``D^3`` volume) or ``P``: the model reconstructs a ``P^3``
+        patch of the volume at ``patch_offset`` (patch-based training and sliding-window
+        inference); the views are always whole. Divisible by ``2^(num_levels-1)``.
       dtype: compute dtype (e.g. ``jnp.bfloat16``); parameters stay float32 and the outputs
         are float32.
     """
@@ -99,10 +122,18 @@ class UNetGenerator(nn.Module):
     attention: str = "bottleneck"
     num_heads: int = 4
     seg_classes: int = 0
+    patch_size: int = 0
     dtype: Dtype = jnp.float32
 
     def __post_init__(self):
         check_geometry_fields(self)
+        p = int(self.patch_size)
+        if p < 0 or p > self.resolution or p % (2 ** (self.num_levels - 1)):
+            raise ValueError(
+                f"UNetGenerator.patch_size: expected 0 or a size <= resolution "
+                f"{self.resolution} divisible by 2^(num_levels-1) = "
+                f"{2 ** (self.num_levels - 1)}, got {self.patch_size!r}"
+            )
         if self.lifting not in LIFTINGS:
             raise ValueError(
                 f"UNetGenerator.lifting: expected one of {LIFTINGS}, got {self.lifting!r}"
@@ -139,11 +170,19 @@ class UNetGenerator(nn.Module):
 
     @nn.compact
     def __call__(
-        self, drr: jax.Array, angles_deg: jax.Array, train: bool = False
+        self,
+        drr: jax.Array,
+        angles_deg: jax.Array,
+        train: bool = False,
+        patch_offset: jax.Array | None = None,
     ) -> dict[str, jax.Array]:
         """``drr [B, V, D, D]`` (normalised line integrals), ``angles_deg [B, V]`` ->
         ``{"ct": [B, D, D, D]}`` and, with ``seg_classes = K > 0``,
-        ``"seg_logits": [B, D, D, D, K]`` (float32). Any ``V >= 1``."""
+        ``"seg_logits": [B, D, D, D, K]`` (float32). Any ``V >= 1``.
+
+        With ``patch_size = P > 0`` the outputs are ``P^3`` patches whose first voxel is
+        ``patch_offset [B, 3]`` (integer ``(z, y, x)`` voxel indices of the ``D^3`` volume,
+        may be traced; default the centred patch)."""
         del train  # no dropout or batch statistics
         check_inputs(drr, angles_deg, self.resolution)
         b, v, hh, ww = drr.shape
@@ -152,23 +191,28 @@ class UNetGenerator(nn.Module):
         )(drr.reshape(b * v, hh, ww, 1))
         angles = jnp.asarray(angles_deg, jnp.float32)
         width_mm = detector_width_mm(self)
+        size, side_mm, center_mm = patch_frame(self, b, patch_offset)
         fused = []
         for level, f in enumerate(feats):
             lifted = lift(
                 f.reshape(b, v, *f.shape[1:]),
                 angles,
                 method=self.lifting,
-                size=self.resolution // 2**level,
-                fov_mm=self.fov_mm,
+                size=size // 2**level,
+                fov_mm=side_mm,
+                center_mm=center_mm,
                 sod_mm=self.sod_mm,
                 sdd_mm=self.sdd_mm,
                 det_width_mm=width_mm,
             )  # [B, V, d, d, d, C_l]
-            fused.append(ViewFusion(self.fusion, dtype=self.dtype, name=f"fusion{level}")(lifted))
+            lifted = constrain(lifted, ("batch", None, "z"))
+            fused.append(
+                constrain(ViewFusion(self.fusion, dtype=self.dtype, name=f"fusion{level}")(lifted))
+            )
 
         top = self.num_levels - 1
         c = self.level_features[top]
-        h = nn.Conv(c, (3, 3, 3), dtype=self.dtype, name="bottleneck_in")(fused[top])
+        h = constrain(nn.Conv(c, (3, 3, 3), dtype=self.dtype, name="bottleneck_in")(fused[top]))
         for i in range(self.num_res_blocks):
             h = ResBlock(c, dtype=self.dtype, name=f"bottleneck_res{i}")(h)
         if self.attention == "bottleneck":
@@ -176,7 +220,7 @@ class UNetGenerator(nn.Module):
             h = ResBlock(c, dtype=self.dtype, name="bottleneck_post")(h)
         for level in range(top - 1, -1, -1):
             c = self.level_features[level]
-            h = nn.Conv(c, (3, 3, 3), dtype=self.dtype, name=f"up{level}")(upsample2(h))
+            h = constrain(nn.Conv(c, (3, 3, 3), dtype=self.dtype, name=f"up{level}")(upsample2(h)))
             skip = fused[level]
             if self.attention == "gates":
                 skip = AttentionGate(dtype=self.dtype, name=f"gate{level}")(skip, h)
@@ -184,12 +228,9 @@ class UNetGenerator(nn.Module):
             for i in range(self.num_res_blocks):
                 h = ResBlock(c, dtype=self.dtype, name=f"dec{level}_res{i}")(h)
         h = nn.silu(group_norm(self.dtype, h.shape[-1], name="head_norm")(h))
-        out = {
-            "ct": nn.Conv(1, (3, 3, 3), dtype=self.dtype, name="ct_head")(h)[..., 0].astype(
-                jnp.float32
-            )
-        }
+        ct = nn.Conv(1, (3, 3, 3), dtype=self.dtype, name="ct_head")(h)[..., 0]
+        out = {"ct": constrain(ct.astype(jnp.float32))}
         if self.seg_classes > 0:
             seg = nn.Conv(self.seg_classes, (1, 1, 1), dtype=self.dtype, name="seg_head")(h)
-            out["seg_logits"] = seg.astype(jnp.float32)
+            out["seg_logits"] = constrain(seg.astype(jnp.float32))
         return out
