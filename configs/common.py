@@ -21,6 +21,11 @@ def smoke(config: ConfigDict) -> ConfigDict:
     if "base_features" in c.disc:
         c.disc.base_features = 4
     c.train.num_steps = 2
+    if c.train.get("patch_size", 0):
+        c.train.patch_size = 16
+        c.train.patch_overlap = 4
+    if c.train.get("stages", ""):
+        c.train.stages = "32:1,32:1"  # two stages: the second starts from the first
     c.train.log_every = 1
     c.train.eval_every = 2
     c.train.checkpoint_every = 2

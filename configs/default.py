@@ -39,6 +39,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
     c.data.flip = True  # source="render": random left-right flips
     c.data.elastic_mm = 0.0  # source="render": elastic deformation amplitude
     c.data.photons = 0.0  # source="render": Poisson noise photons per pixel (0: none)
+    c.data.curriculum_steps = 0  # source="render": deformation/noise ramp up over these steps
 
     c.model = ConfigDict()
     c.model.name = "unet"  # "unet" or "baseline" (xct.models.get_model)
@@ -83,9 +84,14 @@ def get_config(arg: str | None = None) -> ConfigDict:
     c.train.checkpoint_every = 500  # steps between checkpoints
     c.train.keep_checkpoints = 3  # last checkpoints kept
     c.train.max_seconds = 0.0  # stop (after saving) once training ran this long; 0: no limit
+    c.train.patch_size = 0  # >0: train on random P^3 patches, evaluate by sliding windows
+    c.train.patch_overlap = 8  # sliding-window overlap in voxels (patch models)
+    c.train.stages = ""  # progressive: "64:2000,128:1000[:batch],..." (one run per stage)
 
     c.eval = ConfigDict()
     c.eval.batch_size = 4  # evaluation batch
     c.eval.split = "test"  # split for --mode=evaluate
     c.eval.num_views = 0  # 0: as trained
+    c.eval.save_volumes = 8  # volumes written as NIfTI (prediction + ground truth); -1: all
+    c.eval.report_volumes = 3  # volumes shown as slice montages and DRRs in report.html
     return common.apply_arg(c, arg)

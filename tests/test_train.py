@@ -22,6 +22,8 @@ CONFIGS = [
     "gan128",
     "views8_128",
     "baseline64",
+    "unet256_patch",
+    "progressive",
 ]
 
 
@@ -194,3 +196,28 @@ def test_bad_config_values_are_clear_errors():
     c = _render_config(**{"model.lifting": "sideways"})
     with pytest.raises(ValueError, match="lifting"):
         train.build(c)
+
+
+def test_patch_training_and_sliding_window_prediction():
+    c = _render_config(**{"train.patch_size": 12, "train.patch_overlap": 4, "loss.projection": 0.0})
+    setup, mesh, init_fn, step_fn, _, _ = train.build(c)
+    batch = sharding.shard_batch(_fixed_batch(c), mesh)
+    state = init_fn(jax.random.key(0), train.dummy_batch(c))
+    state, m = step_fn(state, batch, jax.random.key(1))
+    assert np.isfinite(float(m["loss"]))
+    whole = jax.jit(lambda p, b: train.predict_ct(setup, p, b))(state.params, batch)
+    assert whole.shape == batch["ct"].shape and np.all(np.isfinite(np.asarray(whole)))
+    with pytest.raises(ValueError, match="projection"):
+        train.build(_render_config(**{"train.patch_size": 8, "loss.projection": 0.1}))
+
+
+def test_progressive_stages_carry_the_weights(tmp_path, capsys):
+    c = _render_config(**{"train.stages": "8:1,16:2", "model.num_levels": 2})
+    last_config, last_dir = train.train_progressive(c, tmp_path)
+    assert last_dir == tmp_path / "stage1_16" and last_config.data.resolution == 16
+    out = capsys.readouterr().out
+    assert "stage 0: 8^3" in out and "stage 1: 16^3" in out
+    for stage, steps in (("stage0_8", 1), ("stage1_16", 2)):
+        assert checkpoint.Checkpointer(tmp_path / stage).latest_step() == steps
+    with pytest.raises(ValueError, match="stages"):
+        train.parse_stages("64-100")

@@ -226,6 +226,7 @@ def render_batch(
     flip: bool = True,
     elastic_mm: float = 0.0,
     photons: float | None = None,
+    strength: float | jax.Array = 1.0,
 ) -> dict:
     """Augment a batch of CTs and render its views on the accelerator (jit-friendly).
 
@@ -237,6 +238,8 @@ def render_batch(
       flip: random left-right flips (x axis) of the volume.
       elastic_mm: amplitude of smooth random deformations (0 disables).
       photons: Poisson noise at this many photons per pixel (``None``: noiseless).
+      strength: in [0, 1], scales the deformation amplitude and the noise (a curriculum
+        from easy to hard examples; may be traced, so changing it does not recompile).
 
     Returns ``{"ct": normalised CT, "drr": normalised DRRs [batch, views, rows, cols],
     "angles_deg": [batch, views]}``.
@@ -248,7 +251,7 @@ def render_batch(
         if flip:
             hu = jnp.where(jax.random.bernoulli(k_flip), hu[:, :, ::-1], hu)
         if elastic_mm > 0:
-            disp = elastic_displacement(
+            disp = strength * elastic_displacement(
                 k_el, hu.shape, max_mm=elastic_mm, spacing_mm=min(grid.spacing_mm)
             )
             hu = warp(hu, disp, fill=-1000.0)
@@ -267,7 +270,7 @@ def render_batch(
         mu = physics.hu_to_mu(hu)
         drr = projector.forward_project(mu, grid, geom)
         if photons is not None:
-            drr = physics.add_poisson_noise(k_noise, drr, photons)
+            drr = drr + strength * (physics.add_poisson_noise(k_noise, drr, photons) - drr)
         return {
             "ct": physics.normalize_ct(hu),
             "drr": physics.normalize_drr(drr),

@@ -536,7 +536,13 @@ def train_and_evaluate(config, workdir) -> dict:
         get_data_state = it.get_state
     elif config.data.source == "render":
         pool, render_fn = _render_source(config, mesh)
-        next_batch = lambda step: render_fn(jax.random.fold_in(root_key, 2 * step + 1), pool)  # noqa: E731
+        ramp = int(config.data.get("curriculum_steps", 0))
+
+        def next_batch(step):
+            # Curriculum: deformation and noise grow linearly over the first `ramp` steps.
+            strength = np.float32(min(1.0, (step + 1) / ramp) if ramp else 1.0)
+            return render_fn(jax.random.fold_in(root_key, 2 * step + 1), pool, strength)
+
         get_data_state = lambda: {}  # noqa: E731 - the stream is a function of the step
     else:
         raise ValueError(
@@ -614,6 +620,58 @@ def train_and_evaluate(config, workdir) -> dict:
     return final_val
 
 
+def parse_stages(text: str) -> list[tuple[int, int, int]]:
+    """``"64:2000,128:1000:2"`` -> ``[(64, 2000, 0), (128, 1000, 2)]``: resolution, steps and
+    (optionally) global batch of each stage (0: the config's batch)."""
+    stages = []
+    for item in filter(None, (x.strip() for x in str(text).split(","))):
+        parts = item.split(":")
+        try:
+            if len(parts) not in (2, 3):
+                raise ValueError
+            res, steps, batch = (int(p) for p in (*parts, "0")[:3])
+        except ValueError:
+            raise ValueError(
+                f"config.train.stages: expected 'resolution:steps[:batch],...', got {item!r}"
+            ) from None
+        if res < 2 or steps < 0 or batch < 0:
+            raise ValueError(f"config.train.stages: bad stage {item!r}")
+        stages.append((res, steps, batch))
+    return stages
+
+
+def train_progressive(config, workdir):
+    """Progressive multi-resolution training: one run per stage of ``config.train.stages``
+    in ``workdir/stage<i>_<res>``, each initialised from the previous stage's last
+    checkpoint (``init_from``; the models' parameters do not depend on the resolution).
+    An interrupted schedule resumes: finished stages are skipped, the current one resumes
+    from its own checkpoint. Returns ``(last stage's config, its workdir)``."""
+    import re
+
+    workdir = pathlib.Path(workdir).expanduser()
+    previous = str(config.get("init_from", "") or "")
+    c, stage_dir = config, workdir
+    for i, (res, steps, batch) in enumerate(parse_stages(config.train.stages)):
+        c = config.copy_and_resolve_references()
+        with c.unlocked():
+            c.train.stages = ""
+            c.init_from = previous
+            c.data.resolution = res
+            c.train.num_steps = steps
+            if batch:
+                c.data.batch_size = batch
+            if c.data.source == "tfds":
+                c.data.dataset = re.sub(r"res\d+", f"res{res}", c.data.dataset)
+            patch = int(c.train.get("patch_size", 0))
+            if patch > res:
+                c.train.patch_size = 0  # a stage smaller than the patch trains on whole volumes
+        stage_dir = workdir / f"stage{i}_{res}"
+        print(f"stage {i}: {res}^3, {steps} steps -> {stage_dir}", flush=True)
+        train_and_evaluate(c, stage_dir)
+        previous = str(stage_dir)
+    return c, stage_dir
+
+
 def _render_source(config, mesh):
     """A pool of phantoms on the device and a jitted function rendering a batch from it."""
     from xct import phantoms
@@ -636,7 +694,7 @@ def _render_source(config, mesh):
     }
 
     @functools.partial(jax.jit, out_shardings=out_shardings)
-    def render(key, pool):
+    def render(key, pool, strength=1.0):
         k_pick, k_render = jax.random.split(key)
         idx = jax.random.choice(k_pick, pool.shape[0], (b,), replace=pool.shape[0] < b)
         return input_pipeline.render_batch(
@@ -651,6 +709,7 @@ def _render_source(config, mesh):
             flip=bool(d.flip),
             elastic_mm=float(d.elastic_mm),
             photons=d.photons if d.photons else None,
+            strength=strength,
         )
 
     return pool, render
