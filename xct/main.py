@@ -1,7 +1,10 @@
 """xct entry point: ``python -m xct.main --config=configs/unet64.py --workdir=DIR``.
 
     --mode=train      train (resumes from DIR's last checkpoint), then validate
-    --mode=evaluate   score the best checkpoint on config.eval.split -> DIR/metrics.json
+    --mode=evaluate   score the best checkpoint on config.eval.split -> DIR/metrics.json and
+                      DIR/eval/ (per_volume.csv, volumes/*.nii.gz, report.html)
+                      --eval_ct_dir=CTS: score a folder of real CT volumes instead
+                      --checkpoint=best,last (or other workdirs): mean of several models
     --mode=predict    --xrays=a.png,b.png --angles_deg=0,90 --output=ct.nii.gz
 
 Any config field can be overridden: ``--config.data.num_views=4``. Errors in the config or
@@ -21,7 +24,14 @@ config_flags.DEFINE_config_file(
 )
 flags.DEFINE_string("workdir", None, "where checkpoints, logs and metrics go")
 flags.DEFINE_enum("mode", "train", ["train", "evaluate", "predict"], "what to do")
-flags.DEFINE_string("checkpoint", "best", "evaluate/predict: 'best', 'last' or a step number")
+flags.DEFINE_string(
+    "checkpoint",
+    "best",
+    "evaluate/predict: 'best', 'last', a step, or a comma list (also DIR[:best|last|STEP] "
+    "of other workdirs) whose predictions are averaged",
+)
+flags.DEFINE_string("eval_ct_dir", None, "evaluate: folder of CT volumes to render and score")
+flags.DEFINE_string("eval_dir", None, "evaluate: output folder (default WORKDIR/eval[_CTDIR])")
 flags.DEFINE_list("xrays", [], "predict: X-ray files (.npy line integrals, .png, .dcm)")
 flags.DEFINE_list("angles_deg", [], "predict: gantry angle of each X-ray, degrees")
 flags.DEFINE_string("output", "prediction.nii.gz", "predict: output NIfTI path")
@@ -41,14 +51,23 @@ def main(argv) -> int:
     config = FLAGS.config
     try:
         if FLAGS.mode == "train":
-            train.train_and_evaluate(config, FLAGS.workdir)
-            result = (
-                evaluate.evaluate(config, FLAGS.workdir) if config.data.source == "tfds" else {}
-            )
+            workdir = FLAGS.workdir
+            if config.train.get("stages", ""):  # progressive: evaluate the last stage
+                config, workdir = train.train_progressive(config, workdir)
+            else:
+                train.train_and_evaluate(config, workdir)
+            result = evaluate.evaluate(config, workdir) if config.data.source == "tfds" else {}
             if result:
                 print(_summary(result))
         elif FLAGS.mode == "evaluate":
-            print(_summary(evaluate.evaluate(config, FLAGS.workdir, FLAGS.checkpoint)))
+            result = evaluate.evaluate(
+                config,
+                FLAGS.workdir,
+                FLAGS.checkpoint,
+                ct_dir=FLAGS.eval_ct_dir,
+                out_dir=FLAGS.eval_dir,
+            )
+            print(_summary(result))
         else:
             angles = [float(a) for a in FLAGS.angles_deg]
             path = evaluate.predict(
@@ -63,10 +82,13 @@ def main(argv) -> int:
 
 
 def _summary(r: dict) -> str:
+    data = f"{r['num_volumes']} CTs of {r['ct_dir']}" if r.get("ct_dir") else f"{r['split']} split"
     return (
-        f"{r['split']} split, {r['num_views']} views, checkpoint step {r['checkpoint_step']}: "
+        f"{data}, {r['num_views']} views, checkpoint step {r['checkpoint_step']}: "
         f"PSNR {r['psnr']:.2f} dB  SSIM {r['ssim']:.4f}  MAE {r['mae_hu']:.1f} HU  "
+        f"DRR PSNR {r['drr_psnr']:.2f} dB  "
         f"(HU clipped to [-1000, 1024] -> [0, 1]; 3D PSNR peak 1; 3D SSIM sigma 1.5 voxels)"
+        f"\nreport: {r['eval_dir']}/report.html"
     )
 
 
