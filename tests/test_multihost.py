@@ -12,7 +12,10 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+# The smallest model and loss (the multi-host mechanics do not depend on them; the U-Net's
+# sharding is tested in test_sharding.py): one compile is seconds, not minutes.
 OVERRIDES = [
+    "--config.loss.ssim=0",
     "--config.data.source=render",
     "--config.data.resolution=16",
     "--config.data.pool_size=2",
@@ -34,7 +37,7 @@ def _run(workdir, steps: int, processes: int, devices_per_process: int):
         sys.executable,
         "-m",
         "xct.main",
-        "--config=configs/default.py:smoke",
+        "--config=configs/baseline64.py:smoke",
         f"--workdir={workdir}",
         f"--config.train.num_steps={steps}",
         *OVERRIDES,
@@ -74,6 +77,8 @@ def test_two_processes_train_save_resume_and_match_one_process(tmp_path):
     assert (multi / "checkpoints" / "2").is_dir()
     outs = _run(multi, steps=4, processes=2, devices_per_process=2)  # resumes at step 2
     assert "resumed from" in outs[0] and "resumed from" in outs[1]
+    # The same schedule on one process (the learning-rate schedule follows num_steps).
+    _run(single, steps=2, processes=1, devices_per_process=4)
     _run(single, steps=4, processes=1, devices_per_process=4)
     got, ref = _losses(multi), _losses(single)
     assert sorted(got) == sorted(ref) == [1, 2, 3, 4]
