@@ -8,7 +8,7 @@ Builds the config's model, optimiser and jitted, sharded ``train_step`` exactly 
 compile seconds, the median step time after one warm-up step (volumes/s), the compiled
 program's memory analysis (arguments + outputs + temporaries, bytes XLA plans for one
 step) and, on CPU, the process peak RSS; on accelerators, the device's peak bytes in use.
-The peer in the same run is the baseline model (``--peer=baseline``) of the same shapes,
+The peer in the same run is the baseline model (``--peer=baseline64``) at the same shapes,
 so the ratio shows what the U-Net's skips and attention cost. Prints one JSON line each.
 """
 
@@ -54,7 +54,7 @@ def bench(config, steps: int) -> dict:
         state, metrics = compiled(state, batch, jax.random.key(2 + i))
         jax.block_until_ready(metrics)
         times.append(time.perf_counter() - t)
-    step_s = statistics.median(times[1:])
+    step_s = statistics.median(times[1:] or times)  # --steps=0: the one (post-compile) step
     dev = jax.devices()[0]
     stats = dev.memory_stats() or {}
     b = int(config.data.batch_size)
@@ -87,26 +87,28 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=0, help="global batch (0: the config's)")
     p.add_argument("--views", type=int, default=0, help="views (0: the config's)")
     p.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up")
-    p.add_argument("--peer", default="baseline", help="model measured for the ratio ('' none)")
-    p.add_argument("--model", default="", help="override config.model.name")
+    p.add_argument("--peer", default="baseline64", help="config measured for the ratio ('' none)")
+    p.add_argument("--resolution", type=int, default=0, help="override data.resolution")
     args = p.parse_args(argv)
 
-    def config(model: str | None):
+    def config():
         c = importlib.import_module(f"configs.{args.config}").get_config()
         c.mesh.data = 1
+        if args.resolution:
+            c.data.resolution = args.resolution
         if args.batch:
             c.data.batch_size = args.batch
         if args.views:
             c.data.num_views = args.views
-        if model:
-            c.model.name = model
         return c
 
-    rows = [bench(config(args.model or None), args.steps)]
+    first = config()
+    rows = [bench(first, args.steps)]
     print(json.dumps(rows[0]), flush=True)
     if args.peer:  # a separate process, so its peak RSS is its own
-        cmd = [sys.executable, "-m", "scripts.bench_train", "--peer=", f"--model={args.peer}"]
-        cmd += [f"--config={args.config}", f"--batch={args.batch}", f"--views={args.views}"]
+        cmd = [sys.executable, "-m", "scripts.bench_train", "--peer=", f"--config={args.peer}"]
+        cmd += [f"--resolution={first.data.resolution}", f"--batch={first.data.batch_size}"]
+        cmd += [f"--views={first.data.num_views}"]
         cmd += [f"--steps={args.steps}"]
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
         rows.append(json.loads(out.strip().splitlines()[-1]))

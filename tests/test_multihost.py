@@ -4,6 +4,7 @@ resume from the checkpoint, and match a single-process run on 4 devices step for
 
 import json
 import os
+import pathlib
 import socket
 import subprocess
 import sys
@@ -48,19 +49,21 @@ def _run(workdir, steps: int, processes: int, devices_per_process: int):
     if processes > 1:
         env["JAX_COORDINATOR_ADDRESS"] = f"localhost:{_free_port()}"
         env["JAX_NUM_PROCESSES"] = str(processes)
-    procs = []
+    procs, logs = [], []
     for pid in range(processes):
         if processes > 1:
             env = {**env, "JAX_PROCESS_ID": str(pid)}
-        procs.append(
-            subprocess.Popen(
-                cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        # Output to files, not pipes: a process blocked on a full pipe would never reach
+        # the distributed runtime's shutdown barrier.
+        logs.append(pathlib.Path(f"{workdir}.{steps}.{pid}.log"))
+        with open(logs[-1], "w") as log:
+            procs.append(
+                subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
             )
-        )
-    outs = []
     for p in procs:
-        out, _ = p.communicate(timeout=900)
-        outs.append(out)
+        p.wait(timeout=900)
+    outs = [log.read_text() for log in logs]
+    for p, out in zip(procs, outs, strict=True):
         assert p.returncode == 0, out[-3000:]
     return outs
 

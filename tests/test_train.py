@@ -212,12 +212,12 @@ def test_patch_training_and_sliding_window_prediction():
 
 
 def test_progressive_stages_carry_the_weights(tmp_path, capsys):
-    c = _render_config(**{"train.stages": "8:1,16:2", "model.num_levels": 2})
+    c = _render_config(**{"train.stages": "12:1,16:2", "model.num_levels": 2})
     last_config, last_dir = train.train_progressive(c, tmp_path)
     assert last_dir == tmp_path / "stage1_16" and last_config.data.resolution == 16
     out = capsys.readouterr().out
-    assert "stage 0: 8^3" in out and "stage 1: 16^3" in out
-    for stage, steps in (("stage0_8", 1), ("stage1_16", 2)):
+    assert "stage 0: 12^3" in out and "stage 1: 16^3" in out
+    for stage, steps in (("stage0_12", 1), ("stage1_16", 2)):
         assert checkpoint.Checkpointer(tmp_path / stage).latest_step() == steps
     with pytest.raises(ValueError, match="stages"):
         train.parse_stages("64-100")

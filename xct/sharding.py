@@ -98,6 +98,17 @@ def shard_batch(batch: Mapping, mesh: Mesh) -> dict:
     return {k: jax.make_array_from_process_local_data(shardings[k], v) for k, v in batch.items()}
 
 
+def barrier(name: str, timeout_s: float = 1800.0) -> None:
+    """Wait until every process gets here (a no-op with one process). Uses the distributed
+    runtime's coordination service, not a device collective: call it after compiling and
+    before the first collective, whose CPU (gloo) set-up waits only 30 s for the others."""
+    if jax.process_count() == 1:
+        return
+    from jax._src import distributed
+
+    distributed.global_state.client.wait_at_barrier(name, int(timeout_s * 1000))
+
+
 def process_rows(batch: Mapping) -> dict:
     """This process's rows of a global host batch (all of it in a single-process run)."""
     n, p = jax.process_count(), jax.process_index()

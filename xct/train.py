@@ -561,7 +561,13 @@ def train_and_evaluate(config, workdir) -> dict:
             batch = next_batch(step)
             if render_fn is None:
                 batch = sharding.shard_batch({k: batch[k] for k in batch_keys}, mesh)
-            state, m = step_fn(state, batch, jax.random.fold_in(root_key, 2 * step))
+            key = jax.random.fold_in(root_key, 2 * step)
+            if step == start and jax.process_count() > 1:
+                # Compile first, then meet: compile times differ between hosts by more
+                # than the collectives' set-up waits.
+                step_fn = step_fn.lower(state, batch, key).compile()
+                sharding.barrier(f"xct: train step compiled ({start})")
+            state, m = step_fn(state, batch, key)
             pending.append(m)
             done = step + 1
             budget = float(config.train.get("max_seconds", 0.0))
