@@ -1,0 +1,760 @@
+"""Measured quality of few-view reconstruction: classical methods (and a network) vs views.
+
+    python -m scripts.quality_table --resolution=32 --phantoms=4 --iters=50 \\
+        --checkpoint_workdir=quickstart_out/train --config=configs/quickstart.py \\
+        --network_views 2 4 8 --out=docs/quality                  # 8 min on a 2-core CPU
+    python -m scripts.quality_table --resolution=64 --phantoms=4 --views 2 4 8 --iters=50 \\
+        --out=docs/quality                                        # 7 min on a 2-core CPU
+    python -m scripts.quality_table --resolution=16 --phantoms=1 --views 2 8 --iters=3 \\
+        --no_real --out=/tmp/qt                                   # the smoke test's run
+
+What is measured, per volume and per number of views V (``--views``, default 2 4 8 16 64):
+
+* Volumes: (a) the ``synthetic_chest`` test split's first ``--phantoms`` phantoms (seeds
+  2,000,000 + i, made as ``synthetic_chest.make_phantom_example`` makes them), and (b)
+  every CT under ``--ct_dir`` (default ``../shared/data/ct``) that ``ct_folder`` accepts,
+  read and preprocessed as ``ct_folder.make_ct_example`` does to the same ``--resolution``
+  cube of 400 mm; the others are listed with the reason. The ground truth is the CT as the
+  datasets store it (HU rounded to int16), in the projector frame.
+* DRRs: ``physics.render_drrs`` (monochromatic) of that CT in the datasets' geometry
+  (``data_pipelines.common.ViewSpec``: cone beam, sod 1000 mm, sdd 1500 mm, ``r^2``
+  detector sized to the inscribed cylinder). Angles: the first V of
+  ``geometry.nested_view_angles(max(views), arc_deg)``, the order the datasets store (every
+  prefix of 2^k views is the evenly spaced set ``nested_view_angles(2^k)``); ``--arc_deg``
+  defaults to the datasets' 180 degrees (2 views: PA and lateral). Over 360 degrees the
+  nested order makes 2 views PA and AP and 4 views two opposed pairs, which carry little
+  more than 1 and 2 views. ``--photons=N`` adds Poisson noise (N unattenuated photons per
+  pixel, key ``fold_in(key(--seed), volume index)``); the default is noise-free, as the
+  datasets.
+* Classical methods (``xct.recon``, in attenuation per mm; every output is clipped at
+  ``mu >= 0``, i.e. HU >= -1000, then ``physics.mu_to_hu``):
+
+  - ``fdk``: ``recon.fdk`` with a Hann-windowed ramp, no Parker weighting
+    (``short_scan=False``) and, on arcs of at most 180 degrees, every view's DRR scaled by
+    ``fdk_view_weights`` (half-scan angular weights). ``recon.fdk``'s own weights fit
+    neither orbit: its automatic rule (a gap of 20 degrees or more) turns Parker weighting
+    on for every sparse orbit, and 180 degrees is less than a short scan (180 degrees plus
+    the fan, about 203 here), where its overscan is negative; its full-circle weights give
+    the two end views of a 180-degree arc half of the total. On validation phantom
+    1,000,000 at 32^3 over 180 degrees, PSNR at 2 / 8 / 64 views: automatic 9.5 / 10.9 /
+    10.2 dB, ``short_scan=False`` 15.2 / 16.9 / 16.3, with these weights 15.2 / 21.8 / 22.7
+    (a full 360-degree orbit of 64 views: 23.5).
+  - ``sirt``: SIRT, relaxation 1, nonnegativity after every update.
+  - ``cgls``: CGLS from zero; unconstrained (CGLS has no constraint), clipped at the end.
+  - ``tv``: TV-regularised least squares by preconditioned Chambolle-Pock with
+    nonnegativity and ``--tv_weight`` (mm^2, default 0.1). Chosen on validation phantom
+    1,000,000 (not a test phantom) at 32^3, 180 degrees, 50 iterations, among 1e-3, 3e-3,
+    0.01, 0.03, 0.1, 0.3 and 1: best at 8 views (27.3 dB), within 0.1 dB of the best at 64
+    and 0.4 dB at 2 (where 0.01 is best); at 360 degrees 0.1-0.3 was best at every V. One
+    weight for every row; its best value depends on the numbers of rays and voxels, so
+    check it again at other resolutions.
+
+  Fixed iteration counts: ``--iters`` (default 50), or ``--sirt_iters`` etc.
+* Network rows (only with ``--checkpoint_workdir`` and ``--config``, and only when the
+  config's resolution, field of view and orbit match the table's): ``network`` (the
+  checkpoint's EMA parameters through ``train.predict_ct``), ``network+refine``
+  (``recon.refine.refine`` from the prediction, its default weights, ``--refine_iters``
+  Adam steps), ``network+fdk`` (one FDK correction, ``x_net + FDK(drr - A x_net)``) and
+  ``network+sirt`` (SIRT started from the prediction, ``x0``), at ``--network_views``
+  (default: the number of views the config trains with).
+* Scores in both definitions (``xct.metrics.DEFINITIONS``): primary
+  (``metrics.volume_metrics``: 3D PSNR / SSIM on HU clipped to [-1000, 1024]) and x2ct
+  (``metrics.x2ct_metrics``: X2CT-GAN's slice-averaged PSNR / SSIM).
+
+Outputs in ``--out``: ``quality_{r}.md`` (the tables, also printed to stdout),
+``per_volume_{r}.csv`` (every volume's numbers; ``seconds`` is the reconstruction's wall
+time, the first volume's including compilation), ``results_{r}.json`` (the set-up, the
+machine, the command, skipped inputs and the means) and ``psnr_vs_views_{r}.png``.
+
+Cost: one forward and one back-projection per iteration of SIRT, CGLS and TV. On the
+2-core development CPU an iteration at 64 views takes about 3 s at 64^3 and 0.1 s at 32^3,
+so the full table (up to 64 views, real CTs) is made at 32^3 there, and 64^3 only up to 8
+views; the full 64^3 table needs an accelerator (about 2 hours on that CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import datetime
+import functools
+import importlib.util
+import json
+import os
+import pathlib
+import platform
+import shlex
+import sys
+import time
+
+import numpy as np
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+DEFAULT_CT_DIR = ROOT.parent / "shared" / "data" / "ct"
+CLASSICAL = ("fdk", "sirt", "cgls", "tv")
+NETWORK = ("network", "network+refine", "network+fdk", "network+sirt")
+METHOD_LABELS = {
+    "fdk": "FDK (Hann)",
+    "sirt": "SIRT",
+    "cgls": "CGLS",
+    "tv": "TV (Chambolle-Pock)",
+    "network": "network",
+    "network+refine": "network + refinement",
+    "network+fdk": "network + FDK correction",
+    "network+sirt": "SIRT from network",
+}
+# Per-volume columns of the CSV: (CSV name, definition, key in that definition's dict).
+SCORE_COLUMNS = (
+    ("psnr", "primary", "psnr"),
+    ("ssim", "primary", "ssim"),
+    ("mae_hu", "primary", "mae_hu"),
+    ("rmse_hu", "primary", "rmse_hu"),
+    ("x2ct_psnr", "x2ct", "psnr"),
+    ("x2ct_ssim", "x2ct", "ssim"),
+    ("x2ct_psnr_3d", "x2ct", "psnr_3d"),
+    ("x2ct_mae_hu", "x2ct", "mae_hu"),
+    ("x2ct_cosine", "x2ct", "cosine_similarity"),
+)
+X2CT_CELLS = ("x2ct_psnr", "x2ct_ssim")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--resolution", type=int, default=64, help="voxels per side (and pixels)")
+    p.add_argument("--phantoms", type=int, default=4, help="synthetic test phantoms (0: none)")
+    p.add_argument("--views", type=int, nargs="+", default=[2, 4, 8, 16, 64])
+    p.add_argument("--methods", nargs="+", default=list(CLASSICAL), choices=CLASSICAL)
+    p.add_argument("--iters", type=int, default=50, help="iterations of every iterative method")
+    p.add_argument("--sirt_iters", type=int, default=None, help="default: --iters")
+    p.add_argument("--cgls_iters", type=int, default=None, help="default: --iters")
+    p.add_argument("--tv_iters", type=int, default=None, help="default: --iters")
+    p.add_argument("--tv_weight", type=float, default=0.1, help="TV weight, mm^2")
+    p.add_argument("--arc_deg", type=float, default=None, help="default: the datasets' arc")
+    p.add_argument("--photons", type=float, default=None, help="Poisson noise; default none")
+    p.add_argument("--seed", type=int, default=0, help="noise key")
+    p.add_argument("--ct_dir", default=str(DEFAULT_CT_DIR), help="real CTs (ct_folder rules)")
+    p.add_argument("--no_real", action="store_true", help="synthetic phantoms only")
+    p.add_argument("--checkpoint_workdir", default=None, help="a trained network's workdir")
+    p.add_argument("--config", default=None, help="its config file, configs/NAME.py[:arg]")
+    p.add_argument("--checkpoint", default="best", help="'best' or 'last'")
+    p.add_argument("--network_views", type=int, nargs="+", default=None)
+    p.add_argument("--refine_iters", type=int, default=100)
+    p.add_argument("--out", required=True, help="output folder")
+    args = p.parse_args(argv)
+    if args.resolution < 16:
+        p.error("--resolution: at least 16 (SSIM's 11-voxel window)")
+    if any(v < 1 for v in args.views):
+        p.error("--views: positive numbers of views")
+    if (args.checkpoint_workdir is None) != (args.config is None):
+        p.error("--checkpoint_workdir and --config go together")
+    for name in ("sirt", "cgls", "tv"):
+        if getattr(args, f"{name}_iters") is None:
+            setattr(args, f"{name}_iters", args.iters)
+    args.views = sorted(set(args.views))
+    return args
+
+
+# ---------------------------------------------------------------------------------------
+# Volumes: exactly the datasets' records
+
+
+@dataclasses.dataclass
+class Volume:
+    id: str
+    kind: str  # "synthetic" or "real"
+    hu: np.ndarray  # [r, r, r] HU, projector frame, as the dataset stores it (int16 values)
+
+
+def as_stored(hu: np.ndarray) -> np.ndarray:
+    """HU as the datasets store a CT (``common.render_example``): rounded, clipped to
+    ``[-1024, 3071]``, int16; returned as float32."""
+    from xct import physics
+
+    return np.clip(np.round(hu), physics.HU_MIN, physics.HU_MAX).astype(np.int16).astype(np.float32)
+
+
+def synthetic_volumes(count: int, resolution: int, fov_mm: float):
+    """The ``synthetic_chest`` test split's first ``count`` phantoms (seeds 2,000,000 + i),
+    made as ``synthetic_chest.make_phantom_example`` makes them (without its DRRs)."""
+    from data_pipelines import common, synthetic_chest
+    from xct import phantoms
+
+    dataset = synthetic_chest.SyntheticChestConfig(name="quality_table")
+    grid = common.ViewSpec(resolution, 1, fov_mm).grid()
+    for i in range(count):
+        seed = synthetic_chest._SEED_OFFSETS["test"] + i
+        hu, _ = phantoms.chest_phantom(seed, grid, nodules=dataset.nodules, couch=dataset.couch)
+        yield Volume(f"chest-{seed:07d}", "synthetic", as_stored(hu))
+
+
+def real_volumes(ct_dir, resolution: int, fov_mm: float, skipped: list):
+    """Every CT under ``ct_dir`` that ``ct_folder`` accepts, made as
+    ``ct_folder.make_ct_example`` makes it (without its DRRs); ``(name, reason)`` of the
+    others is appended to ``skipped``."""
+    from data_pipelines import ct_folder
+    from xct import io
+
+    root = pathlib.Path(ct_dir)
+    for path in ct_folder.find_sources(root):
+        name = str(path.relative_to(root))
+        try:
+            hu, grid = io.read_ct(path)
+            extent_mm = np.asarray(grid.shape) * np.asarray(grid.spacing_mm)
+            if min(grid.shape) < ct_folder.MIN_SLICES or extent_mm.min() < ct_folder.MIN_EXTENT_MM:
+                raise ValueError(
+                    f"a {grid.shape[::-1]} (x, y, z) image of {np.round(extent_mm[::-1], 1)} mm "
+                    f"is not a CT volume; expected at least {ct_folder.MIN_SLICES} slices and "
+                    f"{ct_folder.MIN_EXTENT_MM} mm along every axis"
+                )
+            hu, _ = io.preprocess(hu, grid, resolution, fov_mm)
+        except ValueError as e:
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            reason = reason.removeprefix(f"{path}: ")
+            print(f"skipped {name}: {reason}", file=sys.stderr, flush=True)
+            skipped.append((name, reason))
+            continue
+        yield Volume(name, "real", as_stored(io.to_projector_frame(hu)))
+
+
+# ---------------------------------------------------------------------------------------
+# Reconstruction
+
+
+def _clip_to_hu(mu):
+    import jax.numpy as jnp
+
+    from xct import physics
+
+    return physics.mu_to_hu(jnp.maximum(mu, 0.0))
+
+
+def fdk_view_weights(angles_deg, arc_deg: float) -> np.ndarray:
+    """``[V]`` factors that turn ``recon.fdk``'s full-orbit view weights into half-scan ones.
+
+    With ``short_scan=False`` ``recon.fdk`` weights view k by half the angle between its
+    neighbours on the full circle, times 1/2 (a full orbit measures every ray twice). On an
+    arc of at most 180 degrees every ray is measured about once (exactly, in the
+    parallel-beam limit), so view k should count half the angle between its neighbours on
+    the circle of period 180 degrees, times 1; the factor is the ratio of the two. All ones
+    for an arc over 180 degrees (the views are then taken as a full orbit).
+    """
+    a = np.deg2rad(np.asarray(angles_deg, np.float64))
+    if arc_deg > 180.0 or a.size < 2:
+        return np.ones(a.shape, np.float32)
+
+    def gaps(period):
+        t = np.mod(a, period)
+        order = np.argsort(t)
+        ts = t[order]
+        prev = np.concatenate([ts[-1:] - period, ts[:-1]])
+        nxt = np.concatenate([ts[1:], ts[:1] + period])
+        out = np.empty_like(ts)
+        out[order] = 0.5 * (nxt - prev)
+        return out
+
+    return (2.0 * gaps(np.pi) / gaps(2.0 * np.pi)).astype(np.float32)
+
+
+def _fdk_hann(drr, geom, grid, view_weights):
+    from xct import recon
+
+    weighted = drr * view_weights[:, None, None]
+    return recon.fdk(weighted, geom, grid, window="hann", short_scan=False)
+
+
+def classical_solvers(grid, args) -> dict:
+    """``method -> jitted (drr, geom, fdk_weights) -> (HU volume, relative residual or
+    nan)``; ``fdk_weights`` ``[V]`` from ``fdk_view_weights`` (used by FDK only)."""
+    import jax
+    import jax.numpy as jnp
+
+    from xct import recon
+
+    def rel(res, drr):
+        return res[-1] / jnp.maximum(jnp.sqrt(jnp.sum(drr * drr)), 1e-12)
+
+    def fdk(drr, geom, fdk_weights):
+        return _clip_to_hu(_fdk_hann(drr, geom, grid, fdk_weights)), jnp.nan
+
+    def sirt(drr, geom, fdk_weights):
+        x, res = recon.sirt(drr, geom, grid, args.sirt_iters, nonnegative=True)
+        return _clip_to_hu(x), rel(res, drr)
+
+    def cgls(drr, geom, fdk_weights):
+        x, res = recon.cgls(drr, geom, grid, args.cgls_iters)
+        return _clip_to_hu(x), rel(res, drr)
+
+    def tv(drr, geom, fdk_weights):
+        x, res = recon.tv(
+            drr, geom, grid, args.tv_iters, tv_weight=args.tv_weight, nonnegative=True
+        )
+        return _clip_to_hu(x), rel(res, drr)
+
+    fns = {"fdk": fdk, "sirt": sirt, "cgls": cgls, "tv": tv}
+    return {m: jax.jit(fns[m]) for m in args.methods}
+
+
+def _load_config(spec: str):
+    """``configs/NAME.py[:arg]`` -> its ``get_config(arg)``."""
+    path, _, arg = spec.partition(":")
+    file = pathlib.Path(path)
+    if not file.is_file():
+        raise ValueError(f"--config: {path} is not a file")
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))  # configs import `configs.common`
+    module_spec = importlib.util.spec_from_file_location(f"_qt_config_{file.stem}", file)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg or None)
+
+
+def _restore_network(config, workdir: str, which: str):
+    """``(setup, host params, step)``: ``evaluate.restore_params``, or ``train.build`` and the
+    ``Checkpointer`` directly if that API is not there."""
+    import jax
+
+    from xct import evaluate, train
+
+    if hasattr(evaluate, "restore_params"):
+        setup, _, params, step = evaluate.restore_params(config, workdir, which)
+    else:
+        from xct import checkpoint
+
+        setup, _, _, _, abstract, _ = train.build(config)
+        ckpt = checkpoint.Checkpointer(workdir)
+        try:
+            restored = ckpt.restore(abstract, which=which)
+            if restored is None and which == "best":
+                restored = ckpt.restore(abstract, which="last")
+        finally:
+            ckpt.close()
+        if restored is None:
+            raise ValueError(f"--checkpoint_workdir: no checkpoint in {workdir}")
+        state, _, step = restored
+        params = state.ema_params
+    # On the host: the jitted predictor then runs on the default device, whatever mesh the
+    # parameters were restored onto.
+    return setup, jax.device_get(params), int(step)
+
+
+def network_solvers(config, args, grid, spec) -> tuple[dict, dict]:
+    """``(method -> fn, info)`` for the network rows, or ``({}, info)`` with the reason
+    they are left out. Each fn takes ``(drr, geom, angles_deg, fdk_weights)`` and returns
+    ``(HU volume, relative residual or nan)``."""
+    import jax
+    import jax.numpy as jnp
+
+    from data_pipelines import common
+    from xct import physics, projector, recon, train
+    from xct.recon import refine
+
+    g = train.data_geometry(config)
+    info = {
+        "config": args.config,
+        "workdir": args.checkpoint_workdir,
+        "resolution": g["resolution"],
+    }
+    mismatch = []
+    if g["resolution"] != args.resolution:
+        mismatch.append(f"resolution {g['resolution']} (table: {args.resolution})")
+    if abs(g["fov_mm"] - spec.fov_mm) > 1e-6:
+        mismatch.append(f"fov_mm {g['fov_mm']} (table: {spec.fov_mm})")
+    if (g["sod_mm"], g["sdd_mm"]) != (common.SOD_MM, common.SDD_MM):
+        mismatch.append(f"sod/sdd {g['sod_mm']}/{g['sdd_mm']} mm")
+    if mismatch:
+        info["skipped"] = "network rows left out: the checkpoint's " + ", ".join(mismatch)
+        return {}, info
+    trained = int(config.data.num_views)
+    info["trained_views"] = trained
+    info["views"] = sorted(set(args.network_views or [trained]) & set(args.views))
+    if not info["views"]:
+        info["skipped"] = (
+            f"network rows left out: none of --network_views {args.network_views or [trained]} "
+            f"is among --views {args.views}"
+        )
+        return {}, info
+    setup, params, step = _restore_network(config, args.checkpoint_workdir, args.checkpoint)
+    info["step"] = step
+    predict = jax.jit(functools.partial(train.predict_ct, setup))
+
+    def net_mu(drr, angles_deg):
+        batch = {"drr": physics.normalize_drr(drr)[None], "angles_deg": angles_deg[None]}
+        hu = physics.denormalize_ct(predict(params, batch))[0]
+        return physics.hu_to_mu(hu)
+
+    def network(drr, geom, angles_deg, fdk_weights):
+        return _clip_to_hu(net_mu(drr, angles_deg)), jnp.nan
+
+    @jax.jit
+    def _refine(mu, drr, geom):
+        out = refine.refine(
+            mu, drr, geom, grid, units="mu_per_mm", num_iters=args.refine_iters
+        ).volume
+        return _clip_to_hu(out)
+
+    def network_refine(drr, geom, angles_deg, fdk_weights):
+        return _refine(net_mu(drr, angles_deg), drr, geom), jnp.nan
+
+    @jax.jit
+    def _fdk_correction(mu, drr, geom, fdk_weights):
+        resid = drr - projector.forward_project(mu, grid, geom)
+        return _clip_to_hu(mu + _fdk_hann(resid, geom, grid, fdk_weights))
+
+    def network_fdk(drr, geom, angles_deg, fdk_weights):
+        return _fdk_correction(net_mu(drr, angles_deg), drr, geom, fdk_weights), jnp.nan
+
+    @jax.jit
+    def _sirt_from(mu, drr, geom):
+        x, res = recon.sirt(drr, geom, grid, args.sirt_iters, x0=mu, nonnegative=True)
+        return _clip_to_hu(x), res[-1] / jnp.maximum(jnp.sqrt(jnp.sum(drr * drr)), 1e-12)
+
+    def network_sirt(drr, geom, angles_deg, fdk_weights):
+        return _sirt_from(net_mu(drr, angles_deg), drr, geom)
+
+    fns = {
+        "network": network,
+        "network+refine": network_refine,
+        "network+fdk": network_fdk,
+        "network+sirt": network_sirt,
+    }
+    return fns, info
+
+
+# ---------------------------------------------------------------------------------------
+# Scoring and reports
+
+
+@functools.cache
+def _scorer():
+    import jax
+
+    from xct import metrics
+
+    @jax.jit
+    def score(pred_hu, true_hu):
+        return {
+            "primary": metrics.volume_metrics(pred_hu[None], true_hu[None]),
+            "x2ct": metrics.x2ct_metrics(pred_hu[None], true_hu[None]),
+        }
+
+    return score
+
+
+def score_volume(pred_hu, true_hu) -> dict:
+    out = _scorer()(pred_hu, true_hu)
+    return {col: float(out[d][k][0]) for col, d, k in SCORE_COLUMNS}
+
+
+def machine_line() -> str:
+    import jax
+
+    dev = jax.devices()[0]
+    if dev.platform == "cpu":
+        what = f"CPU ({os.cpu_count()} cores, {platform.machine()})"
+    else:
+        what = f"{dev.device_kind} ({dev.platform})"
+    return f"{what}, JAX {jax.__version__}, Python {platform.python_version()}"
+
+
+def summarise(rows: list[dict], kind: str, columns: tuple[str, str]) -> dict:
+    """``(method, views) -> (mean of columns[0], mean of columns[1], count)`` over ``kind``."""
+    groups: dict[tuple[str, int], list[dict]] = {}
+    for r in rows:
+        if r["kind"] == kind:
+            groups.setdefault((r["method"], r["views"]), []).append(r)
+    return {
+        key: (
+            float(np.mean([r[columns[0]] for r in rs])),
+            float(np.mean([r[columns[1]] for r in rs])),
+            len(rs),
+        )
+        for key, rs in groups.items()
+    }
+
+
+def markdown_table(summary: dict, methods: list[str], views: list[int], psnr_digits=2) -> str:
+    lines = [
+        "| method | " + " | ".join(f"{v} views" for v in views) + " |",
+        "|---|" + "---|" * len(views),
+    ]
+    for m in methods:
+        cells = []
+        for v in views:
+            if (m, v) in summary:
+                p, s, _ = summary[(m, v)]
+                cells.append(f"{p:.{psnr_digits}f} / {s:.3f}")
+            else:
+                cells.append("–")
+        if any(c != "–" for c in cells):
+            lines.append(f"| {METHOD_LABELS[m]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_report(out: pathlib.Path, result: dict) -> str:
+    from xct import metrics
+
+    r = result["setup"]["resolution"]
+    rows = result["rows"]
+    methods = [m for m in (*CLASSICAL, *NETWORK) if any(x["method"] == m for x in rows)]
+    views = result["setup"]["views"]
+    s = result["setup"]
+    md = [
+        f"## Few-view reconstruction quality, {r}³ (`scripts/quality_table.py`)",
+        "",
+        f"{result['machine']} — {result['date']}; wall {result['wall_s']:.0f} s.  ",
+        f"Command: `{result['command']}`",
+        "",
+        (
+            f"Set-up: cone beam, sod/sdd {s['sod_mm']:.0f}/{s['sdd_mm']:.0f} mm, {r}³ CT of "
+            f"{s['fov_mm'] / r:.2f} mm voxels ({s['fov_mm']:.0f} mm cube), {r}² detector of "
+            f"{s['pixel_mm']:.2f} mm pixels; views: first V of nested_view_angles("
+            f"{max(views)}) over {s['arc_deg']:.0f}°; DRRs physics.render_drrs (mono), "
+            + (f"Poisson noise {s['photons']:g} photons/pixel" if s["photons"] else "noise-free")
+            + ". FDK: Hann window, no Parker weighting"
+            + (", half-scan view weights (`fdk_view_weights`)" if s["arc_deg"] <= 180 else "")
+            + f". Iterations: SIRT {s['sirt_iters']}, CGLS {s['cgls_iters']}, TV "
+            f"{s['tv_iters']} (TV weight {s['tv_weight']:g} mm²); SIRT and TV nonnegative; "
+            "every output clipped at μ ≥ 0 (HU ≥ −1000). Cells: mean PSNR (dB) / SSIM; "
+            "x2ct PSNR counts an error-free slice as 100 dB, so volumes padded with air into "
+            "the cube (the thin real scans) score high in it."
+        ),
+    ]
+    if result.get("network"):
+        n = result["network"]
+        if "skipped" in n:
+            md += ["", n["skipped"] + "."]
+        else:
+            md += [
+                "",
+                (
+                    f"Network: `{n['config']}`, checkpoint `{n['workdir']}` step {n['step']} "
+                    f"(trained on {n['trained_views']} views); refinement "
+                    f"{s['refine_iters']} Adam steps (recon.refine defaults); "
+                    f"SIRT from network {s['sirt_iters']} iterations."
+                ),
+            ]
+    n_syn = s["phantoms"]
+    seeds = "2,000,000" + (f"–{2_000_000 + n_syn - 1:,}" if n_syn > 1 else "")
+    ct_dir = s["ct_dir"] and os.path.relpath(s["ct_dir"], ROOT)
+    groups = [
+        (
+            "synthetic",
+            f"{n_syn} synthetic chest phantom{'s' * (n_syn != 1)} (test split, seeds {seeds})",
+        ),
+        ("real", f"{len(result['real_ids'])} real CTs (`{ct_dir}`)"),
+    ]
+    for kind, title in groups:
+        if not any(x["kind"] == kind for x in rows):
+            continue
+        for definition, cols in (("primary", ("psnr", "ssim")), ("x2ct", X2CT_CELLS)):
+            md += [
+                "",
+                f"### {title} — {definition}",
+                "",
+                markdown_table(summarise(rows, kind, cols), methods, views),
+            ]
+    md += ["", "Definitions:"]
+    md += [f"- **{k}**: {v}" for k, v in metrics.DEFINITIONS.items()]
+    if result["real_ids"]:
+        md += ["", "Real CTs scored: " + ", ".join(f"`{i}`" for i in result["real_ids"]) + "."]
+    if result["skipped"]:
+        md += ["", "Skipped (as ct_folder would):"]
+        md += [f"- `{name}`: {reason}" for name, reason in result["skipped"]]
+    text = "\n".join(md) + "\n"
+    (out / f"quality_{r}.md").write_text(text)
+    return text
+
+
+def summary_json(result: dict) -> dict:
+    """Everything but the per-volume rows (those are in the CSV), plus their means:
+    ``means[kind][method][views] = {column: mean, "count": n}``."""
+    cols = [c for c, _, _ in SCORE_COLUMNS]
+    means: dict = {}
+    for row in result["rows"]:
+        cell = means.setdefault(row["kind"], {}).setdefault(row["method"], {})
+        cell.setdefault(str(row["views"]), []).append(row)
+    for kind in means.values():
+        for method in kind.values():
+            for v, rs in method.items():
+                method[v] = {c: float(np.mean([r[c] for r in rs])) for c in cols}
+                method[v]["count"] = len(rs)
+    out = {k: v for k, v in result.items() if k not in ("rows", "markdown")}
+    out["means"] = means
+    return out
+
+
+def write_csv(path: pathlib.Path, rows: list[dict]) -> None:
+    keys = list(rows[0]) if rows else []
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        for row in rows:
+            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+
+
+def write_figure(path: pathlib.Path, result: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    kinds = [k for k in ("synthetic", "real") if any(r["kind"] == k for r in rows)]
+    fig, axes = plt.subplots(1, len(kinds), figsize=(5 * len(kinds), 3.6), squeeze=False)
+    methods = [m for m in (*CLASSICAL, *NETWORK) if any(x["method"] == m for x in rows)]
+    for ax, kind in zip(axes[0], kinds, strict=True):
+        summary = summarise(rows, kind, ("psnr", "ssim"))
+        for m in methods:
+            pts = sorted((v, p) for (mm, v), (p, _, _) in summary.items() if mm == m)
+            if pts:
+                style = dict(ls="--", marker="s") if m in NETWORK else dict(marker="o")
+                ax.plot(*zip(*pts, strict=True), label=METHOD_LABELS[m], **style)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(result["setup"]["views"], [str(v) for v in result["setup"]["views"]])
+        ax.set_xlabel("views")
+        ax.set_ylabel("PSNR (dB, primary)")
+        ax.set_title(f"{kind} ({result['setup']['resolution']}³)")
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=72)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------
+# Main
+
+
+def run(args: argparse.Namespace, command: str) -> dict:
+    """Reconstruct and score everything ``args`` asks for; write the outputs; the result."""
+    import jax
+    import jax.numpy as jnp
+    from tqdm import tqdm
+
+    from data_pipelines import common
+    from xct import geometry, metrics, physics
+
+    t0 = time.perf_counter()
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    r = args.resolution
+    fov_mm = 400.0  # the datasets' field of view (SyntheticChestConfig, CTFolderConfig)
+    arc = common.ViewSpec(r, 1, fov_mm).arc_deg if args.arc_deg is None else args.arc_deg
+    spec = common.ViewSpec(r, max(args.views), fov_mm, arc)
+    grid = spec.grid()
+    angles = spec.angles_deg()  # nested: every prefix is a well-spread subset
+
+    def geom_of(v):
+        return geometry.circular_cone_beam(
+            angles[:v],
+            sod_mm=common.SOD_MM,
+            sdd_mm=common.SDD_MM,
+            det_shape=(r, r),
+            pixel_mm=spec.pixel_mm,
+        )
+
+    geoms = {v: geom_of(v) for v in args.views}
+    angles_v = {v: jnp.asarray(angles[:v]) for v in args.views}
+    fdk_weights = {v: jnp.asarray(fdk_view_weights(angles[:v], arc)) for v in args.views}
+    solvers = classical_solvers(grid, args)
+    net_fns, net_info = {}, None
+    if args.checkpoint_workdir:
+        net_fns, net_info = network_solvers(_load_config(args.config), args, grid, spec)
+        if "skipped" in net_info:
+            print(net_info["skipped"], file=sys.stderr, flush=True)
+
+    @functools.partial(jax.jit, static_argnames="photons")
+    def render(hu, key, photons):
+        return physics.render_drrs(hu, grid, geoms[max(args.views)], key, photons=photons)
+
+    skipped: list[tuple[str, str]] = []
+    volumes = list(synthetic_volumes(args.phantoms, r, fov_mm))
+    ct_dir = pathlib.Path(args.ct_dir)
+    if not args.no_real:
+        if ct_dir.is_dir():
+            volumes += list(real_volumes(ct_dir, r, fov_mm, skipped))
+        else:
+            print(f"no real CTs: {ct_dir} is not a folder", file=sys.stderr, flush=True)
+    if not volumes:
+        raise ValueError("nothing to score: --phantoms=0 and no real CTs")
+
+    jobs = [(m, v) for v in args.views for m in solvers]
+    if net_fns:
+        jobs += [(m, v) for v in net_info["views"] for m in net_fns]
+    rows = []
+    base_key = jax.random.key(args.seed)
+    bar = tqdm(total=len(volumes) * len(jobs), desc=f"quality {r}^3", unit="recon")
+    for i, vol in enumerate(volumes):
+        drr_all = render(vol.hu, jax.random.fold_in(base_key, i), args.photons)
+        for method, v in jobs:
+            bar.set_postfix_str(f"{vol.id[:24]} {method} {v}v")
+            drr = drr_all[:v]
+            t = time.perf_counter()
+            if method in solvers:
+                pred, resid = solvers[method](drr, geoms[v], fdk_weights[v])
+            else:
+                pred, resid = net_fns[method](drr, geoms[v], angles_v[v], fdk_weights[v])
+            pred = jax.block_until_ready(pred)
+            seconds = time.perf_counter() - t
+            row = {"method": method, "views": v, "kind": vol.kind, "volume": vol.id}
+            row.update(score_volume(pred, vol.hu))
+            row["rel_residual"] = float(resid)
+            row["seconds"] = seconds
+            rows.append(row)
+            bar.update(1)
+    bar.close()
+
+    result = {
+        "machine": machine_line(),
+        "date": datetime.date.today().isoformat(),
+        "command": command,
+        "wall_s": time.perf_counter() - t0,
+        "setup": {
+            "resolution": r,
+            "fov_mm": fov_mm,
+            "sod_mm": common.SOD_MM,
+            "sdd_mm": common.SDD_MM,
+            "pixel_mm": spec.pixel_mm,
+            "arc_deg": arc,
+            "angles_deg": [float(a) for a in angles],
+            "views": args.views,
+            "methods": args.methods,
+            "phantoms": args.phantoms,
+            "ct_dir": None if args.no_real else str(args.ct_dir),
+            "photons": args.photons,
+            "sirt_iters": args.sirt_iters,
+            "cgls_iters": args.cgls_iters,
+            "tv_iters": args.tv_iters,
+            "tv_weight": args.tv_weight,
+            "refine_iters": args.refine_iters,
+        },
+        "definitions": metrics.DEFINITIONS,
+        "network": net_info,
+        "real_ids": [v.id for v in volumes if v.kind == "real"],
+        "skipped": skipped,
+        "rows": rows,
+    }
+    write_csv(out / f"per_volume_{r}.csv", rows)
+    write_figure(out / f"psnr_vs_views_{r}.png", result)
+    result["markdown"] = write_report(out, result)
+    with open(out / f"results_{r}.json", "w") as f:
+        json.dump(summary_json(result), f, indent=1)
+    return result
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    command = "python -m scripts.quality_table " + shlex.join(argv)
+    try:
+        result = run(args, command)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(result["markdown"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
