@@ -25,8 +25,9 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from data_pipelines import common
+from xct import io
 
-VOLUME_SUFFIXES = (".nii", ".nii.gz", ".mha", ".mhd", ".nrrd")
+VOLUME_SUFFIXES = io.CT_SUFFIXES
 MIN_SLICES = 8  # fewer slices than this is a scout or single slice, not a volume
 MIN_EXTENT_MM = 30.0  # nor is a slab thinner than this
 _SPLITS = (("train", 0.8), ("validation", 0.9), ("test", 1.0))
@@ -41,27 +42,7 @@ class CTFolderConfig(tfds.core.BuilderConfig):
 
 def find_sources(source_dir) -> list[pathlib.Path]:
     """Volume files and DICOM series folders under ``source_dir``, sorted."""
-    root = pathlib.Path(source_dir)
-    if not root.is_dir():
-        raise ValueError(f"source_dir: {root} is not a directory")
-    found = []
-    for p in sorted(root.rglob("*")):
-        if p.is_file() and p.name.lower().endswith(VOLUME_SUFFIXES):
-            found.append(p)
-        elif p.is_dir():
-            files = sorted(q for q in p.iterdir() if q.is_file())[:8]
-            if any(q.suffix.lower() == ".dcm" or _is_dicom(q) for q in files):
-                found.append(p)
-    return found
-
-
-def _is_dicom(path: pathlib.Path) -> bool:
-    """DICOM Part 10 files carry 'DICM' after a 128-byte preamble (names often lack .dcm)."""
-    try:
-        with open(path, "rb") as f:
-            return f.read(132)[128:] == b"DICM"
-    except OSError:
-        return False
+    return io.find_ct_sources(source_dir, what="source_dir")
 
 
 def _fingerprint(path: str) -> str:

@@ -70,7 +70,7 @@ DATASET_VIEWS = 8
 #: Inputs smaller than this are scouts or slabs, not volumes (as in the ct_folder builder).
 MIN_SLICES = 8
 MIN_EXTENT_MM = 30.0
-CT_SUFFIXES = (".nii", ".nii.gz", ".mha", ".mhd", ".nrrd")
+CT_SUFFIXES = io.CT_SUFFIXES
 ERROR_MAP_MAX_HU = 500.0  # colour-scale top of the |error| maps (fixed, so maps compare)
 
 
@@ -313,26 +313,7 @@ def split_examples(config, split: str, num_views: int) -> Iterator[Example]:
 
 def find_ct_sources(ct_dir) -> list[pathlib.Path]:
     """Volume files (NIfTI, MHA/MHD, NRRD) and DICOM series folders under ``ct_dir``."""
-    root = pathlib.Path(ct_dir).expanduser()
-    if not root.is_dir():
-        raise ValueError(f"--eval_ct_dir: {root} is not a directory")
-    found = []
-    for p in sorted(root.rglob("*")):
-        if p.is_file() and p.name.lower().endswith(CT_SUFFIXES):
-            found.append(p)
-        elif p.is_dir():
-            files = sorted(q for q in p.iterdir() if q.is_file())[:8]
-            if any(q.suffix.lower() == ".dcm" or _is_dicom(q) for q in files):
-                found.append(p)
-    return found
-
-
-def _is_dicom(path: pathlib.Path) -> bool:
-    try:
-        with open(path, "rb") as f:
-            return f.read(132)[128:] == b"DICM"
-    except OSError:
-        return False
+    return io.find_ct_sources(ct_dir, what="--eval_ct_dir")
 
 
 def eval_view_angles(num_views: int) -> np.ndarray:

@@ -55,6 +55,35 @@ class CTReadError(ValueError):
 # --------------------------------------------------------------------------------------
 
 
+CT_SUFFIXES = (".nii", ".nii.gz", ".mha", ".mhd", ".nrrd")  # single-file volume formats
+
+
+def is_dicom_file(path: pathlib.Path) -> bool:
+    """DICOM Part 10 files carry 'DICM' after a 128-byte preamble (names often lack .dcm)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(132)[128:] == b"DICM"
+    except OSError:
+        return False
+
+
+def find_ct_sources(root, what: str = "source_dir") -> list[pathlib.Path]:
+    """Volume files (NIfTI, MHA/MHD, NRRD) and DICOM series folders under ``root``, sorted.
+    ``what`` names the argument in the error when ``root`` is not a directory."""
+    root = pathlib.Path(root).expanduser()
+    if not root.is_dir():
+        raise ValueError(f"{what}: {root} is not a directory")
+    found = []
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and p.name.lower().endswith(CT_SUFFIXES):
+            found.append(p)
+        elif p.is_dir():
+            files = sorted(q for q in p.iterdir() if q.is_file())[:8]
+            if any(q.suffix.lower() == ".dcm" or is_dicom_file(q) for q in files):
+                found.append(p)
+    return found
+
+
 def read_ct(
     path: str | pathlib.Path,
     *,
