@@ -562,7 +562,7 @@ def write_report(out: pathlib.Path, result: dict) -> str:
         md += ["", "Skipped (as ct_folder would):"]
         md += [f"- `{name}`: {reason}" for name, reason in result["skipped"]]
     text = "\n".join(md) + "\n"
-    (out / f"quality_{r}.md").write_text(text)
+    (out / f"quality_{r}.md").write_text(text, encoding="utf-8")
     return text
 
 
@@ -586,7 +586,7 @@ def summary_json(result: dict) -> dict:
 
 def write_csv(path: pathlib.Path, rows: list[dict]) -> None:
     keys = list(rows[0]) if rows else []
-    with open(path, "w", newline="") as f:
+    with open(path, "w", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, fieldnames=keys)
         w.writeheader()
         for row in rows:
@@ -738,7 +738,7 @@ def run(args: argparse.Namespace, command: str) -> dict:
     write_csv(out / f"per_volume_{r}.csv", rows)
     write_figure(out / f"psnr_vs_views_{r}.png", result)
     result["markdown"] = write_report(out, result)
-    with open(out / f"results_{r}.json", "w") as f:
+    with open(out / f"results_{r}.json", "w", encoding="utf-8") as f:
         json.dump(summary_json(result), f, indent=1)
     return result
 
@@ -752,6 +752,8 @@ def main(argv=None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    if hasattr(sys.stdout, "reconfigure"):  # "³" on a terminal without UTF-8 (CI)
+        sys.stdout.reconfigure(errors="replace")
     print(result["markdown"])
     return 0
 

@@ -59,6 +59,7 @@ def test_random_offsets_and_crop():
     np.testing.assert_array_equal(c[1], vol[1, 8:, 8:, 8:])
 
 
+@pytest.mark.slow  # three U-Net compiles (minutes on 2 cores)
 def test_patch_model_with_the_whole_volume_as_patch_is_the_whole_model():
     kw = dict(resolution=16, base_features=4, num_levels=3)
     whole = models.get_model("unet", **kw)
