@@ -21,15 +21,12 @@ import logging
 import pathlib
 import tempfile
 
-import numpy as np
 import tensorflow_datasets as tfds
 
 from data_pipelines import common
 from xct import io
 
 VOLUME_SUFFIXES = io.CT_SUFFIXES
-MIN_SLICES = 8  # fewer slices than this is a scout or single slice, not a volume
-MIN_EXTENT_MM = 30.0  # nor is a slab thinner than this
 _SPLITS = (("train", 0.8), ("validation", 0.9), ("test", 1.0))
 
 
@@ -62,13 +59,7 @@ def make_ct_example(path: str, patient_id: str, spec: common.ViewSpec) -> dict:
     from xct import io
 
     hu, grid = io.read_ct(path)
-    extent_mm = np.asarray(grid.shape) * np.asarray(grid.spacing_mm)
-    if min(grid.shape) < MIN_SLICES or extent_mm.min() < MIN_EXTENT_MM:
-        raise ValueError(
-            f"{path}: a {grid.shape[::-1]} (x, y, z) image of {np.round(extent_mm[::-1], 1)} mm "
-            f"is not a CT volume; expected at least {MIN_SLICES} slices and {MIN_EXTENT_MM} mm "
-            "along every axis"
-        )
+    io.check_ct_volume(path, grid)
     hu, _ = io.preprocess(hu, grid, spec.resolution, spec.fov_mm)
     return common.render_example(io.to_projector_frame(hu), spec, patient_id)
 

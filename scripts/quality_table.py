@@ -200,13 +200,7 @@ def real_volumes(ct_dir, resolution: int, fov_mm: float, skipped: list):
         name = str(path.relative_to(root))
         try:
             hu, grid = io.read_ct(path)
-            extent_mm = np.asarray(grid.shape) * np.asarray(grid.spacing_mm)
-            if min(grid.shape) < ct_folder.MIN_SLICES or extent_mm.min() < ct_folder.MIN_EXTENT_MM:
-                raise ValueError(
-                    f"a {grid.shape[::-1]} (x, y, z) image of {np.round(extent_mm[::-1], 1)} mm "
-                    f"is not a CT volume; expected at least {ct_folder.MIN_SLICES} slices and "
-                    f"{ct_folder.MIN_EXTENT_MM} mm along every axis"
-                )
+            io.check_ct_volume(path, grid)
             hu, _ = io.preprocess(hu, grid, resolution, fov_mm)
         except ValueError as e:
             reason = (str(e).strip().splitlines() or [type(e).__name__])[0]

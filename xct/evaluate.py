@@ -68,8 +68,6 @@ DRR_DEFINITION = (
 #: trained on ``k <= 8`` of them saw their first ``k`` angles.
 DATASET_VIEWS = 8
 #: Inputs smaller than this are scouts or slabs, not volumes (as in the ct_folder builder).
-MIN_SLICES = 8
-MIN_EXTENT_MM = 30.0
 CT_SUFFIXES = io.CT_SUFFIXES
 ERROR_MAP_MAX_HU = 500.0  # colour-scale top of the |error| maps (fixed, so maps compare)
 
@@ -325,13 +323,7 @@ def ct_example(path, example_id: str, config, render, num_views: int) -> Example
     """One CT file or DICOM folder, preprocessed and rendered as ``ct_folder`` does."""
     r, fov = int(config.data.resolution), float(config.data.fov_mm)
     hu, grid = io.read_ct(path)
-    extent_mm = np.asarray(grid.shape) * np.asarray(grid.spacing_mm)
-    if min(grid.shape) < MIN_SLICES or extent_mm.min() < MIN_EXTENT_MM:
-        raise ValueError(
-            f"{path}: a {grid.shape[::-1]} (x, y, z) image of {np.round(extent_mm[::-1], 1)} mm "
-            f"is not a CT volume; expected at least {MIN_SLICES} slices and {MIN_EXTENT_MM} mm "
-            "along every axis"
-        )
+    io.check_ct_volume(path, grid)
     hu, lps_grid = io.preprocess(hu, grid, r, fov)
     hu = io.to_projector_frame(hu)
     angles = eval_view_angles(num_views)

@@ -67,6 +67,22 @@ def is_dicom_file(path: pathlib.Path) -> bool:
         return False
 
 
+MIN_SLICES = 8  # fewer slices than this is a scout or single slice, not a volume
+MIN_EXTENT_MM = 30.0  # nor is a slab thinner than this
+
+
+def check_ct_volume(path, grid) -> None:
+    """``ValueError`` naming ``path`` unless the image is a volume: at least ``MIN_SLICES``
+    voxels and ``MIN_EXTENT_MM`` along every axis (``grid`` from ``read_ct``)."""
+    extent_mm = np.asarray(grid.shape) * np.asarray(grid.spacing_mm)
+    if min(grid.shape) < MIN_SLICES or extent_mm.min() < MIN_EXTENT_MM:
+        raise ValueError(
+            f"{path}: a {grid.shape[::-1]} (x, y, z) image of {np.round(extent_mm[::-1], 1)} mm "
+            f"is not a CT volume; expected at least {MIN_SLICES} slices and {MIN_EXTENT_MM} mm "
+            "along every axis"
+        )
+
+
 def find_ct_sources(root, what: str = "source_dir") -> list[pathlib.Path]:
     """Volume files (NIfTI, MHA/MHD, NRRD) and DICOM series folders under ``root``, sorted.
     ``what`` names the argument in the error when ``root`` is not a directory."""
