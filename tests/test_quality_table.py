@@ -35,7 +35,7 @@ def test_quality_table_smoke(tmp_path, capsys):
         assert (out / name).stat().st_size > 0, name
     assert (out / "psnr_vs_views_16.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-    with open(out / "per_volume_16.csv") as f:
+    with open(out / "per_volume_16.csv", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     expected = {(m, v) for m in quality_table.CLASSICAL for v in (2, 8)}
     assert {(r["method"], int(r["views"])) for r in rows} == expected
@@ -46,10 +46,10 @@ def test_quality_table_smoke(tmp_path, capsys):
         assert 0.0 < float(r["ssim"]) <= 1.0
         assert float(r["psnr"]) > 5.0
 
-    summary = json.loads((out / "results_16.json").read_text())
+    summary = json.loads((out / "results_16.json").read_text(encoding="utf-8"))
     assert summary["setup"]["views"] == [2, 8]
     assert summary["means"]["synthetic"]["tv"]["8"]["count"] == 1
 
     md = capsys.readouterr().out
-    assert md == (out / "quality_16.md").read_text() + "\n"
+    assert md == (out / "quality_16.md").read_text(encoding="utf-8") + "\n"
     assert "| SIRT |" in md and "— x2ct" in md and "Command: `python -m scripts.quality_table" in md
