@@ -38,6 +38,9 @@ import numpy as np
 from xct.geometry import Geometry, VolumeGrid
 
 METHODS = ("joseph", "trilinear", "siddon")
+KERNELS = ("auto", "xla", "pallas", "interpret")
+# Overrides ``kernel="auto"`` (e.g. XCT_PROJECTOR_KERNEL=xla to compare on a GPU).
+KERNEL_ENV = "XCT_PROJECTOR_KERNEL"
 # Samples held in flight per chunk when ``chunk_rays`` is not given: about 16 MB per
 # float32 [chunk, samples] array on CPU (larger chunks gave no speed-up there), more on
 # accelerators where each chunk must fill the device (scripts/bench_projector.py --chunks).
@@ -51,6 +54,7 @@ class _Config:
     method: str
     chunk_rays: int
     step_mm: float
+    kernel: str = "xla"  # "xla", or the fused Joseph kernels: "pallas" / "interpret"
 
 
 def _num_samples(cfg: _Config) -> int:
@@ -62,6 +66,29 @@ def _num_samples(cfg: _Config) -> int:
         ext = np.asarray(cfg.grid.spacing_mm) * (np.asarray(n) + 1)
         return int(math.ceil(float(np.linalg.norm(ext)) / cfg.step_mm)) + 1
     return sum(n) + 3 + 2  # siddon: plane crossings plus entry and exit
+
+
+def _resolve_kernel(kernel, method: str, grid: VolumeGrid, dtype) -> str:
+    """``"auto"`` picks the fused Pallas kernels for float32 Joseph on GPUs, else XLA."""
+    import os
+
+    if kernel is None or kernel == "auto":
+        kernel = os.environ.get(KERNEL_ENV, "auto")
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel: expected one of {KERNELS}, got {kernel!r}")
+    if kernel == "xla":
+        return kernel
+    from xct import _joseph_kernel
+
+    eligible = method == "joseph" and dtype == jnp.float32 and _joseph_kernel.fits(grid.shape)
+    if kernel == "auto":
+        return "pallas" if eligible and jax.default_backend() == "gpu" else "xla"
+    if not eligible:
+        raise ValueError(
+            f"kernel={kernel!r}: the fused kernels do Joseph in float32 on volumes under "
+            f"~890^3; got method={method!r}, dtype={jnp.dtype(dtype).name}, shape {grid.shape}"
+        )
+    return kernel
 
 
 def _resolve_config(grid, method, chunk_rays, step_mm) -> _Config:
@@ -351,8 +378,27 @@ def _padded(method: str) -> bool:
     return method != "siddon"
 
 
+def _kernel_params(geom: Geometry, cfg: _Config):
+    from xct import _joseph_kernel
+
+    ids = jnp.arange(geom.num_rays, dtype=jnp.int32)
+    o, d, t_max = _rays(geom, cfg.grid, ids, jnp.float32)
+    return _joseph_kernel.ray_params(
+        o, d, t_max, cfg.grid.shape_xyz, geom.det_shape, geom.num_views
+    )
+
+
 def _forward_raw(volume: jax.Array, geom: Geometry, cfg: _Config) -> jax.Array:
     volume = jnp.asarray(volume)
+    if cfg.kernel != "xla":
+        from xct import _joseph_kernel
+
+        return _joseph_kernel.forward(
+            _joseph_kernel.layouts(volume),
+            _kernel_params(geom, cfg),
+            geom.det_shape,
+            interpret=cfg.kernel == "interpret",
+        )
     dtype = volume.dtype
     flat = (jnp.pad(volume, 1) if _padded(cfg.method) else volume).reshape(-1)
     num_rays, chunk, num_chunks = _chunking(geom, cfg)
@@ -378,6 +424,12 @@ def _backward_raw(drr: jax.Array, geom: Geometry, cfg: _Config) -> jax.Array:
     contribute nor pile atomic adds onto one voxel on GPUs.
     """
     drr = jnp.asarray(drr)
+    if cfg.kernel != "xla":
+        from xct import _joseph_kernel
+
+        return _joseph_kernel.adjoint(
+            drr, _kernel_params(geom, cfg), cfg.grid.shape, interpret=cfg.kernel == "interpret"
+        )
     dtype = drr.dtype
     num_rays, chunk, num_chunks = _chunking(geom, cfg)
     g = drr.reshape(-1)
@@ -430,7 +482,8 @@ def _project_bwd(cfg, res, g):
     vol_ct = _backward_raw(g, geom, cfg) if volume_perturbed is not None else None
     geom_ct = None
     if volume is not None:
-        _, vjp = jax.vjp(lambda gm: _forward_raw(volume, gm, cfg), geom)
+        xla = dataclasses.replace(cfg, kernel="xla")  # the kernels are not differentiable
+        _, vjp = jax.vjp(lambda gm: _forward_raw(volume, gm, xla), geom)
         (geom_ct,) = vjp(g)
     return vol_ct, geom_ct
 
@@ -456,7 +509,8 @@ def _adjoint_bwd(cfg, res, g):
     drr_ct = _forward_raw(g, geom, cfg) if drr_perturbed is not None else None
     geom_ct = None
     if drr is not None:
-        _, vjp = jax.vjp(lambda gm: _backward_raw(drr, gm, cfg), geom)
+        xla = dataclasses.replace(cfg, kernel="xla")
+        _, vjp = jax.vjp(lambda gm: _backward_raw(drr, gm, xla), geom)
         (geom_ct,) = vjp(g)
     return drr_ct, geom_ct
 
@@ -491,6 +545,7 @@ def forward_project(
     method: str = "joseph",
     chunk_rays: int | None = None,
     step_mm: float | None = None,
+    kernel: str | None = None,
 ) -> jax.Array:
     """Line integrals of ``volume`` along every detector ray.
 
@@ -502,6 +557,9 @@ def forward_project(
       chunk_rays: rays processed at once (bounds memory); default keeps about 4M samples
         in flight.
       step_mm: sample spacing of the ``"trilinear"`` method (default half a voxel).
+      kernel: ``"auto"`` (default; or ``$XCT_PROJECTOR_KERNEL``): the fused Pallas kernels
+        for float32 Joseph on GPUs, XLA otherwise; ``"xla"``, ``"pallas"`` (GPU) or
+        ``"interpret"`` (the Pallas kernels interpreted, slow; for tests on CPU).
 
     Returns:
       ``[views, rows, cols]`` line integrals (unitless), the dtype of ``volume``.
@@ -509,6 +567,7 @@ def forward_project(
     cfg = _resolve_config(grid, method, chunk_rays, step_mm)
     _check_geometry(geom)
     volume = _check_inputs("volume", volume, grid.shape, "[z, y, x] volume")
+    cfg = dataclasses.replace(cfg, kernel=_resolve_kernel(kernel, method, grid, volume.dtype))
     return _project(volume, geom, cfg)
 
 
@@ -520,6 +579,7 @@ def back_project(
     method: str = "joseph",
     chunk_rays: int | None = None,
     step_mm: float | None = None,
+    kernel: str | None = None,
 ) -> jax.Array:
     """The exact adjoint of ``forward_project``: ``[views, rows, cols]`` -> ``[nz, ny, nx]``.
 
@@ -530,6 +590,7 @@ def back_project(
     _check_geometry(geom)
     rows, cols = geom.det_shape
     drr = _check_inputs("drr", drr, (geom.num_views, rows, cols), "[views, rows, cols] projection")
+    cfg = dataclasses.replace(cfg, kernel=_resolve_kernel(kernel, method, grid, drr.dtype))
     return _adjoint(drr, geom, cfg)
 
 
