@@ -65,7 +65,9 @@ def phantom(n):
     return vol + 0.001 * np.asarray(jax.random.uniform(jax.random.key(0), vol.shape)), grid
 
 
-def bench_case(vol, grid, views, det, *, method, rtk, backward=True, chunk_rays=None):
+def bench_case(
+    vol, grid, views, det, *, method, rtk, backward=True, chunk_rays=None, kernel=None
+):
     import jax
     import jax.numpy as jnp
 
@@ -81,7 +83,7 @@ def bench_case(vol, grid, views, det, *, method, rtk, backward=True, chunk_rays=
     )
     geom = geometry.circular_cone_beam(angles, **kw)
     v = jnp.asarray(vol, jnp.float32)
-    opts = dict(method=method, chunk_rays=chunk_rays)
+    opts = dict(method=method, chunk_rays=chunk_rays, kernel=kernel)
     fwd = jax.jit(lambda x: projector.forward_project(x, grid, geom, **opts))
     t = time.perf_counter()
     compiled = fwd.lower(v).compile()
@@ -97,6 +99,7 @@ def bench_case(vol, grid, views, det, *, method, rtk, backward=True, chunk_rays=
         views=views,
         det=det,
         method=method,
+        kernel=projector._resolve_kernel(kernel, method, grid, jnp.float32),
         chunk_rays=chunk_rays,
         rays=rays,
         samples=samples,
@@ -106,7 +109,13 @@ def bench_case(vol, grid, views, det, *, method, rtk, backward=True, chunk_rays=
         fwd_drrs_s=round(views / fwd_s, 1),
         temp_mb=None if temp_bytes is None else round(temp_bytes / 2**20, 1),
     )
-    if backward:
+    if backward:  # the adjoint alone, then forward + VJP
+        adj = jax.jit(lambda y: projector.back_project(y, grid, geom, **opts))
+        y = jnp.asarray(np.random.default_rng(1).random(out.shape), jnp.float32)
+        adj_c = adj.lower(y).compile()
+        adj_s = _time(adj_c, y)
+        row["adj_ms"] = round(adj_s * 1e3, 2)
+        row["adj_over_fwd"] = round(adj_s / fwd_s, 2)
         w = jnp.asarray(np.random.default_rng(0).random(out.shape), jnp.float32)
         vg = jax.jit(
             jax.value_and_grad(
@@ -131,6 +140,33 @@ def bench_case(vol, grid, views, det, *, method, rtk, backward=True, chunk_rays=
     return row, out
 
 
+def _kernel_variants(args):
+    """(kernel, tile, warps) triples: each kernel, and for "pallas" each tile x warps."""
+    from xct import _joseph_kernel
+
+    out = []
+    for kernel in args.kernels:
+        if kernel == "pallas" and (args.tiles or args.warps):
+            for tile in args.tiles or ["x".join(map(str, _joseph_kernel.TILE))]:
+                for warps in args.warps or [_joseph_kernel.NUM_WARPS]:
+                    out.append((kernel, tile, warps))
+        else:
+            out.append((kernel, None, None))
+    return out
+
+
+def _last(args):
+    return (*_kernel_variants(args)[-1], (args.chunks or [None])[-1])
+
+
+def _set_tile(tile, warps):
+    from xct import _joseph_kernel
+
+    if tile is not None:
+        _joseph_kernel.TILE = tuple(int(t) for t in tile.split("x"))
+        _joseph_kernel.NUM_WARPS = int(warps)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="bench_out")
@@ -140,6 +176,16 @@ def main(argv=None) -> int:
     p.add_argument("--no-backward", action="store_true", help="skip forward+VJP timing")
     p.add_argument("--chunks", type=int, nargs="+", default=None, help="chunk_rays values to sweep")
     p.add_argument("--naive-peer", action="store_true", help="also time the trilinear ray-marcher")
+    p.add_argument(
+        "--kernels",
+        nargs="+",
+        default=["auto"],
+        help="projector kernels to time: auto, xla, pallas (GPU); the first is the baseline",
+    )
+    p.add_argument(
+        "--tiles", nargs="+", default=None, help="Pallas ray tiles to sweep, e.g. 8x16 16x16"
+    )
+    p.add_argument("--warps", type=int, nargs="+", default=None, help="Pallas num_warps sweep")
     args = p.parse_args(argv)
 
     import jax
@@ -169,20 +215,38 @@ def main(argv=None) -> int:
         vol, grid = phantom(n)
         for det in args.dets:
             for views in args.views:
-                for chunk in args.chunks or [None]:
-                    row, _ = bench_case(
-                        vol,
-                        grid,
-                        views,
-                        det,
-                        method="joseph",
-                        rtk=use_rtk,
-                        backward=not args.no_backward,
-                        chunk_rays=chunk,
-                    )
-                    if chunk is not None and chunk != (args.chunks or [None])[-1]:
-                        rows.append(row)
-                        print(json.dumps(row), flush=True)
+                base = None
+                for kernel, tile, warps in _kernel_variants(args):
+                    for chunk in args.chunks or [None]:
+                        _set_tile(tile, warps)
+                        row, out_k = bench_case(
+                            vol,
+                            grid,
+                            views,
+                            det,
+                            method="joseph",
+                            rtk=use_rtk and base is None,
+                            backward=not args.no_backward,
+                            chunk_rays=chunk,
+                            kernel=kernel,
+                        )
+                        if tile is not None:
+                            row["tile"], row["warps"] = tile, warps
+                        if base is None:
+                            base = (row, out_k)
+                        else:  # against the first kernel, measured in this run
+                            ref_row, ref = base
+                            row["rel_l2_vs_first"] = float(
+                                f"{np.linalg.norm(out_k - ref) / np.linalg.norm(ref):.2e}"
+                            )
+                            row["speedup_vs_first"] = round(ref_row["fwd_ms"] / row["fwd_ms"], 3)
+                            if "adj_ms" in row:
+                                row["adj_speedup_vs_first"] = round(
+                                    ref_row["adj_ms"] / row["adj_ms"], 3
+                                )
+                        if (kernel, tile, warps, chunk) != _last(args):
+                            rows.append(row)
+                            print(json.dumps(row), flush=True)
                 if naive_peer:
                     naive, _ = bench_case(
                         vol, grid, views, det, method="trilinear", rtk=False, backward=False
@@ -202,12 +266,20 @@ def main(argv=None) -> int:
         "n",
         "views",
         "det",
+        "kernel",
+        "tile",
+        "warps",
         "chunk_rays",
         "fwd_ms",
         "fwd_gsamples_s",
         "fwd_drrs_s",
+        "adj_ms",
+        "adj_over_fwd",
         "fwd_vjp_ms",
         "fwd_vjp_gsamples_s",
+        "speedup_vs_first",
+        "adj_speedup_vs_first",
+        "rel_l2_vs_first",
         "compile_s",
         "temp_mb",
         "rtk_ms",
