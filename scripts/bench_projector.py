@@ -162,9 +162,9 @@ def _last(args):
 def _set_tile(tile, warps):
     from xct import _joseph_kernel
 
-    if tile is not None:
-        _joseph_kernel.TILE = tuple(int(t) for t in tile.split("x"))
-        _joseph_kernel.NUM_WARPS = int(warps)
+    if tile is not None:  # the same tile for the forward and the adjoint kernel
+        _joseph_kernel.TILE = _joseph_kernel.ADJOINT_TILE = tuple(int(t) for t in tile.split("x"))
+        _joseph_kernel.NUM_WARPS = _joseph_kernel.ADJOINT_NUM_WARPS = int(warps)
 
 
 def main(argv=None) -> int:

@@ -37,15 +37,22 @@ train() {  # train NAME CONFIG ARGS...
 }
 for s in $STEPS; do
   case $s in
-    tests) step tests 150 python3 -m pytest -p no:cacheprovider -q -x -m "gpu or not slow" \
-      tests/test_projector_kernel.py tests/test_projector.py tests/test_geometry.py ;;
+    tests) JAX_PLATFORMS=cuda step tests 150 python3 -m pytest -p no:cacheprovider -q -x \
+      -m "gpu or not slow" tests/test_projector_kernel.py tests/test_projector.py \
+      tests/test_geometry.py ;;
+    gputests) JAX_PLATFORMS=cuda step gputests 90 python3 -m pytest -p no:cacheprovider -q \
+      -m "gpu or not slow" tests/test_projector_kernel.py tests/test_projector.py \
+      -k "gpu or (joseph and (adjoint or smooth or point or missing))" ;;
     proj256) step proj256 200 python3 -m scripts.bench_projector --out "$OUT/p256" --sizes 256 \
       --views 64 --dets 256 --kernels xla pallas --tiles 8x16 16x16 8x32 --warps 4 8 ;;
+    proj256d) step proj256d 60 python3 -m scripts.bench_projector --out "$OUT/p256d" \
+      --sizes 256 --views 64 --dets 256 --kernels xla pallas ;;
     proj128) step proj128 60 python3 -m scripts.bench_projector --out "$OUT/p128" --sizes 128 \
       --views 2 8 --dets 128 --kernels xla pallas ;;
     train128) train train128 unet128 --batch=1 ;;
     train256) train train256 unet256 --batch=1 ;;
     patch256) train patch256 unet256_patch --batch=1 ;;
+    patch256b2) train patch256b2 unet256_patch ;;
     patch512) train patch512 unet256_patch --batch=1 --resolution=512 ;;
     *) echo "unknown step $s" ;;
   esac

@@ -34,8 +34,13 @@ import math
 import jax
 import jax.numpy as jnp
 
-TILE = (8, 16)  # rays per program: detector rows x columns
+# Rays per program (detector rows x columns) and warps per program, from the sweep on an
+# H200 (BENCHMARKS.md, 256^3 -> 64 x 256^2): forward 16x16/4 warps 4.71 ms (8x16/4: 9.02),
+# adjoint 8x16/4 warps 29.4 ms (16x16/4: 36.6).
+TILE = (16, 16)
 NUM_WARPS = 4
+ADJOINT_TILE = (8, 16)
+ADJOINT_NUM_WARPS = 4
 MAX_VOXELS = 2**31 - 1
 
 
@@ -75,8 +80,8 @@ def _interval(p0, step, lo, hi):
     return kmin, kmax
 
 
-def ray_params(o, d, t_max, grid_shape_xyz, det_shape, num_views):
-    """Per-ray kernel parameters, each ``[V, rows_p, cols_p]`` padded to whole tiles.
+def ray_params(o, d, t_max, grid_shape_xyz, det_shape, num_views, tile=None):
+    """Per-ray kernel parameters, each ``[V, rows_p, cols_p]`` padded to whole ``tile``s.
 
     ``o, d, t_max`` are the rays of ``projector._rays`` (index space, ``d`` per mm).
     Returns ``(floats, ints)``: tuples of float32 and int32 arrays in kernel order.
@@ -120,7 +125,7 @@ def ray_params(o, d, t_max, grid_shape_xyz, det_shape, num_views):
     floats = (pb0, step_b, pc0, step_c, t0, inv_a, t_max.astype(d.dtype), nb1, nc1)
     ints = (off, sa, sb_plane, klo, khi)
     rows, cols = det_shape
-    tr, tc = TILE
+    tr, tc = tile or TILE
     rp, cp = -(-rows // tr) * tr, -(-cols // tc) * tc
 
     def tiles(x, fill):
@@ -210,23 +215,24 @@ def _adjoint_kernel(g_ref, *refs, masked_atomics: bool):
     jax.lax.fori_loop(lo, hi, body, 0)
 
 
-def _specs(params_like, num_views, rp, cp):
+def _specs(tile, num_views, rp, cp):
     from jax.experimental import pallas as pl
 
-    tr, tc = TILE
+    tr, tc = tile
     tile = pl.BlockSpec((None, tr, tc), lambda v, r, c: (v, r, c))
     grid = (num_views, rp // tr, cp // tc)
     return grid, tile
 
 
 def forward(flat, params, det_shape, interpret=False):
-    """Line integrals ``[V, rows, cols]`` from :func:`layouts` and :func:`ray_params`."""
+    """Line integrals ``[V, rows, cols]`` from :func:`layouts` and :func:`ray_params`
+    (computed with ``tile=TILE``)."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as plgpu
 
     floats, ints = params
     num_views, rp, cp = floats[0].shape
-    grid, tile = _specs(floats, num_views, rp, cp)
+    grid, tile = _specs(TILE, num_views, rp, cp)
     whole = pl.BlockSpec()
     out = pl.pallas_call(
         _forward_kernel,
@@ -243,13 +249,14 @@ def forward(flat, params, det_shape, interpret=False):
 
 
 def adjoint(drr, params, grid_shape, interpret=False):
-    """The exact transpose of :func:`forward`, as a ``[z, y, x]`` volume."""
+    """The exact transpose of :func:`forward`, as a ``[z, y, x]`` volume (``params`` from
+    :func:`ray_params` with ``tile=ADJOINT_TILE``)."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as plgpu
 
     floats, ints = params
     num_views, rp, cp = floats[0].shape
-    grid, tile = _specs(floats, num_views, rp, cp)
+    grid, tile = _specs(ADJOINT_TILE, num_views, rp, cp)
     rows, cols = drr.shape[1:]
     g = jnp.pad(drr.astype(jnp.float32), ((0, 0), (0, rp - rows), (0, cp - cols)))
     size = 3 * math.prod(n + 2 for n in grid_shape) + 1  # + the interpret-mode dump slot
@@ -264,7 +271,7 @@ def adjoint(drr, params, grid_shape, interpret=False):
         out_specs=whole,
         input_output_aliases={n_in: 0},
         interpret=interpret,
-        compiler_params=plgpu.CompilerParams(num_warps=NUM_WARPS, num_stages=1),
+        compiler_params=plgpu.CompilerParams(num_warps=ADJOINT_NUM_WARPS, num_stages=1),
         name="xct_joseph_adjoint",
     )(g, *floats, *ints, acc)
     return from_layouts(out[:-1], grid_shape)

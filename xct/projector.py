@@ -378,13 +378,13 @@ def _padded(method: str) -> bool:
     return method != "siddon"
 
 
-def _kernel_params(geom: Geometry, cfg: _Config):
+def _kernel_params(geom: Geometry, cfg: _Config, tile):
     from xct import _joseph_kernel
 
     ids = jnp.arange(geom.num_rays, dtype=jnp.int32)
     o, d, t_max = _rays(geom, cfg.grid, ids, jnp.float32)
     return _joseph_kernel.ray_params(
-        o, d, t_max, cfg.grid.shape_xyz, geom.det_shape, geom.num_views
+        o, d, t_max, cfg.grid.shape_xyz, geom.det_shape, geom.num_views, tile
     )
 
 
@@ -395,7 +395,7 @@ def _forward_raw(volume: jax.Array, geom: Geometry, cfg: _Config) -> jax.Array:
 
         return _joseph_kernel.forward(
             _joseph_kernel.layouts(volume),
-            _kernel_params(geom, cfg),
+            _kernel_params(geom, cfg, _joseph_kernel.TILE),
             geom.det_shape,
             interpret=cfg.kernel == "interpret",
         )
@@ -428,7 +428,10 @@ def _backward_raw(drr: jax.Array, geom: Geometry, cfg: _Config) -> jax.Array:
         from xct import _joseph_kernel
 
         return _joseph_kernel.adjoint(
-            drr, _kernel_params(geom, cfg), cfg.grid.shape, interpret=cfg.kernel == "interpret"
+            drr,
+            _kernel_params(geom, cfg, _joseph_kernel.ADJOINT_TILE),
+            cfg.grid.shape,
+            interpret=cfg.kernel == "interpret",
         )
     dtype = drr.dtype
     num_rays, chunk, num_chunks = _chunking(geom, cfg)
