@@ -40,6 +40,8 @@ def get_config(arg: str | None = None) -> ConfigDict:
     c.data.elastic_mm = 0.0  # source="render": elastic deformation amplitude
     c.data.photons = 0.0  # source="render": Poisson noise photons per pixel (0: none)
     c.data.curriculum_steps = 0  # source="render": deformation/noise ramp up over these steps
+    # ... and phantoms go from simple to full complexity (xct.phantoms.chest_phantom)
+    c.data.complexity_curriculum = True
 
     c.model = ConfigDict()
     c.model.name = "unet"  # "unet" or "baseline" (xct.models.get_model)

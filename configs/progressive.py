@@ -1,6 +1,7 @@
 """Progressive multi-resolution U-Net: 64^3 -> 128^3 -> 256^3, each stage starting from the
 previous one's weights (the model's parameters do not depend on the resolution), with a
-curriculum on phantoms rendered on the accelerator (deformation and noise ramp up).
+curriculum on phantoms rendered on the accelerator (phantom complexity, deformation and noise
+ramp up).
 
 python -m xct.main --config=configs/progressive.py --workdir=/tmp/xct/progressive
 python -m xct.main --config=configs/progressive.py:smoke --workdir=/tmp/xct/smoke  # seconds

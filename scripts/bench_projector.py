@@ -65,9 +65,7 @@ def phantom(n):
     return vol + 0.001 * np.asarray(jax.random.uniform(jax.random.key(0), vol.shape)), grid
 
 
-def bench_case(
-    vol, grid, views, det, *, method, rtk, backward=True, chunk_rays=None, kernel=None
-):
+def bench_case(vol, grid, views, det, *, method, rtk, backward=True, chunk_rays=None, kernel=None):
     import jax
     import jax.numpy as jnp
 

@@ -106,3 +106,21 @@ def test_resolution_independence():
     body_f = (lab_f > 0).sum() * 6.0**3
     body_c = (lab_c > 0).sum() * 12.0**3
     assert abs(body_f - body_c) / body_f < 0.05
+
+
+def test_complexity_keeps_the_anatomy_and_removes_detail(grid64):
+    full_hu, full_lab = phantoms.chest_phantom(7, grid64)
+    same_hu, _ = phantoms.chest_phantom(7, grid64, complexity=1.0)
+    np.testing.assert_array_equal(full_hu, same_hu)
+    easy_hu, easy_lab = phantoms.chest_phantom(7, grid64, complexity=0.0)
+    # Same random draws: the large structures sit in the same voxels.
+    for name in ("heart", "aorta", "vertebra"):
+        a, b = full_lab == L[name], easy_lab == L[name]
+        assert (a & b).sum() >= 0.9 * a.sum(), name
+    # Fewer vessel voxels, no nodules, smoother lungs.
+    assert (easy_lab == L["vessel"]).sum() < (full_lab == L["vessel"]).sum()
+    assert (easy_lab == L["nodule"]).sum() == 0
+    lung = (easy_lab == L["lung"]) & (full_lab == L["lung"])
+    assert easy_hu[lung].std() < full_hu[lung].std()
+    with pytest.raises(ValueError, match="complexity"):
+        phantoms.chest_phantom(7, grid64, complexity=1.5)

@@ -56,7 +56,9 @@ def test_interpreted_kernel_under_vmap_and_grad():
     def loss(v, kernel):
         return jnp.sum(projector.forward_project(v, grid, geom, kernel=kernel) ** 2)
 
-    batched = jax.jit(jax.vmap(lambda v: projector.forward_project(v, grid, geom, kernel="interpret")))
+    batched = jax.jit(
+        jax.vmap(lambda v: projector.forward_project(v, grid, geom, kernel="interpret"))
+    )
     ref = jax.vmap(lambda v: projector.forward_project(v, grid, geom, kernel="xla"))(vols)
     assert _rel(batched(vols), ref) < 1e-5
     g = jax.jit(jax.grad(lambda v: loss(v, "interpret")))(vols[0])

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from configs import default
-from xct import checkpoint, sharding, train
+from xct import checkpoint, geometry, sharding, train
 
 CONFIGS = [
     "default",
@@ -49,6 +49,26 @@ def _fixed_batch(config):
     mesh = sharding.make_mesh({"data": 1})
     pool, render = train._render_source(config, mesh)
     return jax.device_get(render(jax.random.key(0), pool))
+
+
+def test_complexity_curriculum_pool_and_draws():
+    from xct import phantoms
+
+    c = _render_config(**{"data.pool_size": 3})
+    mesh = sharding.make_mesh({"data": 1})
+    pool, render = train._render_source(c, mesh, True)
+    g = train.data_geometry(c)
+    grid = geometry.VolumeGrid.centered((g["resolution"],) * 3, g["fov_mm"] / g["resolution"])
+    seed = int(c.seed) * 100_003
+    # Phantom i of P has complexity (i + 1) / P: the last is the full phantom.
+    np.testing.assert_array_equal(np.asarray(pool[2]), phantoms.chest_phantom(seed + 2, grid)[0])
+    easy = phantoms.chest_phantom(seed, grid, complexity=1 / 3)[0]
+    np.testing.assert_array_equal(np.asarray(pool[0]), easy)
+    # Early in the ramp only the easiest phantom is drawn: the same batch as a pool of it.
+    key = jax.random.key(3)
+    early = render(key, pool, np.float32(0.01))
+    only_first = render(key, pool[:1], np.float32(0.01))
+    np.testing.assert_allclose(np.asarray(early["ct"]), np.asarray(only_first["ct"]), atol=1e-6)
 
 
 def test_train_step_lowers_loss_on_a_fixed_batch():
@@ -139,10 +159,12 @@ def _final_params(workdir, c):
 @pytest.mark.slow  # three full training runs, each compiling its step (minutes on 2 cores)
 def test_interrupted_run_resumes_exactly(tmp_path):
     """Stop after 2 of 4 steps (as a kill would leave it), rerun: the result equals an
-    uninterrupted run, because keys fold in the step and checkpoints hold everything."""
-    c = _render_config()
+    uninterrupted run, because keys fold in the step and checkpoints hold everything.
+    A 3-step curriculum makes the resumed run cross from the complexity-ordered pool to
+    the full one."""
+    c = _render_config(**{"data.curriculum_steps": 3})
     train.train_and_evaluate(c, tmp_path / "straight")
-    c2 = _render_config(**{"train.num_steps": 2})
+    c2 = _render_config(**{"train.num_steps": 2, "data.curriculum_steps": 3})
     train.train_and_evaluate(c2, tmp_path / "resumed")
     train.train_and_evaluate(c, tmp_path / "resumed")
     s1, p1 = _final_params(tmp_path / "straight", c)

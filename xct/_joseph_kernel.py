@@ -146,8 +146,14 @@ def _sample(k, f, i):
     pc = pc0 + kf * dc
     t = kf * inva + t0
     valid = (
-        (k >= klo) & (k < khi) & (t >= 0.0) & (t <= tmax)
-        & (pb >= 0.0) & (pb < nb1) & (pc >= 0.0) & (pc < nc1)
+        (k >= klo)
+        & (k < khi)
+        & (t >= 0.0)
+        & (t <= tmax)
+        & (pb >= 0.0)
+        & (pb < nb1)
+        & (pc >= 0.0)
+        & (pc < nc1)
     )
     fb = jnp.floor(pb)
     fc = jnp.floor(pc)

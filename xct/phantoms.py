@@ -399,7 +399,7 @@ def _vessel_tree(rng, start, direction, length, radius, depth, out) -> None:
 
 
 def chest_phantom(
-    key_or_seed, grid, *, nodules: bool = True, couch: bool = False
+    key_or_seed, grid, *, nodules: bool = True, couch: bool = False, complexity: float = 1.0
 ) -> tuple[np.ndarray, np.ndarray]:
     """A seeded, procedural chest CT in HU with an anatomical label map.
 
@@ -411,6 +411,10 @@ def chest_phantom(
         anterior->posterior, mm), so it is independent of the grid's resolution.
       nodules: add 1-4 solid lung nodules (4-15 mm, +20..+100 HU).
       couch: add a curved +200 HU patient couch below the back.
+      complexity: in [0, 1], for curricula (easy to hard). 1 is the full phantom; lower
+        values keep the same anatomy (same random draws) but drop vessels thinner than
+        ``3 (1 - complexity)`` mm, scale the lung texture by ``complexity`` and omit
+        nodules below 0.5. At 0: body, lungs, heart, aorta, bones and the main vessels.
 
     Returns:
       ``(hu, labels)``: ``[nz, ny, nx]`` float32 HU in about ``[-1000, 1000]`` and uint8
@@ -424,6 +428,9 @@ def chest_phantom(
     chest wall and sloping down anteriorly, sternum, optional nodules and couch. Sizes and
     positions vary by seed (overall scale +-12 %, lung, heart, fat, vessel count).
     """
+    if not 0.0 <= float(complexity) <= 1.0:
+        raise ValueError(f"complexity: expected a value in [0, 1], got {complexity!r}")
+    complexity = float(complexity)
     rng = _rng(key_or_seed)
     cv = _Canvas(grid)
     L = CHEST_LABELS
@@ -490,7 +497,7 @@ def chest_phantom(
     if lung_box is not None:
         x, y, z = cv.coords(lung_box)
         d = np.minimum(lung_dist(x, y, z, -1.0), lung_dist(x, y, z, 1.0))
-        texture = _smooth_noise(noise_rng, x, y, z, 9.0, 30.0)
+        texture = complexity * _smooth_noise(noise_rng, x, y, z, 9.0, 30.0)
         # dependent (posterior) lung is slightly denser
         gravity = 40.0 * np.clip((z - lung_cz) / lung_az, -1.0, 1.0)
         cv.paint(lung_box, d, _HU["lung"] + texture + gravity, L["lung"])
@@ -515,7 +522,10 @@ def chest_phantom(
                 int(rng.integers(6, 9)),
                 segments,
             )
+    min_radius = 3.0 * (1.0 - complexity)  # mm; the tree is grown whole (same draws)
     for a, b, ra, rb in segments:
+        if ra < min_radius:
+            continue
         _tube(cv, np.stack([a, b]), (ra, rb), _HU["vessel"], L["vessel"], weight=lung_occ)
 
     # ---- heart ---------------------------------------------------------------------------
@@ -635,8 +645,8 @@ def chest_phantom(
         d = np.maximum((q - 1.0) * 6.5 * s, np.maximum(st_top - y, y - st_bot))
         cv.paint(sl, d, _HU["sternum"], L["sternum"])
 
-    # ---- nodules -----------------------------------------------------------------------
-    if nodules:
+    # ---- nodules (the last random draws: skipping them changes nothing above) ----------
+    if nodules and complexity >= 0.5:
         count = int(rng.integers(1, 5))
         placed, tries = 0, 0
         while placed < count and tries < 200:

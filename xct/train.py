@@ -535,13 +535,21 @@ def train_and_evaluate(config, workdir) -> dict:
         next_batch = lambda step: next(it)  # noqa: E731
         get_data_state = it.get_state
     elif config.data.source == "render":
-        pool, render_fn = _render_source(config, mesh)
         ramp = int(config.data.get("curriculum_steps", 0))
+        # Curriculum (easy to hard) over the first `ramp` steps: deformation and noise grow
+        # linearly, and phantoms come from a pool ordered by complexity, drawn from its
+        # easiest part first; after the ramp the pool is replaced by full phantoms.
+        by_complexity = bool(ramp) and bool(config.data.get("complexity_curriculum", True))
+        pools = {"pool": None, "full": not (by_complexity and start < ramp)}
+        pools["pool"], render_fn = _render_source(config, mesh, not pools["full"])
 
         def next_batch(step):
-            # Curriculum: deformation and noise grow linearly over the first `ramp` steps.
             strength = np.float32(min(1.0, (step + 1) / ramp) if ramp else 1.0)
-            return render_fn(jax.random.fold_in(root_key, 2 * step + 1), pool, strength)
+            if not pools["full"] and step >= ramp:
+                pools["pool"] = None  # free the curriculum pool first
+                pools["pool"], _ = _render_source(config, mesh, False)
+                pools["full"] = True
+            return render_fn(jax.random.fold_in(root_key, 2 * step + 1), pools["pool"], strength)
 
         get_data_state = lambda: {}  # noqa: E731 - the stream is a function of the step
     else:
@@ -678,20 +686,37 @@ def train_progressive(config, workdir):
     return c, stage_dir
 
 
-def _render_source(config, mesh):
-    """A pool of phantoms on the device and a jitted function rendering a batch from it."""
+def _render_pool(config, grid, complexity_curriculum: bool):
+    """Phantoms for the render source; with ``complexity_curriculum``, phantom ``i`` of
+    ``P`` has complexity ``(i + 1) / P`` (easy first), else all are full phantoms."""
     from xct import phantoms
 
+    n = int(config.data.pool_size)
+    return np.stack(
+        [
+            phantoms.chest_phantom(
+                int(config.seed) * 100_003 + i,
+                grid,
+                complexity=(i + 1) / n if complexity_curriculum else 1.0,
+            )[0]
+            for i in range(n)
+        ]
+    )
+
+
+def _render_source(config, mesh, complexity_curriculum: bool = False):
+    """A pool of phantoms on the device and a jitted function rendering a batch from it.
+
+    ``render(key, pool, strength)``: ``strength`` in [0, 1] scales deformation and noise;
+    with ``complexity_curriculum`` (a pool ordered by complexity) it also draws phantoms
+    only from the easiest ``ceil(strength * P)`` of the pool.
+    """
     d = config.data
     g = data_geometry(config)
     grid = geometry.VolumeGrid.centered((g["resolution"],) * 3, g["fov_mm"] / g["resolution"])
-    pool = np.stack(
-        [
-            phantoms.chest_phantom(int(config.seed) * 100_003 + i, grid)[0]
-            for i in range(int(d.pool_size))
-        ]
+    pool = jax.device_put(
+        _render_pool(config, grid, complexity_curriculum), sharding.replicated(mesh)
     )
-    pool = jax.device_put(pool, sharding.replicated(mesh))
     b = int(d.batch_size)
     out_shardings = {
         "ct": sharding.batch_sharding(mesh, 4, volume=True),
@@ -702,7 +727,11 @@ def _render_source(config, mesh):
     @functools.partial(jax.jit, out_shardings=out_shardings)
     def render(key, pool, strength=1.0):
         k_pick, k_render = jax.random.split(key)
-        idx = jax.random.choice(k_pick, pool.shape[0], (b,), replace=pool.shape[0] < b)
+        n = pool.shape[0]
+        available = n
+        if complexity_curriculum:
+            available = jnp.clip(jnp.ceil(strength * n), 1, n).astype(jnp.int32)
+        idx = jax.random.randint(k_pick, (b,), 0, available)
         return input_pipeline.render_batch(
             k_render,
             pool[idx],

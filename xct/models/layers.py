@@ -40,6 +40,11 @@ def activation_mesh(mesh: jax.sharding.Mesh | None):
         _MESH.reset(token)
 
 
+def current_mesh() -> jax.sharding.Mesh | None:
+    """The mesh of the enclosing ``activation_mesh`` context (None outside one)."""
+    return _MESH.get()
+
+
 def constrain(x: jax.Array, axes: tuple = VOLUME_AXES) -> jax.Array:
     """Constrain ``x``'s sharding to the logical ``axes`` (one name or None per axis;
     ``VOLUME_AXES`` truncated to ``x.ndim`` by default) on the current activation mesh."""

@@ -64,6 +64,7 @@ def expand_view(
     sdd_mm: float,
     det_width_mm: float,
     center_mm: jax.Array | None = None,
+    size_z: int | None = None,
 ) -> jax.Array:
     """Broadcast one view's features along its (parallel) rays.
 
@@ -76,15 +77,19 @@ def expand_view(
       det_width_mm: physical width (and height) of the whole detector in mm.
       center_mm: ``[3]`` world ``(x, y, z)`` of the cube's centre (a patch of a larger
         volume); default the isocentre.
+      size_z: voxels along z if the block is a slab of the cube (``d_z x d x d`` with the
+        cube's voxel size, centred at ``center_mm``); default ``size``.
 
     Returns:
-      ``[d, d, d, C]`` (``[z, y, x, C]``), the dtype of ``features``.
+      ``[d_z, d, d, C]`` (``[z, y, x, C]``), the dtype of ``features``.
     """
     h, w, _ = features.shape
     theta = jnp.deg2rad(jnp.asarray(angle_deg, jnp.float32))
     t = (jnp.arange(size, dtype=jnp.float32) - (size - 1) / 2.0) * (fov_mm / size)  # mm
+    nz = size if size_z is None else int(size_z)
+    t_z = (jnp.arange(nz, dtype=jnp.float32) - (nz - 1) / 2.0) * (fov_mm / size)
     c = jnp.zeros(3, jnp.float32) if center_mm is None else jnp.asarray(center_mm, jnp.float32)
-    tx, ty, tz = t + c[0], t + c[1], t + c[2]
+    tx, ty, tz = t + c[0], t + c[1], t_z + c[2]
     mag = sdd_mm / sod_mm
     # World (x, z) -> detector column coordinate u = x cos(theta) - z sin(theta) (mm at the
     # isocentre), then to pixel indices at this level's pitch.
@@ -115,6 +120,7 @@ def backproject_view(
     det_width_mm: float,
     center_mm: jax.Array | None = None,
     eps_fraction: float = 0.05,
+    size_z: int | None = None,
 ) -> jax.Array:
     """Normalised back-projection of one cone-beam view's feature channels.
 
@@ -133,13 +139,14 @@ def backproject_view(
         (``fov_mm`` is the side of this cube: a patch of ``size`` voxels of the full
         volume's voxel size has ``fov_mm = size * voxel_mm``).
       eps_fraction: floor of the normaliser, in voxel sizes.
+      size_z: as in ``expand_view`` (a slab of the cube).
 
     Returns:
-      ``[d, d, d, C]`` (``[z, y, x, C]``).
+      ``[d_z, d, d, C]`` (``[z, y, x, C]``).
     """
     h, w, _ = features.shape
     voxel_mm = fov_mm / size
-    grid = geometry.VolumeGrid.centered((size, size, size), voxel_mm)
+    grid = geometry.VolumeGrid.centered((size if size_z is None else size_z, size, size), voxel_mm)
     theta = jnp.deg2rad(jnp.asarray(angle_deg, jnp.float32)).reshape(1)
     # A cube centred at c in the world is the centred cube seen with the isocentre at -c.
     c = jnp.zeros(3, jnp.float32) if center_mm is None else jnp.asarray(center_mm, jnp.float32)
@@ -152,8 +159,12 @@ def backproject_view(
         pixel_mm=(det_width_mm / h, det_width_mm / w),
     )
 
+    # Bound the scatter's per-sample arrays of all channels together (XLA version): one
+    # chunk of the default size per channel replicated the lifting on spatial meshes.
+    chunk = projector.default_chunk_rays(grid, batch=features.shape[-1] + 1)
+
     def bp(image: jax.Array) -> jax.Array:  # [h, w] -> [d, d, d]
-        return projector.back_project(image[None], grid, geom)
+        return projector.back_project(image[None], grid, geom, chunk_rays=chunk)
 
     # The normaliser rides along as one more channel: one batched back-projection instead
     # of two (the second compiles as long as the first).
@@ -196,7 +207,65 @@ def lift(
     )
     if center_mm is None:
         center_mm = jnp.zeros((features.shape[0], 3), jnp.float32)
-    return jax.vmap(jax.vmap(one, in_axes=(0, 0, None)))(features, angles_deg, center_mm)
+    mesh = _spatial_mesh(features.shape[0], size)
+    if mesh is None:
+        return jax.vmap(jax.vmap(one, in_axes=(0, 0, None)))(features, angles_deg, center_mm)
+    return _lift_slabs(
+        fn,
+        mesh,
+        features,
+        angles_deg,
+        center_mm,
+        size=size,
+        fov_mm=fov_mm,
+        sod_mm=sod_mm,
+        sdd_mm=sdd_mm,
+        det_width_mm=det_width_mm,
+    )
+
+
+def _spatial_mesh(batch: int, size: int):
+    """The activation mesh if lifting should run as z-slabs, one per ``spatial`` device."""
+    from xct.models import layers
+
+    mesh = layers.current_mesh()
+    if mesh is None or mesh.shape.get("spatial", 1) == 1:
+        return None
+    if size % mesh.shape["spatial"] or batch % mesh.shape.get("data", 1):
+        return None  # uneven split: let XLA partition the whole lifting
+    return mesh
+
+
+def _lift_slabs(fn, mesh, features, angles_deg, center_mm, *, size, **kw):
+    """Each ``spatial`` device lifts only its own z-slab of the cube (``shard_map``).
+
+    Left to XLA's partitioner, the lifting's scatter (back-projection) or gathers (expand)
+    run whole on every device of the ``spatial`` axis and are sliced afterwards, so they
+    held per-device memory at the ``spatial=2`` level however many devices there were.
+    Here device ``i`` lifts the slab ``z in [i d / S, (i + 1) d / S)`` (the cube's voxel
+    size, the slab's centre shifted along world z), which is exact: every voxel's value
+    depends only on its own position.
+    """
+    from jax.sharding import PartitionSpec as P
+
+    n_slabs = mesh.shape["spatial"]
+    slab = size // n_slabs
+    voxel_mm = kw["fov_mm"] / size
+
+    def local(f, a, c):
+        i = jax.lax.axis_index("spatial").astype(jnp.float32)
+        dz = (i + 0.5) * slab * voxel_mm - 0.5 * size * voxel_mm  # slab centre - cube centre
+        c = c + jnp.stack([0.0, 0.0, dz]).astype(c.dtype)[None, :]
+        one = lambda f1, a1, c1: fn(f1, a1, size=size, center_mm=c1, size_z=slab, **kw)  # noqa: E731
+        return jax.vmap(jax.vmap(one, in_axes=(0, 0, None)))(f, a, c)
+
+    return jax.shard_map(
+        local,
+        mesh=mesh,
+        in_specs=(P("data"), P("data"), P("data")),
+        out_specs=P("data", None, "spatial"),
+        check_vma=False,
+    )(features, angles_deg, center_mm)
 
 
 def check_inputs(drr: jax.Array, angles_deg: jax.Array, resolution: int) -> None:
