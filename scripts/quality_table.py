@@ -29,16 +29,14 @@ What is measured, per volume and per number of views V (``--views``, default 2 4
 * Classical methods (``xct.recon``, in attenuation per mm; every output is clipped at
   ``mu >= 0``, i.e. HU >= -1000, then ``physics.mu_to_hu``):
 
-  - ``fdk``: ``recon.fdk`` with a Hann-windowed ramp, no Parker weighting
-    (``short_scan=False``) and, on arcs of at most 180 degrees, every view's DRR scaled by
-    ``fdk_view_weights`` (half-scan angular weights). ``recon.fdk``'s own weights fit
-    neither orbit: its automatic rule (a gap of 20 degrees or more) turns Parker weighting
-    on for every sparse orbit, and 180 degrees is less than a short scan (180 degrees plus
-    the fan, about 203 here), where its overscan is negative; its full-circle weights give
-    the two end views of a 180-degree arc half of the total. On validation phantom
-    1,000,000 at 32^3 over 180 degrees, PSNR at 2 / 8 / 64 views: automatic 9.5 / 10.9 /
-    10.2 dB, ``short_scan=False`` 15.2 / 16.9 / 16.3, with these weights 15.2 / 21.8 / 22.7
-    (a full 360-degree orbit of 64 views: 23.5).
+  - ``fdk``: ``recon.fdk`` with a Hann-windowed ramp and its automatic view weights: on
+    arcs of at most 180 degrees (shorter than a short scan, 180 degrees plus the fan,
+    about 203 here, so Parker's overscan would be negative) half-scan weights, each view
+    counting half the angle to its neighbours on the circle of period 180 degrees; on a
+    full orbit RTK's. Before ``recon.fdk`` did this itself (this script scaled the DRRs),
+    its Parker rule gave, on validation phantom 1,000,000 at 32^3 over 180 degrees, PSNR
+    at 2 / 8 / 64 views of 9.5 / 10.9 / 10.2 dB, ``short_scan=False`` 15.2 / 16.9 / 16.3,
+    and these weights 15.2 / 21.8 / 22.7 (a full 360-degree orbit of 64 views: 23.5).
   - ``sirt``: SIRT, relaxation 1, nonnegativity after every update.
   - ``cgls``: CGLS from zero; unconstrained (CGLS has no constraint), clipped at the end.
   - ``tv``: TV-regularised least squares by preconditioned Chambolle-Pock with
@@ -223,43 +221,16 @@ def _clip_to_hu(mu):
     return physics.mu_to_hu(jnp.maximum(mu, 0.0))
 
 
-def fdk_view_weights(angles_deg, arc_deg: float) -> np.ndarray:
-    """``[V]`` factors that turn ``recon.fdk``'s full-orbit view weights into half-scan ones.
-
-    With ``short_scan=False`` ``recon.fdk`` weights view k by half the angle between its
-    neighbours on the full circle, times 1/2 (a full orbit measures every ray twice). On an
-    arc of at most 180 degrees every ray is measured about once (exactly, in the
-    parallel-beam limit), so view k should count half the angle between its neighbours on
-    the circle of period 180 degrees, times 1; the factor is the ratio of the two. All ones
-    for an arc over 180 degrees (the views are then taken as a full orbit).
-    """
-    a = np.deg2rad(np.asarray(angles_deg, np.float64))
-    if arc_deg > 180.0 or a.size < 2:
-        return np.ones(a.shape, np.float32)
-
-    def gaps(period):
-        t = np.mod(a, period)
-        order = np.argsort(t)
-        ts = t[order]
-        prev = np.concatenate([ts[-1:] - period, ts[:-1]])
-        nxt = np.concatenate([ts[1:], ts[:1] + period])
-        out = np.empty_like(ts)
-        out[order] = 0.5 * (nxt - prev)
-        return out
-
-    return (2.0 * gaps(np.pi) / gaps(2.0 * np.pi)).astype(np.float32)
-
-
-def _fdk_hann(drr, geom, grid, view_weights):
+def _fdk_hann(drr, geom, grid, arc_deg):
+    """Automatic weights on arcs up to 180 degrees (half-scan), none on longer orbits (no
+    Parker weighting: the views are taken as a full orbit)."""
     from xct import recon
 
-    weighted = drr * view_weights[:, None, None]
-    return recon.fdk(weighted, geom, grid, window="hann", short_scan=False)
+    return recon.fdk(drr, geom, grid, window="hann", short_scan=None if arc_deg <= 180 else False)
 
 
-def classical_solvers(grid, args) -> dict:
-    """``method -> jitted (drr, geom, fdk_weights) -> (HU volume, relative residual or
-    nan)``; ``fdk_weights`` ``[V]`` from ``fdk_view_weights`` (used by FDK only)."""
+def classical_solvers(grid, args, arc_deg: float) -> dict:
+    """``method -> jitted (drr, geom) -> (HU volume, relative residual or nan)``."""
     import jax
     import jax.numpy as jnp
 
@@ -268,18 +239,18 @@ def classical_solvers(grid, args) -> dict:
     def rel(res, drr):
         return res[-1] / jnp.maximum(jnp.sqrt(jnp.sum(drr * drr)), 1e-12)
 
-    def fdk(drr, geom, fdk_weights):
-        return _clip_to_hu(_fdk_hann(drr, geom, grid, fdk_weights)), jnp.nan
+    def fdk(drr, geom):
+        return _clip_to_hu(_fdk_hann(drr, geom, grid, arc_deg)), jnp.nan
 
-    def sirt(drr, geom, fdk_weights):
+    def sirt(drr, geom):
         x, res = recon.sirt(drr, geom, grid, args.sirt_iters, nonnegative=True)
         return _clip_to_hu(x), rel(res, drr)
 
-    def cgls(drr, geom, fdk_weights):
+    def cgls(drr, geom):
         x, res = recon.cgls(drr, geom, grid, args.cgls_iters)
         return _clip_to_hu(x), rel(res, drr)
 
-    def tv(drr, geom, fdk_weights):
+    def tv(drr, geom):
         x, res = recon.tv(
             drr, geom, grid, args.tv_iters, tv_weight=args.tv_weight, nonnegative=True
         )
@@ -334,7 +305,7 @@ def _restore_network(config, workdir: str, which: str):
 
 def network_solvers(config, args, grid, spec) -> tuple[dict, dict]:
     """``(method -> fn, info)`` for the network rows, or ``({}, info)`` with the reason
-    they are left out. Each fn takes ``(drr, geom, angles_deg, fdk_weights)`` and returns
+    they are left out. Each fn takes ``(drr, geom, angles_deg)`` and returns
     ``(HU volume, relative residual or nan)``."""
     import jax
     import jax.numpy as jnp
@@ -377,7 +348,7 @@ def network_solvers(config, args, grid, spec) -> tuple[dict, dict]:
         hu = physics.denormalize_ct(predict(params, batch))[0]
         return physics.hu_to_mu(hu)
 
-    def network(drr, geom, angles_deg, fdk_weights):
+    def network(drr, geom, angles_deg):
         return _clip_to_hu(net_mu(drr, angles_deg)), jnp.nan
 
     @jax.jit
@@ -387,23 +358,23 @@ def network_solvers(config, args, grid, spec) -> tuple[dict, dict]:
         ).volume
         return _clip_to_hu(out)
 
-    def network_refine(drr, geom, angles_deg, fdk_weights):
+    def network_refine(drr, geom, angles_deg):
         return _refine(net_mu(drr, angles_deg), drr, geom), jnp.nan
 
     @jax.jit
-    def _fdk_correction(mu, drr, geom, fdk_weights):
+    def _fdk_correction(mu, drr, geom):
         resid = drr - projector.forward_project(mu, grid, geom)
-        return _clip_to_hu(mu + _fdk_hann(resid, geom, grid, fdk_weights))
+        return _clip_to_hu(mu + _fdk_hann(resid, geom, grid, spec.arc_deg))
 
-    def network_fdk(drr, geom, angles_deg, fdk_weights):
-        return _fdk_correction(net_mu(drr, angles_deg), drr, geom, fdk_weights), jnp.nan
+    def network_fdk(drr, geom, angles_deg):
+        return _fdk_correction(net_mu(drr, angles_deg), drr, geom), jnp.nan
 
     @jax.jit
     def _sirt_from(mu, drr, geom):
         x, res = recon.sirt(drr, geom, grid, args.sirt_iters, x0=mu, nonnegative=True)
         return _clip_to_hu(x), res[-1] / jnp.maximum(jnp.sqrt(jnp.sum(drr * drr)), 1e-12)
 
-    def network_sirt(drr, geom, angles_deg, fdk_weights):
+    def network_sirt(drr, geom, angles_deg):
         return _sirt_from(net_mu(drr, angles_deg), drr, geom)
 
     fns = {
@@ -506,7 +477,7 @@ def write_report(out: pathlib.Path, result: dict) -> str:
             f"{max(views)}) over {s['arc_deg']:.0f}°; DRRs physics.render_drrs (mono), "
             + (f"Poisson noise {s['photons']:g} photons/pixel" if s["photons"] else "noise-free")
             + ". FDK: Hann window, no Parker weighting"
-            + (", half-scan view weights (`fdk_view_weights`)" if s["arc_deg"] <= 180 else "")
+            + (", half-scan view weights" if s["arc_deg"] <= 180 else "")
             + f". Iterations: SIRT {s['sirt_iters']}, CGLS {s['cgls_iters']}, TV "
             f"{s['tv_iters']} (TV weight {s['tv_weight']:g} mm²); SIRT and TV nonnegative; "
             "every output clipped at μ ≥ 0 (HU ≥ −1000). Cells: mean PSNR (dB) / SSIM; "
@@ -650,8 +621,7 @@ def run(args: argparse.Namespace, command: str) -> dict:
 
     geoms = {v: geom_of(v) for v in args.views}
     angles_v = {v: jnp.asarray(angles[:v]) for v in args.views}
-    fdk_weights = {v: jnp.asarray(fdk_view_weights(angles[:v], arc)) for v in args.views}
-    solvers = classical_solvers(grid, args)
+    solvers = classical_solvers(grid, args, arc)
     net_fns, net_info = {}, None
     if args.checkpoint_workdir:
         net_fns, net_info = network_solvers(_load_config(args.config), args, grid, spec)
@@ -686,9 +656,9 @@ def run(args: argparse.Namespace, command: str) -> dict:
             drr = drr_all[:v]
             t = time.perf_counter()
             if method in solvers:
-                pred, resid = solvers[method](drr, geoms[v], fdk_weights[v])
+                pred, resid = solvers[method](drr, geoms[v])
             else:
-                pred, resid = net_fns[method](drr, geoms[v], angles_v[v], fdk_weights[v])
+                pred, resid = net_fns[method](drr, geoms[v], angles_v[v])
             pred = jax.block_until_ready(pred)
             seconds = time.perf_counter() - t
             row = {"method": method, "views": v, "kind": vol.kind, "volume": vol.id}

@@ -11,21 +11,6 @@ from scripts import quality_table
 from xct import geometry
 
 
-@pytest.mark.parametrize("views", [2, 4, 8, 64])
-def test_fdk_view_weights_make_a_half_scan(views):
-    angles = geometry.nested_view_angles(views)  # over 180 degrees
-    w = quality_table.fdk_view_weights(angles, 180.0)
-    # recon.fdk(short_scan=False) gives view k 0.5 * (its gap on the full circle: step, or
-    # step + pi / 2 at the two ends of the arc); times w that is its gap on the 180-degree
-    # circle, and those add up to pi.
-    step = np.pi / views
-    ends = np.isin(angles, [angles.min(), angles.max()])
-    full_gap = np.where(ends, step + np.pi / 2, step)
-    np.testing.assert_allclose(np.sum(0.5 * w * full_gap), np.pi, rtol=1e-6)
-    np.testing.assert_allclose(w[~ends], 2.0)  # redundancy 1 instead of a full orbit's 1/2
-    np.testing.assert_array_equal(quality_table.fdk_view_weights(angles, 360.0), 1.0)
-
-
 def test_quality_table_smoke(tmp_path, capsys):
     out = tmp_path / "q"
     argv = ["--resolution=16", "--phantoms=1", "--views", "2", "8", "--iters=3", "--no_real"]

@@ -373,7 +373,9 @@ def fdk(
       cutoff: frequency above which the filter is zero, as a fraction of Nyquist (0, 1].
       short_scan: Parker weighting; ``None`` decides from the views (a gap of 20 degrees
         or more between consecutive angles, as RTK), ``True`` forces it, ``False`` never.
-        Cone beam only.
+        Cone beam only. With ``None``, views that all lie within 180 degrees (sparse
+        few-view arcs, shorter than a short scan) get half-scan weights instead: each view
+        counts half the angle to its neighbours on the circle of period 180 degrees.
       fov_mask: zero the voxels outside ``field_of_view_mask(geom, grid)``.
 
     Returns:
@@ -392,12 +394,19 @@ def fdk(
 
     if views.cone:
         gap, first, largest = _angular_gaps(views.theta, 2.0 * math.pi)
+        # Views within half a circle (a sparse 180-degree arc: less than a short scan, so
+        # Parker's overscan would be negative): each ray is measured about once, so every
+        # view counts half the angle between its neighbours on the circle of period pi, with
+        # redundancy 1 (exact in the parallel-beam limit). Automatic only.
+        half_arc = (largest >= math.pi - 1e-6) if short_scan is None else jnp.asarray(False)
         if short_scan is None:
-            parker_on = largest >= _SHORT_SCAN_GAP_RAD
+            parker_on = (largest >= _SHORT_SCAN_GAP_RAD) & ~half_arc
         else:
             parker_on = jnp.asarray(bool(short_scan))
         delta = 0.5 * (2.0 * math.pi - largest - math.pi)
         beta = jnp.mod(views.theta - first, 2.0 * math.pi)
+        gap_half, _, _ = _angular_gaps(views.theta, math.pi)
+        gap = jnp.where(half_arc, 2.0 * gap_half, gap)  # x2: redundancy 1 instead of 1/2
         # every view's share of the orbit, times sdd/sod (the ramp rescaled from the
         # detector to the isocentre) times sod^2 (FDK's (sod/d)^2 without the 1/d^2)
         scale = gap * views.sdd_mm * views.sod_mm
