@@ -19,7 +19,7 @@ quickstart: $(STAMP)  ## DRR demo, then train + evaluate the quickstart model (C
 
 test: $(STAMP)  ## lint, then the default test suite (excludes slow and gpu tests)
 	$(PY) -m ruff check xct scripts tests data_pipelines configs
-	$(PY) -m pytest -n 2 --durations=30 tests
+	$(PY) -m pytest -n 2 --dist loadgroup --durations=30 tests
 
 bench: $(STAMP)  ## projector throughput against RTK on this machine -> bench_out/ and a table
 	$(PY) -m scripts.bench_projector --out bench_out

@@ -30,6 +30,13 @@ CONFIGS = [
 def _render_config(**over):
     """A tiny config that renders phantoms on the fly (no dataset to build)."""
     c = default.get_config("smoke")
+    # A 2-level U-Net without attention, X2CT-style lifting: the training mechanics tested
+    # here do not depend on them, and its step compiles in about half the time of the smoke
+    # U-Net's (60 s alone on 2 cores; the full model is covered by tests/test_models.py,
+    # tests/test_sharding.py and the slow every-config smoke).
+    c.model.lifting = "expand"
+    c.model.num_levels = 2
+    c.model.attention = "none"
     c.data.source = "render"
     c.data.resolution = 16
     c.data.pool_size = 2
@@ -71,6 +78,7 @@ def test_complexity_curriculum_pool_and_draws():
     np.testing.assert_allclose(np.asarray(early["ct"]), np.asarray(only_first["ct"]), atol=1e-6)
 
 
+@pytest.mark.xdist_group(name="unet_step")  # one worker: later ones hit the compile cache
 def test_train_step_lowers_loss_on_a_fixed_batch():
     c = _render_config()
     setup, mesh, init_fn, step_fn, _, _ = train.build(c)
@@ -116,6 +124,7 @@ def _check_same_training(meshes):
         assert diff < 3 * 3 * c.optim.learning_rate, (mesh, diff)
 
 
+@pytest.mark.xdist_group(name="unet_step")  # one worker: later ones hit the compile cache
 def test_step_on_four_devices_equals_one_device():
     """data=4 gives the losses, gradient norms and parameters of one device."""
     if len(jax.devices()) < 4:
@@ -133,6 +142,7 @@ def test_spatially_sharded_steps_equal_one_device():
     _check_same_training([{"data": 2, "spatial": 2}, {"data": 1, "spatial": 4}])
 
 
+@pytest.mark.xdist_group(name="unet_step")  # one worker: later ones hit the compile cache
 def test_checkpoint_restore_gives_identical_next_loss(tmp_path):
     c = _render_config()
     setup, mesh, init_fn, step_fn, abstract, _ = train.build(c)
