@@ -4,11 +4,7 @@ import csv
 import json
 import math
 
-import numpy as np
-import pytest
-
 from scripts import quality_table
-from xct import geometry
 
 
 def test_quality_table_smoke(tmp_path, capsys):
