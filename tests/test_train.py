@@ -166,16 +166,30 @@ def _final_params(workdir, c):
     return step, jax.device_get(state.params)
 
 
+class _Killed(BaseException):
+    """Like a kill: not an Exception, so nothing in the training loop handles it."""
+
+
 @pytest.mark.slow  # three full training runs, each compiling its step (minutes on 2 cores)
-def test_interrupted_run_resumes_exactly(tmp_path):
-    """Stop after 2 of 4 steps (as a kill would leave it), rerun: the result equals an
+def test_interrupted_run_resumes_exactly(tmp_path, monkeypatch):
+    """Kill a 4-step run right after its step-2 checkpoint, rerun it: the result equals an
     uninterrupted run, because keys fold in the step and checkpoints hold everything.
+    (The same config both times: a shorter num_steps would change the LR schedule.)
     A 3-step curriculum makes the resumed run cross from the complexity-ordered pool to
     the full one."""
     c = _render_config(**{"data.curriculum_steps": 3})
     train.train_and_evaluate(c, tmp_path / "straight")
-    c2 = _render_config(**{"train.num_steps": 2, "data.curriculum_steps": 3})
-    train.train_and_evaluate(c2, tmp_path / "resumed")
+    save = checkpoint.Checkpointer.save
+
+    def save_then_die(self, step, *args, **kwargs):
+        save(self, step, *args, **kwargs)
+        if step == 2:
+            raise _Killed("after the step-2 checkpoint")
+
+    with monkeypatch.context() as m:
+        m.setattr(checkpoint.Checkpointer, "save", save_then_die)
+        with pytest.raises(_Killed):
+            train.train_and_evaluate(c, tmp_path / "resumed")
     train.train_and_evaluate(c, tmp_path / "resumed")
     s1, p1 = _final_params(tmp_path / "straight", c)
     s2, p2 = _final_params(tmp_path / "resumed", c)
