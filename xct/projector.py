@@ -36,6 +36,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
 from typing import NamedTuple
 
 import jax
@@ -87,8 +88,6 @@ def _has_triton() -> bool:
 
 def _resolve_kernel(kernel, method: str, grid: VolumeGrid, dtype) -> str:
     """``"auto"`` picks the fused Pallas kernels for float32 Joseph on GPUs, else XLA."""
-    import os
-
     if kernel is None or kernel == "auto":
         kernel = os.environ.get(KERNEL_ENV, "auto")
     if kernel not in KERNELS:

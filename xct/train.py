@@ -529,7 +529,6 @@ def train_and_evaluate(config, workdir) -> dict:
     num_steps = int(config.train.num_steps)
     logger = _Logger(workdir, is_main)
 
-    render_fn = None
     if config.data.source == "tfds":
         it = make_train_iterator(config, data_state)
         next_batch = lambda step: next(it)  # noqa: E731
@@ -540,16 +539,17 @@ def train_and_evaluate(config, workdir) -> dict:
         # linearly, and phantoms come from a pool ordered by complexity, drawn from its
         # easiest part first; after the ramp the pool is replaced by full phantoms.
         by_complexity = bool(ramp) and bool(config.data.get("complexity_curriculum", True))
-        pools = {"pool": None, "full": not (by_complexity and start < ramp)}
-        pools["pool"], render_fn = _render_source(config, mesh, not pools["full"])
+        src = {"full": not (by_complexity and start < ramp)}
+        src["pool"], src["render"] = _render_source(config, mesh, not src["full"])
 
         def next_batch(step):
             strength = np.float32(min(1.0, (step + 1) / ramp) if ramp else 1.0)
-            if not pools["full"] and step >= ramp:
-                pools["pool"] = None  # free the curriculum pool first
-                pools["pool"], _ = _render_source(config, mesh, False)
-                pools["full"] = True
-            return render_fn(jax.random.fold_in(root_key, 2 * step + 1), pools["pool"], strength)
+            if not src["full"] and step >= ramp:
+                src["pool"] = None  # free the curriculum pool first
+                src["pool"], src["render"] = _render_source(config, mesh, False)
+                src["full"] = True
+            key = jax.random.fold_in(root_key, 2 * step + 1)
+            return src["render"](key, src["pool"], strength)
 
         get_data_state = lambda: {}  # noqa: E731 - the stream is a function of the step
     else:
@@ -567,7 +567,7 @@ def train_and_evaluate(config, workdir) -> dict:
     try:
         for step in range(start, num_steps):
             batch = next_batch(step)
-            if render_fn is None:
+            if config.data.source == "tfds":  # rendered batches are sharded already
                 batch = sharding.shard_batch({k: batch[k] for k in batch_keys}, mesh)
             key = jax.random.fold_in(root_key, 2 * step)
             if step == start and jax.process_count() > 1:
@@ -728,10 +728,11 @@ def _render_source(config, mesh, complexity_curriculum: bool = False):
     def render(key, pool, strength=1.0):
         k_pick, k_render = jax.random.split(key)
         n = pool.shape[0]
-        available = n
-        if complexity_curriculum:
+        if complexity_curriculum:  # the easiest ceil(strength * n), with replacement
             available = jnp.clip(jnp.ceil(strength * n), 1, n).astype(jnp.int32)
-        idx = jax.random.randint(k_pick, (b,), 0, available)
+            idx = jax.random.randint(k_pick, (b,), 0, available)
+        else:
+            idx = jax.random.choice(k_pick, n, (b,), replace=n < b)
         return input_pipeline.render_batch(
             k_render,
             pool[idx],
