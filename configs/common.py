@@ -6,8 +6,8 @@ from ml_collections import ConfigDict
 def smoke(config: ConfigDict) -> ConfigDict:
     """Shrink any config to seconds: tiny data, tiny model, a few steps."""
     c = config
-    c.data.resolution = 32
-    c.data.fov_mm = 400.0
+    c.geometry.resolution = 32
+    c.geometry.fov_mm = 400.0
     c.data.batch_size = 4  # divisible by the 4 fake test devices
     if c.data.source == "tfds":
         c.data.dataset = "synthetic_chest/tiny_res32_views8"

@@ -1,7 +1,7 @@
 """Base config: a U-Net from 2 views of 64^3 synthetic chests. Variants import and override.
 
 python -m xct.main --config=configs/default.py --workdir=/tmp/xct/default
-python -m xct.main --config=configs/default.py:smoke --workdir=/tmp/xct/smoke   # seconds
+python -m xct.main --config=configs/default.py:smoke --workdir=/tmp/xct/smoke   # a few minutes
 """
 
 from ml_collections import ConfigDict
@@ -17,18 +17,23 @@ def get_config(arg: str | None = None) -> ConfigDict:
         False  # call jax.distributed.initialize() (also when JAX_COORDINATOR_ADDRESS is set)
     )
     c.mesh = ConfigDict({"data": -1, "spatial": 1})  # device mesh axis sizes (-1: all devices)
+    # Logical array axes -> mesh axes: batches over "data", volumes split along z over "spatial"
+    c.logical_axis_rules = (("batch", "data"), ("z", "spatial"))
 
+    # The acquisition (xct.geometry.Acquisition(**config.geometry)); must match the dataset.
     c.geometry = ConfigDict()
-    c.geometry.sod_mm = 1000.0  # source to isocentre, must match the dataset
-    c.geometry.sdd_mm = 1500.0  # source to detector, must match the dataset
+    c.geometry.resolution = 64  # CT voxels per side = DRR pixels per side
+    c.geometry.fov_mm = 400.0  # CT cube side in mm, centred on the isocentre
+    c.geometry.sod_mm = 1000.0  # source to isocentre
+    c.geometry.sdd_mm = 1500.0  # source to detector
+    c.geometry.pixel_mm = 0.0  # detector pixel; 0: the detector just sees the inscribed cylinder
+    c.geometry.arc_deg = 180.0  # the nested view angles spread over this arc
 
     c.data = ConfigDict()
     c.data.source = "tfds"  # "tfds" (a built dataset) or "render" (phantoms rendered each step)
     c.data.dataset = "synthetic_chest/res64_views8"  # TFDS NAME/CONFIG (source="tfds")
     c.data.data_dir = "~/xct_data"  # where TFDS datasets live
     c.data.split_sizes = ConfigDict()  # override split sizes when the synthetic set is auto-built
-    c.data.resolution = 64  # CT voxels per side = DRR pixels per side; must match the dataset
-    c.data.fov_mm = 400.0  # CT cube side in mm; must match the dataset
     c.data.num_views = 2  # views the model sees (<= views stored in the dataset)
     c.data.view_selection = "first"  # "first" (nested prefix: 2 = PA + lateral) or "random"
     c.data.batch_size = 4  # global batch (split over the data axis)
@@ -65,9 +70,9 @@ def get_config(arg: str | None = None) -> ConfigDict:
     c.loss.projection = 0.1  # L1 between DRRs of the prediction and the input DRRs
     c.loss.projection_extra_views = 0  # random extra angles compared with the true CT's DRRs
     c.loss.seg = 0.0  # cross-entropy of the segmentation head
-    c.loss.adversarial = 0.0  # LSGAN generator loss
+    c.loss.adversarial = 0.0  # adversarial generator loss (gan_kind)
     c.loss.feature_matching = 0.0  # discriminator feature matching
-    c.loss.gan_kind = "lsgan"  # "lsgan" (hinge is available in xct.losses)
+    c.loss.gan_kind = "lsgan"  # "lsgan" (least squares) or "hinge" adversarial losses
 
     c.optim = ConfigDict()
     c.optim.learning_rate = 2e-3  # peak AdamW learning rate

@@ -9,7 +9,7 @@ from configs import common, default
 def get_config(arg=None):
     c = default.get_config()
     c.data.dataset = "synthetic_chest/res128_views8"
-    c.data.resolution = 128
+    c.geometry.resolution = 128
     c.data.batch_size = 2
     c.model.base_features = 16
     c.model.num_levels = 4

@@ -9,5 +9,5 @@ from configs import common, default
 def get_config(arg=None):
     c = default.get_config()
     c.data.dataset = "synthetic_chest/res64_views8"
-    c.data.resolution = 64
+    c.geometry.resolution = 64
     return common.apply_arg(c, arg)

@@ -25,8 +25,10 @@ from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 
-SOD_MM = 1000.0  # source to isocentre, as in a chest radiography / CBCT set-up
-SDD_MM = 1500.0  # source to detector
+from xct import geometry as _geometry
+
+SOD_MM = _geometry.DEFAULT_SOD_MM  # source to isocentre, as in a chest radiography / CBCT set-up
+SDD_MM = _geometry.DEFAULT_SDD_MM  # source to detector
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,38 +41,29 @@ class ViewSpec:
     arc_deg: float = 180.0  # angles spread over this arc, nested order
 
     @property
+    def acquisition(self) -> _geometry.Acquisition:
+        """The dataset's acquisition: every view sees the whole cylinder inscribed in the
+        cube (``Acquisition`` with the default pixel)."""
+        return _geometry.Acquisition(
+            self.resolution, self.fov_mm, SOD_MM, SDD_MM, arc_deg=self.arc_deg
+        )
+
+    @property
     def spacing_mm(self) -> float:
-        return self.fov_mm / self.resolution
+        return self.acquisition.voxel_mm
 
     @property
     def pixel_mm(self) -> float:
-        # Every view sees the whole cylinder inscribed in the cube (radius and half-height
-        # fov/2, axis y): its nearest edge to the source is magnified most.
-        half = (self.fov_mm / 2) * SDD_MM / (SOD_MM - self.fov_mm / 2)
-        return 2.0 * half / self.resolution
+        return self.acquisition.detector_pixel_mm
 
     def angles_deg(self) -> np.ndarray:
-        from xct import geometry
-
-        return geometry.nested_view_angles(self.num_views, self.arc_deg).astype(np.float32)
+        return self.acquisition.view_angles(self.num_views)
 
     def grid(self):
-        from xct import geometry
-
-        r = self.resolution
-        return geometry.VolumeGrid.centered((r, r, r), self.spacing_mm)
+        return self.acquisition.grid()
 
     def geometry(self):
-        from xct import geometry
-
-        r = self.resolution
-        return geometry.circular_cone_beam(
-            self.angles_deg(),
-            sod_mm=SOD_MM,
-            sdd_mm=SDD_MM,
-            det_shape=(r, r),
-            pixel_mm=self.pixel_mm,
-        )
+        return self.acquisition.orbit(self.angles_deg())
 
 
 def features(spec: ViewSpec, *, with_labels: bool):

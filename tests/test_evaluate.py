@@ -1,7 +1,7 @@
 """Evaluation: metrics.json, per-volume CSV, NIfTI outputs, HTML report, CT folders, ensembles.
 
 The module fixture builds a tiny synthetic dataset and writes two checkpoints (steps 2 and
-4, EMA parameters drawn at random in the shapes ``train.build`` gives): compiling the smoke
+4, EMA parameters drawn at random in the shapes of the Experiment's state): compiling the smoke
 U-Net's train step takes minutes on 2 shared cores, far more than this file's budget, and
 evaluation only needs restorable checkpoints. ``test_main_trains_then_evaluates`` (slow)
 runs the real smoke training and evaluation through ``xct.main``.
@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 
 from configs import quickstart
-from xct import checkpoint, evaluate, io, metrics, phantoms, train
+from xct import checkpoint, data, evaluate, evaluator, io, metrics, phantoms
+from xct.experiment import Experiment
 from xct.geometry import VolumeGrid
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -47,13 +48,14 @@ def _random_state(abstract, seed: int):
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    """``(config, workdir)``: the dataset built, checkpoints at steps 2 and 4 (4 is best)."""
+    """``(experiment, workdir)``: the dataset built, checkpoints at steps 2 and 4 (4 is best)."""
     from data_pipelines import build
 
     root = tmp_path_factory.mktemp("evaluate")
     c = _config(root / "data")
     build.build(c.data.dataset, c.data.data_dir, split_sizes=dict(c.data.split_sizes))
-    _, _, _, _, abstract, _ = train.build(c)
+    exp = Experiment.from_config(c)
+    abstract = exp.abstract_state
     workdir = root / "run"
     ckpt = checkpoint.Checkpointer(workdir)
     for step in (2, 4):
@@ -61,7 +63,7 @@ def run(tmp_path_factory):
         ckpt.save(step, state, {}, force=True)
     ckpt.save_best(4, state, {"val_psnr": 10.0})
     ckpt.close()
-    return c, workdir
+    return exp, workdir
 
 
 def _nifti(path):
@@ -85,7 +87,7 @@ def test_evaluate_split_writes_metrics_csv_volumes_and_report(run):
     for key in ("psnr", "ssim", "mae_hu", "rmse_hu", "drr_psnr", "split", "definition"):
         assert key in saved
     assert np.isfinite(out["psnr"]) and np.isfinite(out["drr_psnr"])
-    assert out["definition"] == evaluate.METRIC_DEFINITION  # unchanged; others are added
+    assert out["definition"] == evaluator.METRIC_DEFINITION  # unchanged; others are added
 
     rows = _rows(workdir / "eval" / "per_volume.csv")
     assert len({r["id"] for r in rows}) == 2 and all(r["id"].startswith("chest-2") for r in rows)
@@ -106,7 +108,7 @@ def test_evaluate_split_writes_metrics_csv_volumes_and_report(run):
     np.testing.assert_allclose(float(m["mae_hu"][0]), float(rows[0]["mae_hu"]), rtol=1e-4)
 
     report = (workdir / "eval" / "report.html").read_text()
-    assert evaluate.METRIC_DEFINITION in report and evaluate.DRR_DEFINITION in report
+    assert evaluator.METRIC_DEFINITION in report and evaluator.DRR_DEFINITION in report
     # PSNR distribution, then one montage and one DRR figure (eval.report_volumes = 1).
     assert report.count("src='data:image/png;base64,") == 3
     assert all(r["id"] in report for r in rows)
@@ -119,13 +121,12 @@ def test_ensemble_is_the_mean_of_its_members(run, tmp_path):
     rows = _rows(tmp_path / "per_volume.csv")
     ens, _ = _nifti(tmp_path / rows[0]["pred_nifti"])
 
-    setup, mesh, members = evaluate.restore_members(c, workdir, "2,4")
-    ex = next(evaluate.split_examples(c, c.eval.split, int(c.data.num_views)))
+    members = evaluate.restore_members(c, workdir, "2,4")
+    ex = next(c.data.examples(c.eval.split, c.num_views))
     assert ex.id == rows[0]["id"]
     drr = np.repeat(ex.drr[None], 4, 0)  # a batch the 4 test devices divide
     angles = np.repeat(ex.angles_deg[None], 4, 0)
-    predict = evaluate.make_predictor(setup)
-    singles = [evaluate.reconstruct(predict, [m], drr, angles, mesh)[0] for m in members]
+    singles = [c.evaluator.reconstruct([m.params], drr, angles)[0] for m in members]
     assert np.abs(singles[0] - singles[1]).max() > 1.0  # the members differ
     np.testing.assert_allclose(ens, (singles[0] + singles[1]) / 2, atol=1e-3)
 
@@ -135,7 +136,7 @@ def _write_synthetic_ct(path, seed):
     grid = VolumeGrid((40, 48, 48), (12.0, 10.0, 10.0), origin_xyz_mm=(-200.0, 30.0, -240.0))
     proj_grid = VolumeGrid.centered((48, 40, 48), (10.0, 12.0, 10.0))  # the projector frame
     hu, _ = phantoms.chest_phantom(seed, proj_grid)
-    return io.write_ct(path, evaluate.from_projector_frame(hu), grid)
+    return io.write_ct(path, data.from_projector_frame(hu), grid)
 
 
 def test_eval_ct_dir_renders_scores_and_skips_unreadable_files(run, tmp_path):
@@ -167,7 +168,7 @@ def test_eval_ct_dir_renders_scores_and_skips_unreadable_files(run, tmp_path):
     np.testing.assert_allclose(img.GetOrigin(), want_grid.origin_xyz_mm, atol=1e-3)
 
     # The inputs are exactly what the ct_folder dataset builder stores (first 2 of 8 views).
-    ex = evaluate.ct_example(cts / "a.nii.gz", "a", c, evaluate.make_drr_renderer(c), 2)
+    ex = data.ct_example(cts / "a.nii.gz", "a", c.acquisition, 2)
     ref = ct_folder.make_ct_example(str(cts / "a.nii.gz"), "a", common.ViewSpec(32, 8, 400.0))
     np.testing.assert_allclose(ex.angles_deg, ref["angles_deg"][:2])
     np.testing.assert_allclose(ex.drr * 10.0, ref["drr"][:2], rtol=1e-4, atol=1e-4)
@@ -175,14 +176,14 @@ def test_eval_ct_dir_renders_scores_and_skips_unreadable_files(run, tmp_path):
 
 
 def test_finds_volume_files_and_dicom_series_in_the_shared_cts(shared_ct_dir):
-    sources = [str(p.relative_to(shared_ct_dir)) for p in evaluate.find_ct_sources(shared_ct_dir)]
+    sources = [str(p.relative_to(shared_ct_dir)) for p in data.find_ct_sources(shared_ct_dir)]
     assert "chest_4dct_phase00_2mm.nii.gz" in sources
     assert "dicom/totalseg_abdomen_series" in sources
 
 
 def test_projector_frame_round_trip():
     hu = np.arange(2 * 3 * 4, dtype=np.float32).reshape(2, 3, 4)
-    np.testing.assert_array_equal(evaluate.from_projector_frame(io.to_projector_frame(hu)), hu)
+    np.testing.assert_array_equal(data.from_projector_frame(io.to_projector_frame(hu)), hu)
 
 
 def test_parse_checkpoints(tmp_path):

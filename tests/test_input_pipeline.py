@@ -138,23 +138,16 @@ def test_to_global_shards_the_batch_over_the_data_axis():
 
 @pytest.mark.parametrize("views", [1, 3])
 def test_render_batch_on_device_any_view_count(views):
-    grid = geometry.VolumeGrid.centered((16, 16, 16), 8.0)
+    acq = geometry.Acquisition(16, 128.0, pixel_mm=12.0)
     hu = jnp.full((2, 16, 16, 16), -1000.0).at[:, 4:12, 4:12, 4:12].set(40.0)
     f = jax.jit(
         lambda k, x: input_pipeline.render_batch(
-            k,
-            x,
-            grid,
-            num_views=views,
-            det_shape=(12, 12),
-            pixel_mm=16.0,
-            elastic_mm=4.0,
-            photons=1e5,
+            k, x, acq, num_views=views, elastic_mm=4.0, photons=1e5
         )
     )
     out = f(jax.random.key(0), hu)
     again = f(jax.random.key(0), hu)
-    assert out["drr"].shape == (2, views, 12, 12) and out["angles_deg"].shape == (2, views)
+    assert out["drr"].shape == (2, views, 16, 16) and out["angles_deg"].shape == (2, views)
     np.testing.assert_array_equal(np.asarray(out["drr"]), np.asarray(again["drr"]))
     assert float(out["drr"].max()) > 0
     assert not np.allclose(

@@ -124,7 +124,8 @@ def ct_and_drrs() -> tuple[np.ndarray, np.ndarray]:
 
 
 _PC = functools.partial(
-    losses.projection_consistency, fov_mm=FOV_MM, sod_mm=SOD_MM, sdd_mm=SDD_MM, pixel_mm=PIXEL_MM
+    losses.projection_consistency,
+    acquisition=geometry.Acquisition(RES, FOV_MM, SOD_MM, SDD_MM, PIXEL_MM),
 )
 
 
@@ -187,12 +188,14 @@ def test_projection_consistency_extra_views(ct_and_drrs):
 
 
 def test_projection_consistency_bad_shapes():
-    ct = np.zeros((1, 8, 8, 8), np.float32)
-    drr = np.zeros((1, 2, 8, 8), np.float32)
+    ct = np.zeros((1, RES, RES, RES), np.float32)
+    drr = np.zeros((1, 2, RES, RES), np.float32)
     with pytest.raises(ValueError, match="angles_deg"):
         _PC(ct, drr, np.zeros((1, 3), np.float32))
     with pytest.raises(ValueError, match="pred_ct"):
         _PC(ct[:, :4], drr, np.zeros((1, 2), np.float32))
+    with pytest.raises(ValueError, match="pred_ct"):  # not the acquisition's cube
+        _PC(ct[:, :8, :8, :8], drr, np.zeros((1, 2), np.float32))
 
 
 # ------------------------------------------------------------------------------------------

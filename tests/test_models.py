@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 
 from xct import geometry, models
-from xct.models.lifting import backproject_view, default_pixel_mm, expand_view
+from xct.models.lifting import backproject_view, expand_view
 
 D = 16
 FOV, SOD, SDD = 400.0, 1000.0, 1500.0
-TINY = dict(resolution=D, fov_mm=FOV, base_features=4, num_levels=2, num_res_blocks=1)
+ACQ = geometry.Acquisition(D, FOV, SOD, SDD)
+TINY = dict(acquisition=ACQ, base_features=4, num_levels=2, num_res_blocks=1)
 
 
 def _inputs(b: int, v: int, seed: int = 0) -> tuple[jax.Array, jax.Array]:
@@ -67,7 +68,7 @@ def test_unet_attention_variants_and_segmentation_head(attention):
 
 
 def test_baseline_shapes_and_runs():
-    model = models.get_model("baseline", resolution=D, fov_mm=FOV, base_features=4, num_layers=3)
+    model = models.get_model("baseline", acquisition=ACQ, base_features=4, num_layers=3)
     drr, angles = _inputs(2, 2)
     variables = _fake_params(model, drr, angles)
     out = jax.jit(model.apply, static_argnames="train")(variables, drr, angles, train=True)
@@ -109,7 +110,7 @@ def test_jitted_gradient_through_backproject_lifting_is_finite():
 def test_liftings_place_features_where_the_view_sees_them(angle_deg):
     """Lift the detector coordinates themselves (channel 0 = column, 1 = row): each voxel
     must then hold the detector position it projects to (``Geometry.project_points``)."""
-    pixel = default_pixel_mm(D, FOV, SOD, SDD)
+    pixel = ACQ.detector_pixel_mm
     rows, cols = np.meshgrid(np.arange(D), np.arange(D), indexing="ij")
     coords = jnp.asarray(np.stack([cols, rows], axis=-1).astype(np.float32))
     grid = geometry.VolumeGrid.centered((D, D, D), FOV / D)
@@ -117,7 +118,7 @@ def test_liftings_place_features_where_the_view_sees_them(angle_deg):
         [angle_deg], sod_mm=SOD, sdd_mm=SDD, det_shape=(D, D), pixel_mm=pixel
     )
     rc = geom.project_points(grid.voxel_centers_xyz_mm().reshape(-1, 3))[0].reshape(D, D, D, 2)
-    kw = dict(size=D, fov_mm=FOV, sod_mm=SOD, sdd_mm=SDD, det_width_mm=D * pixel)
+    kw = dict(acquisition=ACQ, size=D, fov_mm=FOV)
     bp = np.asarray(jax.jit(lambda f: backproject_view(f, angle_deg, **kw))(coords))
     inner = (slice(2, -2),) * 3
     assert np.abs(bp[..., 0] - rc[..., 1])[inner].max() < 0.5  # detector pixels
@@ -180,11 +181,13 @@ def test_get_model_errors_name_the_problem():
     with pytest.raises(ValueError, match="attention"):
         models.get_model("unet", attention="both")
     with pytest.raises(ValueError, match="divisible"):
-        models.get_model("unet", resolution=20, num_levels=4)
+        models.get_model("unet", acquisition=geometry.Acquisition(20, FOV), num_levels=4)
     with pytest.raises(ValueError, match="dtype"):
         models.get_model("unet", dtype="float8")
     with pytest.raises(ValueError, match="num_layers"):
         models.get_model("patchgan", num_layers=0)
+    with pytest.raises(ValueError, match="acquisition"):
+        models.get_model("unet", acquisition={"resolution": 16})
     model = models.get_model("unet", **TINY)
     with pytest.raises(ValueError, match="drr"):
         model.init(jax.random.key(0), jnp.zeros((1, 2, D + 1, D)), jnp.zeros((1, 2)))

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from xct import models
+from xct import geometry, models
 from xct.models import lifting, patches
 
 
@@ -17,7 +17,8 @@ def test_lifting_a_patch_equals_the_crop_of_the_whole_lifting(method):
     rng = np.random.default_rng(0)
     feats = jnp.asarray(rng.uniform(0, 1, (2, 3, 12, 12, 2)).astype(np.float32))
     angles = jnp.asarray([[0.0, 70.0, 200.0], [15.0, 90.0, 300.0]])
-    kw = dict(method=method, sod_mm=1000.0, sdd_mm=1500.0, det_width_mm=500.0)
+    acq = geometry.Acquisition(12, fov, 1000.0, 1500.0, pixel_mm=500.0 / 12)
+    kw = dict(method=method, acquisition=acq)
     whole = lifting.lift(feats, angles, size=d, fov_mm=fov, **kw)  # [B, V, d, d, d, C]
     offsets = np.array([[0, 3, 8], [5, 8, 1]])
     voxel = fov / d
@@ -47,7 +48,7 @@ def test_window_arguments_are_checked():
     with pytest.raises(ValueError, match="patch"):
         patches.window_starts(16, 32, 0)
     with pytest.raises(ValueError, match="patch_size"):
-        models.get_model("unet", resolution=16, num_levels=3, patch_size=6)
+        models.get_model("unet", acquisition=geometry.Acquisition(16), num_levels=3, patch_size=6)
 
 
 def test_random_offsets_and_crop():
@@ -61,7 +62,7 @@ def test_random_offsets_and_crop():
 
 @pytest.mark.slow  # three U-Net compiles (minutes on 2 cores)
 def test_patch_model_with_the_whole_volume_as_patch_is_the_whole_model():
-    kw = dict(resolution=16, base_features=4, num_levels=3)
+    kw = dict(acquisition=geometry.Acquisition(16), base_features=4, num_levels=3)
     whole = models.get_model("unet", **kw)
     patch = models.get_model("unet", patch_size=16, **kw)
     drr = jnp.asarray(np.random.default_rng(2).uniform(0, 1, (1, 2, 16, 16)), jnp.float32)

@@ -124,3 +124,47 @@ def test_complexity_keeps_the_anatomy_and_removes_detail(grid64):
     assert easy_hu[lung].std() < full_hu[lung].std()
     with pytest.raises(ValueError, match="complexity"):
         phantoms.chest_phantom(7, grid64, complexity=1.5)
+
+
+@pytest.fixture(scope="module")
+def grid_small():
+    return geometry.VolumeGrid.centered((24, 32, 28), 9.0)
+
+
+@pytest.mark.parametrize("seed, couch, complexity", [(0, True, 1.0), (5, False, 0.3)])
+def test_draw_then_paint_is_chest_phantom(grid_small, seed, couch, complexity):
+    params = phantoms.draw_chest_params(seed, grid_small, couch=couch, complexity=complexity)
+    assert isinstance(params, phantoms.ChestParams)
+    assert params.couch == couch and params.complexity == complexity
+    hu, labels = phantoms.paint_chest(params, grid_small)
+    ref_hu, ref_labels = phantoms.chest_phantom(
+        seed, grid_small, couch=couch, complexity=complexity
+    )
+    np.testing.assert_array_equal(hu, ref_hu)
+    np.testing.assert_array_equal(labels, ref_labels)
+    # painting draws nothing: the same parameters give the same volumes again
+    np.testing.assert_array_equal(phantoms.paint_chest(params, grid_small)[0], hu)
+    # and edited parameters are painted as edited
+    _, no_couch = phantoms.paint_chest(params._replace(couch=False), grid_small)
+    assert not np.any(no_couch == L["couch"])
+
+
+def test_params_anatomy_independent_of_grid_and_complexity(grid_small, grid64):
+    full = phantoms.draw_chest_params(3, grid64)
+    for other in (
+        phantoms.draw_chest_params(3, grid_small),
+        phantoms.draw_chest_params(3, grid64, complexity=0.3),
+    ):
+        leaves = jax.tree.leaves(other._replace(nodules=(), complexity=1.0))
+        expected = jax.tree.leaves(full._replace(nodules=()))
+        assert len(leaves) == len(expected)
+        for a, b in zip(leaves, expected, strict=True):
+            np.testing.assert_array_equal(a, b)
+    assert 1 <= len(full.nodules) <= 4
+    for nodule in full.nodules:
+        assert 2.0 <= nodule.radius_mm <= 7.5 and 20.0 <= nodule.hu <= 100.0
+    assert phantoms.draw_chest_params(3, grid64, complexity=0.3).nodules == ()
+    assert phantoms.draw_chest_params(3, grid64, nodules=False).nodules == ()
+    assert len(full.vessels) > 8  # several roots a side, each a branching tree
+    with pytest.raises(ValueError, match="complexity"):
+        phantoms.draw_chest_params(3, grid64, complexity=-0.1)

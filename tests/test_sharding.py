@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from xct import models, sharding
+from xct import geometry, models, sharding
 from xct.models import layers
 
 MESHES = [{"data": 1, "spatial": 1}, {"data": 2, "spatial": 2}, {"data": 1, "spatial": 4}]
@@ -17,7 +17,13 @@ def _problem():
     # covered by the slow full-step test in test_train.py.
     # Two levels (the bottleneck, 8^3, is still split over 4 devices; its attention spans
     # them): compiles in ~60% of the time of three.
-    model = models.get_model("unet", resolution=16, base_features=4, num_levels=2, lifting="expand")
+    model = models.get_model(
+        "unet",
+        acquisition=geometry.Acquisition(16),
+        base_features=4,
+        num_levels=2,
+        lifting="expand",
+    )
     rng = np.random.default_rng(0)
     batch = {
         "drr": rng.uniform(0, 1, (4, 2, 16, 16)).astype(np.float32),
@@ -34,9 +40,8 @@ def _problem():
 
 def _loss_and_grads(model, params, batch, mesh):
     def loss(p, b):
-        with layers.activation_mesh(mesh):
-            ct = model.apply({"params": p}, b["drr"], b["angles_deg"])["ct"]
-            return jnp.mean(jnp.abs(ct - b["ct"])) + jnp.mean(jnp.square(ct))
+        ct = model.apply({"params": p}, b["drr"], b["angles_deg"])["ct"]
+        return jnp.mean(jnp.abs(ct - b["ct"])) + jnp.mean(jnp.square(ct))
 
     b = sharding.shard_batch(batch, mesh)
     rep = sharding.replicated(mesh)
@@ -45,7 +50,8 @@ def _loss_and_grads(model, params, batch, mesh):
         in_shardings=(rep, sharding.batch_shardings(mesh, batch)),
         out_shardings=rep,
     )
-    value, grads = f(params, b)
+    with sharding.activation_context(mesh):
+        value, grads = f(params, b)
     return float(value), jax.device_get(grads), b
 
 
@@ -87,7 +93,7 @@ def test_batch_shardings_split_volumes_over_spatial():
         sharding.make_mesh({"data": 3, "spatial": 2})
 
 
-def test_constrain_is_a_no_op_without_a_mesh():
+def test_constrain_is_a_no_op_without_axis_rules():
     x = jnp.ones((2, 4, 4, 4, 3))
     assert layers.constrain(x) is x
 
@@ -103,17 +109,18 @@ def test_lifting_runs_as_z_slabs_on_a_spatial_mesh_and_equals_the_whole(method):
     feats = jnp.asarray(rng.random((2, 2, 8, 8, 3), np.float32))
     angles = jnp.asarray([[0.0, 90.0], [30.0, 120.0]], jnp.float32)
     center = jnp.asarray([[0.0, 0.0, 0.0], [4.0, -2.0, 6.0]], jnp.float32)
-    kw = dict(method=method, size=8, fov_mm=64.0, sod_mm=500.0, sdd_mm=800.0, det_width_mm=110.0)
+    acq = geometry.Acquisition(8, 64.0, 500.0, 800.0, pixel_mm=110.0 / 8)
+    kw = dict(method=method, size=8, acquisition=acq)
     ref = lifting.lift(feats, angles, center_mm=center, **kw)
     mesh = sharding.make_mesh({"data": 1, "spatial": 4})
 
     @jax.jit
     def sharded(f, a, c):
-        with layers.activation_mesh(mesh):
-            assert lifting._spatial_mesh(f.shape[0], 8) is mesh
-            return lifting.lift(f, a, center_mm=c, **kw)
+        assert lifting.slab_axes(f.shape[0], 8) == ("data", "spatial", 4)
+        return lifting.lift(f, a, center_mm=c, **kw)
 
-    out = sharded(feats, angles, center)
+    with sharding.activation_context(mesh):
+        out = sharded(feats, angles, center)
     z_shards = {s.index[2].indices(8) for s in out.addressable_shards}
     assert len(z_shards) == 4  # [B, V, z, y, x, C] split along z
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-5, rtol=1e-5)

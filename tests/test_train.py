@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from configs import default
-from xct import checkpoint, geometry, sharding, train
+from xct import checkpoint, sharding, steps, train
+from xct.experiment import Experiment
 
 CONFIGS = [
     "default",
@@ -38,7 +39,7 @@ def _render_config(**over):
     c.model.num_levels = 2
     c.model.attention = "none"
     c.data.source = "render"
-    c.data.resolution = 16
+    c.geometry.resolution = 16
     c.data.pool_size = 2
     c.data.batch_size = 4
     c.train.num_steps = 4
@@ -54,7 +55,7 @@ def _render_config(**over):
 
 def _fixed_batch(config):
     mesh = sharding.make_mesh({"data": 1})
-    pool, render = train._render_source(config, mesh)
+    pool, render = Experiment.from_config(config).data.renderer(mesh, sharding.DEFAULT_RULES)
     return jax.device_get(render(jax.random.key(0), pool))
 
 
@@ -63,9 +64,9 @@ def test_complexity_curriculum_pool_and_draws():
 
     c = _render_config(**{"data.pool_size": 3})
     mesh = sharding.make_mesh({"data": 1})
-    pool, render = train._render_source(c, mesh, True)
-    g = train.data_geometry(c)
-    grid = geometry.VolumeGrid.centered((g["resolution"],) * 3, g["fov_mm"] / g["resolution"])
+    exp = Experiment.from_config(c)
+    pool, render = exp.data.renderer(mesh, sharding.DEFAULT_RULES, by_complexity=True)
+    grid = exp.acquisition.grid()
     seed = int(c.seed) * 100_003
     # Phantom i of P has complexity (i + 1) / P: the last is the full phantom.
     np.testing.assert_array_equal(np.asarray(pool[2]), phantoms.chest_phantom(seed + 2, grid)[0])
@@ -81,24 +82,24 @@ def test_complexity_curriculum_pool_and_draws():
 @pytest.mark.xdist_group(name="unet_step")  # one worker: later ones hit the compile cache
 def test_train_step_lowers_loss_on_a_fixed_batch():
     c = _render_config()
-    setup, mesh, init_fn, step_fn, _, _ = train.build(c)
-    batch = sharding.shard_batch(_fixed_batch(c), mesh)
-    state = init_fn(jax.random.key(0), train.dummy_batch(c))
+    exp = Experiment.from_config(c)
+    batch = exp.shard(_fixed_batch(c))
+    state = exp.init(jax.random.key(0), exp.dummy_batch())
     losses = []
     for i in range(8):
-        state, m = step_fn(state, batch, jax.random.key(i))
+        state, m = exp.train_step(state, batch, jax.random.key(i))
         losses.append(float(m["loss"]))
     assert losses[-1] < 0.7 * losses[0], losses
     assert int(state.step) == 8 and int(state.nonfinite_steps) == 0
 
 
 def _three_steps(c):
-    setup, mesh, init_fn, step_fn, _, _ = train.build(c)
-    batch = sharding.shard_batch(_fixed_batch(c), mesh)
-    state = init_fn(jax.random.key(0), train.dummy_batch(c))
+    exp = Experiment.from_config(c)
+    batch = exp.shard(_fixed_batch(c))
+    state = exp.init(jax.random.key(0), exp.dummy_batch())
     ms = []
     for i in range(3):
-        state, m = step_fn(state, batch, jax.random.key(i))
+        state, m = exp.train_step(state, batch, jax.random.key(i))
         ms.append({k: float(m[k]) for k in ("loss", "grad_norm")})
     return batch, ms, jax.device_get(state.params)
 
@@ -145,23 +146,23 @@ def test_spatially_sharded_steps_equal_one_device():
 @pytest.mark.xdist_group(name="unet_step")  # one worker: later ones hit the compile cache
 def test_checkpoint_restore_gives_identical_next_loss(tmp_path):
     c = _render_config()
-    setup, mesh, init_fn, step_fn, abstract, _ = train.build(c)
-    batch = sharding.shard_batch(_fixed_batch(c), mesh)
-    state = init_fn(jax.random.key(0), train.dummy_batch(c))
-    state, _ = step_fn(state, batch, jax.random.key(0))
+    exp = Experiment.from_config(c)
+    batch = exp.shard(_fixed_batch(c))
+    state = exp.init(jax.random.key(0), exp.dummy_batch())
+    state, _ = exp.train_step(state, batch, jax.random.key(0))
     ckpt = checkpoint.Checkpointer(tmp_path)
     ckpt.save(1, state, {"next_index": 7}, force=True)
     ckpt.wait()
-    _, m_direct = step_fn(jax.tree.map(lambda x: x.copy(), state), batch, jax.random.key(1))
-    restored, data_state, step = checkpoint.Checkpointer(tmp_path).restore(abstract)
-    _, m_restored = step_fn(restored, batch, jax.random.key(1))
+    _, m_direct = exp.train_step(jax.tree.map(lambda x: x.copy(), state), batch, jax.random.key(1))
+    restored, data_state, step = checkpoint.Checkpointer(tmp_path).restore(exp.abstract_state)
+    _, m_restored = exp.train_step(restored, batch, jax.random.key(1))
     assert step == 1 and data_state == {"next_index": 7}
     assert float(m_restored["loss"]) == float(m_direct["loss"])
     ckpt.close()
 
 
 def _final_params(workdir, c):
-    _, _, _, _, abstract, _ = train.build(c)
+    abstract = Experiment.from_config(c).abstract_state
     state, _, step = checkpoint.Checkpointer(workdir).restore(abstract)
     return step, jax.device_get(state.params)
 
@@ -178,7 +179,8 @@ def test_interrupted_run_resumes_exactly(tmp_path, monkeypatch):
     A 3-step curriculum makes the resumed run cross from the complexity-ordered pool to
     the full one."""
     c = _render_config(**{"data.curriculum_steps": 3})
-    train.train_and_evaluate(c, tmp_path / "straight")
+    exp = Experiment.from_config(c)
+    train.train_and_evaluate(exp, tmp_path / "straight")
     save = checkpoint.Checkpointer.save
 
     def save_then_die(self, step, *args, **kwargs):
@@ -189,8 +191,8 @@ def test_interrupted_run_resumes_exactly(tmp_path, monkeypatch):
     with monkeypatch.context() as m:
         m.setattr(checkpoint.Checkpointer, "save", save_then_die)
         with pytest.raises(_Killed):
-            train.train_and_evaluate(c, tmp_path / "resumed")
-    train.train_and_evaluate(c, tmp_path / "resumed")
+            train.train_and_evaluate(exp, tmp_path / "resumed")
+    train.train_and_evaluate(exp, tmp_path / "resumed")
     s1, p1 = _final_params(tmp_path / "straight", c)
     s2, p2 = _final_params(tmp_path / "resumed", c)
     assert s1 == s2 == 4
@@ -213,7 +215,8 @@ def test_sigterm_saves_a_restorable_checkpoint_and_stops(tmp_path):
             time.sleep(0.1)
 
     threading.Thread(target=kill_after_first_log, daemon=True).start()
-    train.train_and_evaluate(c, tmp_path)
+    result = train.train_and_evaluate(Experiment.from_config(c), tmp_path)
+    assert result["stopped"]
     step, params = _final_params(tmp_path, c)
     assert 1 <= step < 10_000
     assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(params))
@@ -223,50 +226,51 @@ def test_sigterm_saves_a_restorable_checkpoint_and_stops(tmp_path):
 def test_nonfinite_loss_stops_with_a_clear_message(tmp_path):
     c = _render_config(**{"optim.learning_rate": float("nan"), "train.log_every": 1})
     with pytest.raises(FloatingPointError, match="NaN/inf"):
-        train.train_and_evaluate(c, tmp_path)
+        train.train_and_evaluate(Experiment.from_config(c), tmp_path)
 
 
 @pytest.mark.slow  # ~4 min of compiling per config on 2 cores; the render-config tests cover
 @pytest.mark.parametrize("name", CONFIGS)  # the same step in the default run
 def test_every_config_smoke_compiles_and_steps(name):
     c = importlib.import_module(f"configs.{name}").get_config("smoke")
-    setup, mesh, init_fn, step_fn, _, batch = train.build(c)
-    state = init_fn(jax.random.key(0), batch)
-    state, m = step_fn(state, sharding.shard_batch(batch, mesh), jax.random.key(1))
+    exp = Experiment.from_config(c)
+    batch = exp.dummy_batch()
+    state = exp.init(jax.random.key(0), batch)
+    state, m = exp.train_step(state, exp.shard(batch), jax.random.key(1))
     assert np.isfinite(float(m["loss"])) and int(state.step) == 1
 
 
 def test_bad_config_values_are_clear_errors():
     c = _render_config(**{"data.batch_size": 3, "mesh.data": 2})
     with pytest.raises(ValueError, match="batch_size"):
-        train.build(c)
+        Experiment.from_config(c)
     c = _render_config(**{"model.lifting": "sideways"})
     with pytest.raises(ValueError, match="lifting"):
-        train.build(c)
+        Experiment.from_config(c)
 
 
 @pytest.mark.slow  # compiles a second U-Net step (minutes); test_patches.py covers the parts
 def test_patch_training_and_sliding_window_prediction():
     c = _render_config(**{"train.patch_size": 12, "train.patch_overlap": 4, "loss.projection": 0.0})
-    setup, mesh, init_fn, step_fn, _, _ = train.build(c)
-    batch = sharding.shard_batch(_fixed_batch(c), mesh)
-    state = init_fn(jax.random.key(0), train.dummy_batch(c))
-    state, m = step_fn(state, batch, jax.random.key(1))
+    exp = Experiment.from_config(c)
+    batch = exp.shard(_fixed_batch(c))
+    state = exp.init(jax.random.key(0), exp.dummy_batch())
+    state, m = exp.train_step(state, batch, jax.random.key(1))
     assert np.isfinite(float(m["loss"]))
-    whole = jax.jit(lambda p, b: train.predict_ct(setup, p, b))(state.params, batch)
+    whole = jax.jit(lambda p, b: steps.predict_ct(exp.setup, p, b))(state.params, batch)
     assert whole.shape == batch["ct"].shape and np.all(np.isfinite(np.asarray(whole)))
     with pytest.raises(ValueError, match="projection"):
-        train.build(_render_config(**{"train.patch_size": 8, "loss.projection": 0.1}))
+        Experiment.from_config(_render_config(**{"train.patch_size": 8, "loss.projection": 0.1}))
 
 
 @pytest.mark.slow  # two stages, two compiles (minutes)
 def test_progressive_stages_carry_the_weights(tmp_path, capsys):
     c = _render_config(**{"train.stages": "12:1,16:2", "model.num_levels": 2})
-    last_config, last_dir = train.train_progressive(c, tmp_path)
-    assert last_dir == tmp_path / "stage1_16" and last_config.data.resolution == 16
+    last_exp, last_dir, _ = train.train_progressive(c, tmp_path)
+    assert last_dir == tmp_path / "stage1_16" and last_exp.acquisition.resolution == 16
     out = capsys.readouterr().out
     assert "stage 0: 12^3" in out and "stage 1: 16^3" in out
-    for stage, steps in (("stage0_12", 1), ("stage1_16", 2)):
-        assert checkpoint.Checkpointer(tmp_path / stage).latest_step() == steps
+    for stage, n_steps in (("stage0_12", 1), ("stage1_16", 2)):
+        assert checkpoint.Checkpointer(tmp_path / stage).latest_step() == n_steps
     with pytest.raises(ValueError, match="stages"):
         train.parse_stages("64-100")

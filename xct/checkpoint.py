@@ -11,7 +11,6 @@ from __future__ import annotations
 import pathlib
 from typing import Any
 
-import jax
 import orbax.checkpoint as ocp
 
 
@@ -47,6 +46,10 @@ class Checkpointer:
         self.last.save(step, args=self._args(state, data_state), force=force)
 
     def save_best(self, step: int, state, metrics: dict, data_state: dict | None = None) -> None:
+        """Offer ``state`` as the best; a step already saved (a resumed run validating the
+        same step again, with the same result) is kept as it is."""
+        if step in self.best.all_steps():
+            return
         self.best.save(
             step,
             args=self._args(state, data_state),
@@ -86,10 +89,3 @@ class Checkpointer:
         self.last.close()
         self.best.close()
 
-
-def abstract_like(tree):
-    """ShapeDtypeStructs (with shardings) of a concrete pytree, for ``restore``."""
-    return jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
-        tree,
-    )

@@ -437,3 +437,142 @@ def nested_view_angles(num_views: int, arc_deg: float = 180.0) -> np.ndarray:
         order.append(best)
         remaining.remove(best)
     return grid_deg[order]
+
+
+# ------------------------------------------------------------------------------------------
+# The acquisition: the one owner of sod, sdd, detector and reconstruction cube
+
+
+#: Source to isocentre and source to detector distances of every xct dataset and model
+#: unless a config says otherwise (a chest radiography / CBCT set-up).
+DEFAULT_SOD_MM = 1000.0
+DEFAULT_SDD_MM = 1500.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Acquisition:
+    """A circular cone-beam acquisition and the cube it reconstructs.
+
+    The volume is the centred cube of ``resolution^3`` voxels and side ``fov_mm``; every
+    view is a flat ``resolution x resolution`` detector of ``detector_pixel_mm`` pixels on
+    the orbit about +y (``circular_cone_beam``). A config's ``geometry`` section holds
+    exactly these fields: ``Acquisition(**config.geometry)``.
+
+    Attributes:
+      resolution: voxels per side of the cube = detector pixels per side.
+      fov_mm: side of the cube in mm.
+      sod_mm: source to isocentre distance (mm).
+      sdd_mm: source to detector distance (mm).
+      pixel_mm: detector pixel (mm); 0 or None: the smallest detector that sees the whole
+        cylinder inscribed in the cube (``inscribed_pixel_mm``).
+      arc_deg: the arc the nested view angles spread over (degrees).
+
+    Hashable, so it can be a static field of a Flax module or a ``jit`` static argument.
+    """
+
+    resolution: int = 64
+    fov_mm: float = 400.0
+    sod_mm: float = DEFAULT_SOD_MM
+    sdd_mm: float = DEFAULT_SDD_MM
+    pixel_mm: float | None = None
+    arc_deg: float = 180.0
+
+    def __post_init__(self):
+        res = _positive_tuple("geometry.resolution", [self.resolution], 1, integer=True)[0]
+        if res < 2:
+            raise ValueError(f"geometry.resolution: expected >= 2 voxels, got {res}")
+        object.__setattr__(self, "resolution", res)
+        for name in ("fov_mm", "sod_mm", "sdd_mm", "arc_deg"):
+            value = _positive_tuple(f"geometry.{name}", [getattr(self, name)], 1)[0]
+            object.__setattr__(self, name, value)
+        if self.sdd_mm <= self.sod_mm:
+            raise ValueError(
+                f"geometry.sdd_mm: the detector must lie beyond the isocentre, "
+                f"sdd_mm={self.sdd_mm} <= sod_mm={self.sod_mm}"
+            )
+        if self.sod_mm <= self.fov_mm * np.sqrt(2.0) / 2.0:
+            raise ValueError(
+                f"geometry.sod_mm: the source ({self.sod_mm} mm) must stay outside the "
+                f"fov_mm={self.fov_mm} cube"
+            )
+        if self.pixel_mm:
+            pixel = _positive_tuple("geometry.pixel_mm", [self.pixel_mm], 1)[0]
+            object.__setattr__(self, "pixel_mm", pixel)
+        else:
+            object.__setattr__(self, "pixel_mm", None)
+
+    @property
+    def voxel_mm(self) -> float:
+        return self.fov_mm / self.resolution
+
+    @property
+    def det_shape(self) -> tuple[int, int]:
+        return (self.resolution, self.resolution)
+
+    @property
+    def detector_pixel_mm(self) -> float:
+        """The detector pixel: ``pixel_mm`` or, when unset, ``inscribed_pixel_mm``."""
+        return self.pixel_mm or inscribed_pixel_mm(
+            self.resolution, self.fov_mm, self.sod_mm, self.sdd_mm
+        )
+
+    @property
+    def detector_width_mm(self) -> float:
+        """Physical side of the square detector."""
+        return self.resolution * self.detector_pixel_mm
+
+    def grid(self) -> VolumeGrid:
+        """The reconstruction cube: ``resolution^3`` voxels centred on the isocentre."""
+        return VolumeGrid.centered((self.resolution,) * 3, self.voxel_mm)
+
+    def view_angles(self, num_views: int) -> np.ndarray:
+        """``num_views`` angles (degrees, float32) in the datasets' nested order."""
+        return nested_view_angles(num_views, self.arc_deg).astype(np.float32)
+
+    def with_resolution(self, resolution: int) -> Acquisition:
+        """The same orbit and cube at another resolution (the detector side is kept)."""
+        pixel = self.pixel_mm * self.resolution / resolution if self.pixel_mm else None
+        return dataclasses.replace(self, resolution=int(resolution), pixel_mm=pixel)
+
+    def orbit(
+        self,
+        angles_deg: jax.typing.ArrayLike,
+        *,
+        det_shape: Sequence[int] | None = None,
+        isocenter_xyz_mm: jax.typing.ArrayLike | None = None,
+    ) -> Geometry:
+        """The cone-beam views at ``angles_deg [V]`` (may be traced: this is jit-safe).
+
+        ``det_shape``: the same physical detector sampled at ``(rows, cols)`` pixels
+        (coarser feature maps); default ``det_shape``. ``isocenter_xyz_mm [3]``: where the
+        isocentre lies in the frame of a centred volume grid, i.e. ``-c`` for a cube whose
+        centre sits at ``c`` in the world (a patch or a slab); default 0.
+        """
+        a = jnp.asarray(angles_deg)
+        a = a.astype(jnp.result_type(a.dtype, jnp.float32)).reshape(-1)
+        if det_shape is None:
+            rows, cols = self.det_shape
+            pixel = (self.detector_pixel_mm, self.detector_pixel_mm)
+        else:
+            rows, cols = (int(n) for n in det_shape)
+            pixel = (self.detector_width_mm / rows, self.detector_width_mm / cols)
+        if isocenter_xyz_mm is None:
+            t = jnp.zeros((a.shape[0], 3), a.dtype)
+        else:
+            t = jnp.broadcast_to(jnp.asarray(isocenter_xyz_mm, a.dtype), (a.shape[0], 3))
+        return from_poses(
+            rotation_y(jnp.deg2rad(a)),
+            t,
+            sod_mm=self.sod_mm,
+            sdd_mm=self.sdd_mm,
+            det_shape=(rows, cols),
+            pixel_mm=pixel,
+        )
+
+
+def inscribed_pixel_mm(resolution: int, fov_mm: float, sod_mm: float, sdd_mm: float) -> float:
+    """The pixel of a ``resolution``-pixel detector that sees the whole cylinder inscribed
+    in the centred ``fov_mm`` cube (radius and half-height ``fov/2``, axis y): its edge
+    nearest to the source is magnified most."""
+    half = (fov_mm / 2.0) * sdd_mm / (sod_mm - fov_mm / 2.0)
+    return 2.0 * half / resolution

@@ -215,13 +215,9 @@ def warp(volume: jax.Array, displacement: jax.Array, fill: float) -> jax.Array:
 def render_batch(
     key: jax.Array,
     ct_hu: jax.Array,
-    grid,
+    acquisition,
     *,
     num_views: int,
-    det_shape,
-    pixel_mm: float,
-    sod_mm: float = 1000.0,
-    sdd_mm: float = 1500.0,
     random_angles: bool = True,
     flip: bool = True,
     elastic_mm: float = 0.0,
@@ -232,7 +228,8 @@ def render_batch(
 
     Args:
       key: PRNG key (``fold_in`` the step for a resumable stream).
-      ct_hu: ``[batch, z, y, x]`` HU on ``grid``.
+      ct_hu: ``[batch, z, y, x]`` HU on ``acquisition.grid()``.
+      acquisition: the orbit, detector and cube (``xct.geometry.Acquisition``).
       num_views: views per example; angles are uniform over 180 degrees with a random
         offset when ``random_angles`` (else the nested fixed angles).
       flip: random left-right flips (x axis) of the volume.
@@ -244,7 +241,11 @@ def render_batch(
     Returns ``{"ct": normalised CT, "drr": normalised DRRs [batch, views, rows, cols],
     "angles_deg": [batch, views]}``.
     """
-    from xct import geometry, physics, projector
+    from xct import physics, projector
+
+    grid = acquisition.grid()
+    if tuple(ct_hu.shape[1:]) != grid.shape:
+        raise ValueError(f"ct_hu: expected [batch, *{grid.shape}], got {tuple(ct_hu.shape)}")
 
     def one(k, hu):
         k_flip, k_el, k_ang, k_noise = jax.random.split(k, 4)
@@ -255,18 +256,10 @@ def render_batch(
                 k_el, hu.shape, max_mm=elastic_mm, spacing_mm=min(grid.spacing_mm)
             )
             hu = warp(hu, disp, fill=-1000.0)
-        base = jnp.asarray(geometry.nested_view_angles(num_views), jnp.float32)
+        base = jnp.asarray(acquisition.view_angles(num_views))
         offset = jax.random.uniform(k_ang, (), maxval=180.0) if random_angles else 0.0
         angles = base + offset
-        rot = geometry.rotation_y(jnp.deg2rad(angles))
-        geom = geometry.from_poses(
-            rot,
-            jnp.zeros((num_views, 3)),
-            sod_mm=sod_mm,
-            sdd_mm=sdd_mm,
-            det_shape=det_shape,
-            pixel_mm=pixel_mm,
-        )
+        geom = acquisition.orbit(angles)
         mu = physics.hu_to_mu(hu)
         drr = projector.forward_project(mu, grid, geom)
         if photons is not None:

@@ -119,18 +119,11 @@ def frequency_loss(pred: jax.typing.ArrayLike, target: jax.typing.ArrayLike) -> 
 # Projection consistency
 
 
-def _render(ct: jax.Array, angles_deg: jax.Array, grid, det_shape, sod_mm, sdd_mm, pixel_mm):
+def _render(ct: jax.Array, angles_deg: jax.Array, acquisition, det_shape):
     """Normalised DRRs ``[V, rows, cols]`` of one normalised CT ``[D, D, D]``."""
     mu = physics.hu_to_mu(physics.denormalize_ct(ct))
-    geom = geometry.from_poses(
-        geometry.rotation_y(jnp.deg2rad(angles_deg)),
-        jnp.zeros((angles_deg.shape[0], 3), mu.dtype),
-        sod_mm=sod_mm,
-        sdd_mm=sdd_mm,
-        det_shape=det_shape,
-        pixel_mm=pixel_mm,
-    )
-    return physics.normalize_drr(projector.forward_project(mu, grid, geom))
+    geom = acquisition.orbit(angles_deg, det_shape=det_shape)
+    return physics.normalize_drr(projector.forward_project(mu, acquisition.grid(), geom))
 
 
 def projection_consistency(
@@ -138,10 +131,7 @@ def projection_consistency(
     drr: jax.typing.ArrayLike,
     angles_deg: jax.typing.ArrayLike,
     *,
-    fov_mm: float,
-    sod_mm: float,
-    sdd_mm: float,
-    pixel_mm: float | Sequence[float],
+    acquisition: geometry.Acquisition,
     target_ct: jax.typing.ArrayLike | None = None,
     extra_views: int = 0,
     key: jax.Array | None = None,
@@ -150,10 +140,10 @@ def projection_consistency(
 
     Each predicted CT is mapped back to HU (``physics.denormalize_ct``), to attenuation
     (``physics.hu_to_mu``: ``mu_water (1 + HU/1000)`` clipped at 0, so voxels below
-    -1000 HU give no gradient) on the grid ``VolumeGrid.centered((D, D, D), fov_mm / D)``,
-    and projected with ``projector.forward_project`` (Joseph) on the cone-beam orbit
-    ``from_poses(rotation_y(angle), 0, sod_mm, sdd_mm, (rows, cols), pixel_mm)`` -- the
-    chain of ``physics.render_drrs(mode="mono")`` and ``input_pipeline``. Then::
+    -1000 HU give no gradient) on the grid ``acquisition.grid()``, and projected with
+    ``projector.forward_project`` (Joseph) on the cone-beam orbit
+    ``acquisition.orbit(angles, det_shape=(rows, cols))`` -- the chain of
+    ``physics.render_drrs(mode="mono")`` and ``input_pipeline``. Then::
 
         loss_b = mean over views v, rows, cols of |normalize_drr(P_v mu(pred_b)) - drr_b,v|
 
@@ -168,9 +158,7 @@ def projection_consistency(
       pred_ct: ``[B, D, D, D]`` predicted CT, ``physics.normalize_ct`` units.
       drr: ``[B, V, rows, cols]`` input DRRs, ``physics.normalize_drr`` units.
       angles_deg: ``[B, V]`` gantry angles of the input views, degrees.
-      fov_mm: side of the CT cube (mm).
-      sod_mm, sdd_mm: source-isocentre and source-detector distances (mm).
-      pixel_mm: detector pixel size (mm), one number or ``(row pitch, column pitch)``.
+      acquisition: the orbit, detector and cube (``D = acquisition.resolution``).
       target_ct: ``[B, D, D, D]`` true CT (normalised); needed only for extra views.
       extra_views: number of random extra views per example (static int).
       key: PRNG key for the extra angles; needed only for extra views.
@@ -184,6 +172,10 @@ def projection_consistency(
     if ct.ndim != 4 or not (ct.shape[1] == ct.shape[2] == ct.shape[3]):
         raise ValueError(f"pred_ct: expected [B, D, D, D] normalised CT, got shape {ct.shape}")
     b, res = ct.shape[0], ct.shape[1]
+    if res != acquisition.resolution:
+        raise ValueError(
+            f"pred_ct: {res}^3 voxels but the acquisition's cube has {acquisition.resolution}^3"
+        )
     if d.ndim != 4 or d.shape[0] != b:
         raise ValueError(f"drr: expected [B={b}, views, rows, cols] DRRs, got shape {d.shape}")
     if ang.shape != d.shape[:2]:
@@ -191,12 +183,7 @@ def projection_consistency(
     extra_views = int(extra_views)
     if extra_views < 0:
         raise ValueError(f"extra_views: expected >= 0, got {extra_views}")
-    grid = geometry.VolumeGrid.centered((res, res, res), float(fov_mm) / res)
-    render = (
-        lambda c, a: _render(  # noqa: E731
-            c, a, grid, d.shape[2:], sod_mm, sdd_mm, pixel_mm
-        )
-    )
+    render = lambda c, a: _render(c, a, acquisition, d.shape[2:])  # noqa: E731
 
     if extra_views == 0:
         pred_drr = jax.vmap(render)(ct, ang)

@@ -46,22 +46,18 @@ def main(argv) -> int:
     if FLAGS.config is None or not FLAGS.workdir:
         print("error: --config and --workdir are required", file=sys.stderr)
         return 2
-    from xct import evaluate, train
+    from xct import evaluate
+    from xct.experiment import Experiment
 
     config = FLAGS.config
     try:
         if FLAGS.mode == "train":
-            workdir = FLAGS.workdir
-            if config.train.get("stages", ""):  # progressive: evaluate the last stage
-                config, workdir = train.train_progressive(config, workdir)
-            else:
-                train.train_and_evaluate(config, workdir)
-            result = evaluate.evaluate(config, workdir) if config.data.source == "tfds" else {}
+            result = _train(config, FLAGS.workdir)
             if result:
                 print(_summary(result))
         elif FLAGS.mode == "evaluate":
             result = evaluate.evaluate(
-                config,
+                Experiment.from_config(config),
                 FLAGS.workdir,
                 FLAGS.checkpoint,
                 ct_dir=FLAGS.eval_ct_dir,
@@ -71,7 +67,12 @@ def main(argv) -> int:
         else:
             angles = [float(a) for a in FLAGS.angles_deg]
             path = evaluate.predict(
-                config, FLAGS.workdir, FLAGS.xrays, angles, FLAGS.output, FLAGS.checkpoint
+                Experiment.from_config(config),
+                FLAGS.workdir,
+                FLAGS.xrays,
+                angles,
+                FLAGS.output,
+                FLAGS.checkpoint,
             )
             print(f"wrote {path}")
     except (ValueError, KeyError, FileNotFoundError, FloatingPointError) as e:
@@ -79,6 +80,25 @@ def main(argv) -> int:
         print(f"error: {msg}", file=sys.stderr)
         return 1
     return 0
+
+
+def _train(config, workdir) -> dict:
+    """Train (progressively when ``config.train.stages`` is set), then evaluate the best
+    checkpoint on the test split when the data source has one. A run stopped by SIGTERM
+    or its time budget has saved its state and leaves without evaluating."""
+    from xct import evaluate, train
+    from xct.experiment import Experiment
+
+    if config.train.get("stages", ""):
+        exp, workdir, result = train.train_progressive(config, workdir)
+    else:
+        exp = Experiment.from_config(config)
+        result = train.train_and_evaluate(exp, workdir)
+    if result.get("stopped"):
+        return {}
+    if not exp.data.has_validation:
+        return {}
+    return evaluate.evaluate(exp, workdir)
 
 
 def _summary(r: dict) -> str:

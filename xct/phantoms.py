@@ -7,14 +7,16 @@ added inside (attenuation per mm, or any quantity per mm), the ellipsoid is rota
 at the surface, so voxelising it loses little). Both have closed-form line integrals,
 which is what the projector is tested against.
 
-Seeded procedural chest phantoms belong here too (the data issue adds them). This module
-imports nothing else from xct.
+Seeded procedural chest phantoms: ``chest_phantom`` is ``draw_chest_params`` (every random
+draw, into a ``ChestParams``) followed by ``paint_chest`` (voxelisation, no randomness). This
+module imports nothing else from xct.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -77,21 +79,6 @@ def shepp_logan_3d(
             profile=profile,
         )
         for v, ctr, axes, phi in _SHEPP_LOGAN
-    ]
-
-
-def random_ellipsoids(
-    key: jax.Array, num: int, half_fov_mm: float, *, profile: str = "uniform"
-) -> list[Ellipsoid]:
-    """``num`` random ellipsoids inside a sphere of radius ``half_fov_mm`` (seeded by ``key``)."""
-    k1, k2, k3, k4 = jax.random.split(key, 4)
-    axes = np.asarray(jax.random.uniform(k1, (num, 3), minval=0.1, maxval=0.4)) * half_fov_mm
-    centres = np.asarray(jax.random.uniform(k2, (num, 3), minval=-0.45, maxval=0.45)) * half_fov_mm
-    values = np.asarray(jax.random.uniform(k3, (num,), minval=0.1, maxval=1.0))
-    phis = np.asarray(jax.random.uniform(k4, (num,), minval=0.0, maxval=180.0))
-    return [
-        Ellipsoid(float(v), tuple(map(float, c)), tuple(map(float, a)), float(p), profile)
-        for v, c, a, p in zip(values, centres, axes, phis, strict=True)
     ]
 
 
@@ -242,30 +229,30 @@ _HU = {
 }
 
 
-class _Canvas:
-    """HU and label volumes painted back to front, with per-structure bounding boxes."""
+class _Frame(NamedTuple):
+    """A grid seen from the phantom's centred frame: maps centred-mm boxes to voxel slices."""
 
-    def __init__(self, grid):
-        pts = np.asarray(grid.voxel_centers_xyz_mm(), np.float64)
-        centre = pts.reshape(-1, 3)[[0, -1]].mean(axis=0)
-        self.x = (pts[..., 0] - centre[0]).astype(np.float32)
-        self.y = (pts[..., 1] - centre[1]).astype(np.float32)
-        self.z = (pts[..., 2] - centre[2]).astype(np.float32)
-        self.centre = centre
-        self.grid = grid
-        self.h = float(np.mean(grid.spacing_mm))
-        self.hu = np.full(grid.shape, _HU["air"], np.float32)
-        self.labels = np.zeros(grid.shape, np.uint8)
+    grid: Any  # xct.geometry.VolumeGrid
+    centre_xyz_mm: np.ndarray  # [3] float64, world (x, y, z) of the grid centre
+    h_mm: float  # mean voxel size
+
+    @classmethod
+    def of(cls, grid, points_xyz_mm: np.ndarray | None = None) -> _Frame:
+        """The frame of ``grid``; ``points_xyz_mm`` are its voxel centres if already known."""
+        if points_xyz_mm is None:
+            points_xyz_mm = np.asarray(grid.voxel_centers_xyz_mm(), np.float64)
+        centre = points_xyz_mm.reshape(-1, 3)[[0, -1]].mean(axis=0)
+        return cls(grid, centre, float(np.mean(grid.spacing_mm)))
 
     def box(self, lo, hi) -> tuple[slice, slice, slice] | None:
         """Index slices ``[z, y, x]`` covering the world box ``lo..hi`` (centred mm)."""
         m, o = self.grid.world_to_index()
-        lo = np.asarray(lo, np.float64) - self.h
-        hi = np.asarray(hi, np.float64) + self.h
+        lo = np.asarray(lo, np.float64) - self.h_mm
+        hi = np.asarray(hi, np.float64) + self.h_mm
         corners = np.array(
             [[a, b, c] for a in (lo[0], hi[0]) for b in (lo[1], hi[1]) for c in (lo[2], hi[2])]
         )
-        idx = (corners + self.centre - o) @ m.T  # [8, (ix, iy, iz)]
+        idx = (corners + self.centre_xyz_mm - o) @ m.T  # [8, (ix, iy, iz)]
         i0 = np.floor(idx.min(axis=0)).astype(int)
         i1 = np.ceil(idx.max(axis=0)).astype(int) + 1
         shape_xyz = self.grid.shape[::-1]
@@ -274,6 +261,24 @@ class _Canvas:
         if np.any(i1 <= i0):
             return None
         return (slice(i0[2], i1[2]), slice(i0[1], i1[1]), slice(i0[0], i1[0]))
+
+
+class _Canvas:
+    """HU and label volumes painted back to front, with per-structure bounding boxes."""
+
+    def __init__(self, grid):
+        pts = np.asarray(grid.voxel_centers_xyz_mm(), np.float64)
+        self.frame = _Frame.of(grid, pts)
+        centre = self.frame.centre_xyz_mm
+        self.x = (pts[..., 0] - centre[0]).astype(np.float32)
+        self.y = (pts[..., 1] - centre[1]).astype(np.float32)
+        self.z = (pts[..., 2] - centre[2]).astype(np.float32)
+        self.h = self.frame.h_mm
+        self.hu = np.full(grid.shape, _HU["air"], np.float32)
+        self.labels = np.zeros(grid.shape, np.uint8)
+
+    def box(self, lo, hi) -> tuple[slice, slice, slice] | None:
+        return self.frame.box(lo, hi)
 
     def coords(self, sl):
         return self.x[sl], self.y[sl], self.z[sl]
@@ -378,10 +383,10 @@ def _rotate_towards(rng, direction, angle_deg: float) -> np.ndarray:
 
 
 def _vessel_tree(rng, start, direction, length, radius, depth, out) -> None:
-    """Recursive branching: append ``(p0, p1, r0, r1)`` segments to ``out`` (mm)."""
+    """Recursive branching: append ``VesselSegment``s to ``out`` (mm)."""
     end = start + length * direction / np.linalg.norm(direction)
     r_end = radius * 0.93
-    out.append((start, end, radius, r_end))
+    out.append(VesselSegment(start, end, radius, r_end))
     if depth <= 0 or r_end < 0.9:
         return
     spread = rng.uniform(18.0, 38.0)
@@ -396,6 +401,518 @@ def _vessel_tree(rng, start, direction, length, radius, depth, out) -> None:
             depth - 1,
             out,
         )
+
+
+# ---- chest parameters: every random draw, grid-free except for the nodules ----------------
+# Lengths are mm in the centred projector frame above. Fields keep the exact values (and
+# Python or NumPy scalar types, which decide float32 vs float64 arithmetic in the painting)
+# of the original single-function phantom, so painting them reproduces it bit for bit.
+
+
+class ChestBody(NamedTuple):
+    """Overall size of a chest phantom (mm)."""
+
+    scale: float  # overall size factor, 0.88..1.12
+    scale_x: float  # per-axis size factors: ``scale`` times 0.94..1.06
+    scale_y: float
+    scale_z: float
+    half_width_mm: float  # body half-width (x)
+    half_depth_mm: float  # body half-depth (z)
+    fat_mm: float  # subcutaneous fat thickness
+    y_top_mm: float  # scan range, head end (negative)
+    y_bottom_mm: float  # scan range, foot end
+    y_shoulder_mm: float  # where the neck widens into the thorax
+    z_spine_mm: float  # centre of the vertebral bodies
+
+
+class ChestLungs(NamedTuple):
+    """Chest cavity and lungs (mm); each lung is a tapered elliptic cylinder with a dome."""
+
+    scale: float  # lung size factor, 0.9..1.1
+    y_apex_mm: float
+    y_dome_right_mm: float  # top of the right hemidiaphragm
+    y_dome_left_mm: float  # top of the left hemidiaphragm (lower: larger y)
+    cavity_half_width_mm: float  # inner chest wall (x)
+    cavity_half_depth_mm: float  # inner chest wall (z)
+    half_width_mm: float  # lung semi-axis in x
+    half_depth_mm: float  # lung semi-axis in z
+    z_centre_mm: float
+    y_bottom_mm: float  # below the lowest point of the diaphragm
+    texture_seed: int  # seeds the parenchymal texture lattice
+
+
+class VesselSegment(NamedTuple):
+    """One segment of a pulmonary vessel tree, a tube whose radius varies linearly."""
+
+    start_xyz_mm: np.ndarray  # [3] float64
+    end_xyz_mm: np.ndarray  # [3] float64
+    start_radius_mm: float
+    end_radius_mm: float
+
+
+class ChestHeart(NamedTuple):
+    """The heart: an ellipsoid tilted in the x-y plane (long axis towards left and feet)."""
+
+    scale: float  # heart size factor, 0.88..1.15
+    centre_xyz_mm: np.ndarray  # [3] float64
+    semi_axes_mm: np.ndarray  # [3] float64, in the tilted frame
+    tilt_rad: float
+
+
+class ChestAorta(NamedTuple):
+    """Ascending aorta, arch over the heart and descending aorta left of the spine."""
+
+    radius_mm: float
+    y_arch_mm: float  # head end of the arch's centre line
+
+
+class Nodule(NamedTuple):
+    """A solid lung nodule: a sphere of constant HU."""
+
+    centre_xyz_mm: np.ndarray  # [3] float64
+    radius_mm: float
+    hu: float
+
+
+class ChestParams(NamedTuple):
+    """Everything that varies between chest phantoms; ``paint_chest`` turns it into volumes."""
+
+    body: ChestBody
+    lungs: ChestLungs
+    vessels: tuple[VesselSegment, ...]  # both trees, all segments (whatever the complexity)
+    heart: ChestHeart
+    aorta: ChestAorta
+    nodules: tuple[Nodule, ...]  # empty without nodules or below complexity 0.5
+    couch: bool  # paint the patient couch
+    complexity: float  # in [0, 1]; see ``chest_phantom``
+
+
+def _draw_body(rng: np.random.Generator) -> ChestBody:
+    s = rng.uniform(0.88, 1.12)
+    sx, sy, sz = s * rng.uniform(0.94, 1.06, size=3)
+    body_ax, body_az = 170.0 * sx, 112.0 * sz
+    fat = rng.uniform(7.0, 20.0) * s
+    y_top = -rng.uniform(190.0, 220.0) * sy
+    y_bot = rng.uniform(160.0, 200.0) * sy
+    return ChestBody(
+        scale=s,
+        scale_x=sx,
+        scale_y=sy,
+        scale_z=sz,
+        half_width_mm=body_ax,
+        half_depth_mm=body_az,
+        fat_mm=fat,
+        y_top_mm=y_top,
+        y_bottom_mm=y_bot,
+        y_shoulder_mm=-170.0 * sy,
+        z_spine_mm=body_az - 62.0 * sz,
+    )
+
+
+def _draw_lungs(rng: np.random.Generator, b: ChestBody) -> ChestLungs:
+    s, sy = b.scale, b.scale_y
+    lung_s = rng.uniform(0.9, 1.1)
+    y_dome_r = rng.uniform(35.0, 55.0) * sy
+    y_dome_l = y_dome_r + rng.uniform(8.0, 22.0) * sy
+    cav_ax = b.half_width_mm - b.fat_mm - 14.0 * s
+    cav_az = b.half_depth_mm - b.fat_mm - 12.0 * s
+    lung_ax = 0.56 * cav_ax * lung_s * rng.uniform(0.95, 1.05)
+    texture_seed = rng.integers(2**31)
+    return ChestLungs(
+        scale=lung_s,
+        y_apex_mm=-165.0 * sy * lung_s**0.5,
+        y_dome_right_mm=y_dome_r,
+        y_dome_left_mm=y_dome_l,
+        cavity_half_width_mm=cav_ax,
+        cavity_half_depth_mm=cav_az,
+        half_width_mm=lung_ax,
+        half_depth_mm=0.95 * cav_az * lung_s,
+        z_centre_mm=0.1 * cav_az,
+        y_bottom_mm=max(y_dome_r, y_dome_l) + 75.0 * sy,
+        texture_seed=texture_seed,
+    )
+
+
+def _draw_vessels(rng: np.random.Generator, b: ChestBody) -> tuple[VesselSegment, ...]:
+    """Recursive vessel trees from both hila (4-6 roots a side)."""
+    s, sy = b.scale, b.scale_y
+    y_hilum = -15.0 * sy + rng.uniform(-8.0, 8.0)
+    segments = []
+    for side in (-1.0, 1.0):
+        hilum = np.array([side * 30.0 * s, y_hilum, 5.0])
+        n_roots = int(rng.integers(4, 7))
+        for j in range(n_roots):
+            # fan the roots from upward-lateral through lateral to downward-posterior
+            ang = np.deg2rad(-70.0 + 150.0 * (j + rng.uniform(0.2, 0.8)) / n_roots)
+            direction = np.array([side * np.cos(ang) * 0.9, np.sin(ang), rng.uniform(-0.4, 0.5)])
+            _vessel_tree(
+                rng,
+                hilum,
+                direction,
+                rng.uniform(30.0, 40.0) * s,
+                rng.uniform(5.0, 7.0) * s,
+                int(rng.integers(6, 9)),
+                segments,
+            )
+    return tuple(segments)
+
+
+def _draw_heart(rng: np.random.Generator, b: ChestBody, lungs: ChestLungs) -> ChestHeart:
+    s, sy, sz = b.scale, b.scale_y, b.scale_z
+    hs = rng.uniform(0.88, 1.15)
+    centre = np.array(
+        [
+            rng.uniform(12.0, 32.0) * s,
+            lungs.y_dome_left_mm - 40.0 * sy * hs,
+            -rng.uniform(15.0, 30.0) * sz,
+        ]
+    )
+    semi_axes = np.array([62.0, 52.0, 50.0]) * hs * s
+    tilt = np.deg2rad(rng.uniform(20.0, 40.0))
+    return ChestHeart(scale=hs, centre_xyz_mm=centre, semi_axes_mm=semi_axes, tilt_rad=tilt)
+
+
+def _draw_aorta(rng: np.random.Generator, b: ChestBody, heart: ChestHeart) -> ChestAorta:
+    r_ao = rng.uniform(11.0, 14.0) * b.scale
+    y_arch = heart.centre_xyz_mm[1] - heart.semi_axes_mm[1] - rng.uniform(25.0, 40.0) * b.scale_y
+    return ChestAorta(radius_mm=r_ao, y_arch_mm=y_arch)
+
+
+def _draw_nodules(
+    rng: np.random.Generator, b: ChestBody, lungs: ChestLungs, frame: _Frame
+) -> tuple[Nodule, ...]:
+    """1-4 nodules by rejection: a candidate must lie 3 mm inside a lung and touch the grid.
+
+    The grid test makes these (and only these) draws depend on the field of view: a
+    nodule that would fall outside a cropped grid is redrawn rather than lost.
+    """
+    count = int(rng.integers(1, 5))
+    placed: list[Nodule] = []
+    tries = 0
+    while len(placed) < count and tries < 200:
+        tries += 1
+        r = rng.uniform(2.0, 7.5)
+        side = rng.choice([-1.0, 1.0])
+        p = np.array(
+            [
+                side * rng.uniform(30.0, lungs.cavity_half_width_mm),
+                rng.uniform(lungs.y_apex_mm, lungs.y_bottom_mm),
+                rng.uniform(-lungs.half_depth_mm, lungs.half_depth_mm) + lungs.z_centre_mm,
+            ]
+        )
+        if float(_lung_dist(b, lungs, p[0], p[1], p[2], side)) > -(r + 3.0):
+            continue
+        if frame.box(p - r, p + r) is None:
+            continue
+        placed.append(Nodule(centre_xyz_mm=p, radius_mm=r, hu=rng.uniform(20.0, 100.0)))
+    return tuple(placed)
+
+
+def _check_complexity(complexity) -> float:
+    if not 0.0 <= float(complexity) <= 1.0:
+        raise ValueError(f"complexity: expected a value in [0, 1], got {complexity!r}")
+    return float(complexity)
+
+
+def _draw_chest_params(
+    rng: np.random.Generator, frame: _Frame, nodules: bool, couch: bool, complexity: float
+) -> ChestParams:
+    body = _draw_body(rng)
+    lungs = _draw_lungs(rng, body)
+    vessels = _draw_vessels(rng, body)
+    heart = _draw_heart(rng, body, lungs)
+    aorta = _draw_aorta(rng, body, heart)
+    # the nodules are the last draws: skipping them changes nothing above
+    drawn = _draw_nodules(rng, body, lungs, frame) if nodules and complexity >= 0.5 else ()
+    return ChestParams(body, lungs, vessels, heart, aorta, drawn, bool(couch), complexity)
+
+
+def draw_chest_params(
+    key_or_seed: int | jax.Array,
+    grid,
+    *,
+    nodules: bool = True,
+    couch: bool = False,
+    complexity: float = 1.0,
+) -> ChestParams:
+    """The random draws of ``chest_phantom(key_or_seed, grid, ...)``, in the same order.
+
+    Args are those of ``chest_phantom``. Only the nodules depend on ``grid`` (a candidate
+    nodule outside the grid is redrawn); everything else is the same on any grid.
+    ``paint_chest(draw_chest_params(k, grid, ...), grid)`` equals ``chest_phantom(k, grid,
+    ...)`` bit for bit.
+    """
+    complexity = _check_complexity(complexity)
+    return _draw_chest_params(_rng(key_or_seed), _Frame.of(grid), nodules, couch, complexity)
+
+
+# ---- painting: each function paints one structure from the parameters ---------------------
+# Order matters (later structures overwrite earlier ones): body, lungs, vessels, heart,
+# aorta, spine, ribs, sternum, nodules, couch.
+
+
+def _body_dist(b: ChestBody, x, y, z, inset):
+    """Signed distance (mm) to the body surface moved ``inset`` mm inwards."""
+    s, sy, sz = b.scale, b.scale_y, b.scale_z
+    grow = _smoothstep((y - (b.y_shoulder_mm - 30.0 * sy)) / (60.0 * sy))  # neck -> thorax
+    ax = 55.0 * s + grow * (b.half_width_mm - 55.0 * s) - inset
+    az = 55.0 * s + grow * (b.half_depth_mm - 55.0 * s) - inset
+    zc = (1.0 - grow) * 25.0 * sz
+    # slightly flattened back: a super-ellipse (exponent 2.4) in x-z
+    q = (np.abs(x / ax) ** 2.4 + np.abs((z - zc) / az) ** 2.4) ** (1.0 / 2.4)
+    d = (q - 1.0) * np.minimum(ax, az)
+    return np.maximum(d, np.maximum(b.y_top_mm - y, y - b.y_bottom_mm))
+
+
+def _lung_dist(b: ChestBody, lungs: ChestLungs, x, y, z, side):
+    """Signed distance (mm) to the right (side=-1) or left (side=+1) lung."""
+    s, sy = b.scale, b.scale_y
+    lung_ax, lung_az, lung_cz = lungs.half_width_mm, lungs.half_depth_mm, lungs.z_centre_mm
+    y_apex = lungs.y_apex_mm
+    cx = side * (lungs.cavity_half_width_mm - lung_ax * 1.02)
+    span = (y - y_apex) / (lungs.y_bottom_mm - y_apex)
+    k = np.sqrt(np.clip((y - y_apex) / (95.0 * sy), 1e-4, 1.0))  # rounded apex
+    ax = lung_ax * (0.88 + 0.2 * np.clip(span, 0.0, 1.0)) * k
+    az = lung_az * (0.9 + 0.12 * np.clip(span, 0.0, 1.0)) * k
+    q = np.sqrt(((x - cx) / ax) ** 2 + ((z - lung_cz) / az) ** 2)
+    d = (q - 1.0) * np.minimum(ax, az)
+    # mediastinum: wider posteriorly (spine) than anteriorly
+    med = 22.0 * s + 18.0 * s * _smoothstep((z + 20.0) / 80.0)
+    d = np.maximum(d, med - side * x)
+    dome = lungs.y_dome_right_mm if side < 0 else lungs.y_dome_left_mm
+    y_dia = dome + 55.0 * sy * np.clip(q, 0.0, 1.2) ** 2 + 18.0 * sy * np.clip(z / az, 0, 1)
+    d = np.maximum(d, y - y_dia)
+    return np.maximum(d, y_apex - y)
+
+
+def _paint_body(cv: _Canvas, b: ChestBody) -> None:
+    """Fat out to the skin, muscle inside it."""
+    lo = (-b.half_width_mm, b.y_top_mm, -b.half_depth_mm)
+    sl = cv.box(lo, (b.half_width_mm, b.y_bottom_mm, b.half_depth_mm + 5.0))
+    x, y, z = cv.coords(sl)
+    cv.paint(sl, _body_dist(b, x, y, z, 0.0), _HU["fat"], CHEST_LABELS["fat"])
+    cv.paint(sl, _body_dist(b, x, y, z, b.fat_mm), _HU["muscle"], CHEST_LABELS["muscle"])
+
+
+def _paint_lungs(cv: _Canvas, b: ChestBody, lungs: ChestLungs, complexity: float) -> np.ndarray:
+    """Both lungs with texture; returns their occupancy ``[z, y, x]`` in [0, 1]."""
+    cav_ax, cav_az = lungs.cavity_half_width_mm, lungs.cavity_half_depth_mm
+    lung_occ = np.zeros(cv.hu.shape, np.float32)
+    box = cv.box((-cav_ax, lungs.y_apex_mm, -cav_az), (cav_ax, lungs.y_bottom_mm + 30.0, cav_az))
+    if box is None:
+        return lung_occ
+    x, y, z = cv.coords(box)
+    d = np.minimum(_lung_dist(b, lungs, x, y, z, -1.0), _lung_dist(b, lungs, x, y, z, 1.0))
+    noise_rng = np.random.default_rng(lungs.texture_seed)
+    texture = complexity * _smooth_noise(noise_rng, x, y, z, 9.0, 30.0)
+    # dependent (posterior) lung is slightly denser
+    gravity = 40.0 * np.clip((z - lungs.z_centre_mm) / lungs.half_depth_mm, -1.0, 1.0)
+    cv.paint(box, d, _HU["lung"] + texture + gravity, CHEST_LABELS["lung"])
+    lung_occ[box] = cv.occupancy(d)
+    return lung_occ
+
+
+def _paint_vessels(
+    cv: _Canvas, vessels: Sequence[VesselSegment], lung_occ: np.ndarray, complexity: float
+) -> None:
+    """Vessel segments, only inside the lungs, dropping those thinner than the complexity."""
+    min_radius = 3.0 * (1.0 - complexity)  # mm; the tree is grown whole (same draws)
+    for seg in vessels:
+        if seg.start_radius_mm < min_radius:
+            continue
+        _tube(
+            cv,
+            np.stack([seg.start_xyz_mm, seg.end_xyz_mm]),
+            (seg.start_radius_mm, seg.end_radius_mm),
+            _HU["vessel"],
+            CHEST_LABELS["vessel"],
+            weight=lung_occ,
+        )
+
+
+def _paint_heart(cv: _Canvas, heart: ChestHeart) -> None:
+    c, axes, tilt = heart.centre_xyz_mm, heart.semi_axes_mm, heart.tilt_rad
+    sl = cv.box(c - axes.max(), c + axes.max())
+    if sl is None:
+        return
+    x, y, z = cv.coords(sl)
+    u = np.cos(tilt) * (x - c[0]) + np.sin(tilt) * (y - c[1])
+    v = -np.sin(tilt) * (x - c[0]) + np.cos(tilt) * (y - c[1])
+    d = _ellipsoid_dist(u, v, z, (0.0, 0.0, c[2]), axes)
+    cv.paint(sl, d, _HU["heart"], CHEST_LABELS["heart"])
+
+
+def _paint_aorta(cv: _Canvas, b: ChestBody, heart: ChestHeart, aorta: ChestAorta) -> None:
+    """A tube up from the heart, over it in a half-circle arch, and down left of the spine."""
+    s, sy = b.scale, b.scale_y
+    heart_c, heart_axes = heart.centre_xyz_mm, heart.semi_axes_mm
+    y_arch = aorta.y_arch_mm
+    z_asc, z_desc = heart_c[2] + 10.0, b.z_spine_mm - 28.0 * s
+    x_asc, x_desc = 8.0 * s, 22.0 * s
+    phi = np.linspace(0.0, np.pi, 13)
+    zc, rz = 0.5 * (z_asc + z_desc), 0.5 * (z_desc - z_asc)
+    arch = np.stack(
+        [
+            x_asc + (x_desc - x_asc) * (1.0 - np.cos(phi)) / 2.0,
+            y_arch - 28.0 * sy * np.sin(phi),
+            zc - rz * np.cos(phi),
+        ],
+        axis=-1,
+    )
+    path = np.concatenate(
+        [
+            [[x_asc, heart_c[1] - 0.4 * heart_axes[1], z_asc]],
+            arch,
+            [
+                [x_desc, y_arch + 60.0 * sy, z_desc],
+                [x_desc * 0.5, b.y_bottom_mm - aorta.radius_mm, z_desc],
+            ],
+        ]
+    )
+    _tube(cv, path, aorta.radius_mm, _HU["aorta"], CHEST_LABELS["aorta"])
+
+
+def _paint_vertebra(cv: _Canvas, b: ChestBody, yk: float) -> float | None:
+    """The vertebra centred at height ``yk`` (mm): body, arch, spinous and transverse processes.
+
+    Returns the z of the spinal canal (mm), or None where the vertebra misses the grid.
+    """
+    s, sy, z_spine, label = b.scale, b.scale_y, b.z_spine_mm, CHEST_LABELS["vertebra"]
+    size = 0.8 + 0.2 * _smoothstep((yk - b.y_shoulder_mm) / 120.0)  # cervical ones smaller
+    ax, az, half = 21.0 * s * size, 16.0 * s * size, 10.0 * sy
+    c = np.array([0.0, yk, z_spine])
+    sl = cv.box(c - [ax + 45.0, half + 20.0, az], c + [ax + 45.0, half + 20.0, az + 75.0])
+    if sl is None:
+        return None
+    x, y, z = cv.coords(sl)
+    q = np.sqrt((x / ax) ** 2 + ((z - z_spine) / az) ** 2)
+    d = np.maximum((q - 1.0) * az, np.abs(y - yk) - half)
+    cv.paint(sl, d, _HU["cortical"], label)
+    cv.paint(sl, d + 2.5, _HU["cancellous"], label)
+    # posterior arch around the canal
+    zc_can = z_spine + az + 9.0 * size
+    r = np.sqrt(x**2 + (z - zc_can) ** 2)
+    d_arch = np.maximum(np.maximum(r - 16.0 * size, 8.0 * size - r), z_spine + az - z)
+    d_arch = np.maximum(d_arch, np.abs(y - yk + 3.0) - 0.8 * half)
+    cv.paint(sl, d_arch, _HU["rib"], label)
+    tip = np.array([0.0, yk + 12.0 * sy, zc_can + 42.0 * size])
+    spinous = [[0.0, yk - 2.0, zc_can + 12.0], tip]
+    _tube(cv, spinous, (5.0 * size, 3.5 * size), _HU["rib"], label)
+    for side in (-1.0, 1.0):
+        transverse = [[side * 10.0, yk - 3.0, zc_can], [side * 38.0 * size, yk - 5.0, zc_can + 8.0]]
+        _tube(cv, transverse, 5.0 * size, _HU["rib"], label)
+    return zc_can
+
+
+def _paint_spine(cv: _Canvas, b: ChestBody) -> list[tuple[float, float]]:
+    """Vertebrae every ``25 scale_y`` mm inside the scan range.
+
+    Returns ``(y, z_canal)`` (mm) of the painted thoracic levels, which carry the ribs.
+    """
+    sy, y_shoulder = b.scale_y, b.y_shoulder_mm
+    pitch, half = 25.0 * sy, 10.0 * sy
+    rib_levels = []
+    first = int(np.floor((b.y_top_mm - y_shoulder) / pitch)) - 1
+    for k in range(first, int(np.ceil((b.y_bottom_mm + pitch) / pitch)) + 20):
+        yk = y_shoulder + 12.0 * sy + k * pitch
+        if yk - half < b.y_top_mm or yk + half > b.y_bottom_mm:
+            continue
+        zc_can = _paint_vertebra(cv, b, yk)
+        if zc_can is not None and y_shoulder - 5.0 < yk < y_shoulder + 12.5 * pitch:
+            rib_levels.append((yk, zc_can))
+    return rib_levels
+
+
+def _paint_ribs(
+    cv: _Canvas, b: ChestBody, lungs: ChestLungs, rib_levels: Sequence[tuple[float, float]]
+) -> None:
+    """A pair of ribs per level, following the chest wall and sloping down anteriorly."""
+    s, sy = b.scale, b.scale_y
+    for i, (yk, zc_can) in enumerate(rib_levels):
+        # rib cage: narrow at the top, widest at ribs 7-9
+        width = 0.55 + 0.45 * _smoothstep((i + 0.5) / 6.0)
+        rx = (lungs.cavity_half_width_mm + 8.0 * s) * width
+        rz = lungs.cavity_half_depth_mm + 8.0 * s
+        floating = i >= 10
+        theta_end = np.deg2rad(95.0 if floating else 145.0 - 3.0 * i)
+        drop = (45.0 + 8.0 * min(i, 7)) * sy * (0.6 if floating else 1.0)
+        for side in (-1.0, 1.0):
+            theta0 = np.arcsin(np.clip(38.0 / rx, 0.0, 0.9))
+            theta = np.linspace(theta0, theta_end, 14)
+            f = (theta - theta0) / (theta_end - theta0)
+            pts = np.stack(
+                [
+                    side * rx * np.sin(theta),
+                    yk - 5.0 - 8.0 * sy * np.sin(np.pi * f) + drop * f**1.6,
+                    np.minimum(rz * np.cos(theta), zc_can + 5.0),
+                ],
+                axis=-1,
+            )
+            pts = np.concatenate([[[side * 30.0, yk - 5.0, zc_can + 6.0]], pts])
+            _tube(cv, pts, 3.5 * s, _HU["rib"], CHEST_LABELS["rib"])
+
+
+def _paint_sternum(cv: _Canvas, b: ChestBody, lungs: ChestLungs) -> None:
+    """A flat bar behind the front chest wall, wider at the top (manubrium)."""
+    s, sy = b.scale, b.scale_y
+    st_z = -(b.half_depth_mm - b.fat_mm - 10.0 * s)
+    st_top, st_bot = b.y_shoulder_mm + 25.0 * sy, lungs.y_dome_left_mm + 5.0 * sy
+    sl = cv.box((-30.0, st_top, st_z - 12.0), (30.0, st_bot, st_z + 12.0))
+    if sl is None:
+        return
+    x, y, z = cv.coords(sl)
+    wx = 14.0 * s + 10.0 * s * _smoothstep((st_top + 45.0 * sy - y) / (40.0 * sy))
+    q = np.sqrt((x / wx) ** 2 + ((z - st_z) / (6.5 * s)) ** 2)
+    d = np.maximum((q - 1.0) * 6.5 * s, np.maximum(st_top - y, y - st_bot))
+    cv.paint(sl, d, _HU["sternum"], CHEST_LABELS["sternum"])
+
+
+def _paint_nodule(cv: _Canvas, nodule: Nodule) -> None:
+    p, r = nodule.centre_xyz_mm, nodule.radius_mm
+    sl = cv.box(p - r, p + r)
+    if sl is None:  # only when painted on another grid than it was drawn for
+        return
+    x, y, z = cv.coords(sl)
+    d = np.sqrt((x - p[0]) ** 2 + (y - p[1]) ** 2 + (z - p[2]) ** 2) - r
+    cv.paint(sl, d, nodule.hu, CHEST_LABELS["nodule"])
+
+
+def _paint_couch(cv: _Canvas, b: ChestBody) -> None:
+    """A curved +200 HU slab, 20 mm thick, just below the back."""
+    z0 = b.half_depth_mm + 4.0
+    sl = cv.box((-240.0, b.y_top_mm - 40.0, z0 - 40.0), (240.0, b.y_bottom_mm + 40.0, z0 + 22.0))
+    if sl is None:
+        return
+    x, y, z = cv.coords(sl)
+    top = z0 - x**2 / (2.0 * 1100.0)
+    d = np.maximum(np.maximum(top - z, z - top - 20.0), np.abs(x) - 230.0)
+    cv.paint(sl, d, _HU["couch"], CHEST_LABELS["couch"])
+
+
+def _paint_chest(cv: _Canvas, p: ChestParams) -> tuple[np.ndarray, np.ndarray]:
+    _paint_body(cv, p.body)
+    lung_occ = _paint_lungs(cv, p.body, p.lungs, p.complexity)
+    _paint_vessels(cv, p.vessels, lung_occ, p.complexity)
+    _paint_heart(cv, p.heart)
+    _paint_aorta(cv, p.body, p.heart, p.aorta)
+    rib_levels = _paint_spine(cv, p.body)
+    _paint_ribs(cv, p.body, p.lungs, rib_levels)
+    _paint_sternum(cv, p.body, p.lungs)
+    for nodule in p.nodules:
+        _paint_nodule(cv, nodule)
+    if p.couch:
+        _paint_couch(cv, p.body)
+    hu = np.clip(cv.hu, -1024.0, 3071.0).astype(np.float32)
+    return hu, cv.labels
+
+
+def paint_chest(params: ChestParams, grid) -> tuple[np.ndarray, np.ndarray]:
+    """Voxelise chest parameters on ``grid`` (an ``xct.geometry.VolumeGrid``).
+
+    Returns ``(hu, labels)`` as ``chest_phantom`` does: ``[nz, ny, nx]`` float32 HU and
+    uint8 labels (ids in ``CHEST_LABELS``). No random draws happen here.
+    """
+    return _paint_chest(_Canvas(grid), params)
 
 
 def chest_phantom(
@@ -427,258 +944,10 @@ def chest_phantom(
     spinous and transverse processes), one pair of ribs per thoracic vertebra following the
     chest wall and sloping down anteriorly, sternum, optional nodules and couch. Sizes and
     positions vary by seed (overall scale +-12 %, lung, heart, fat, vessel count).
+
+    Same as ``paint_chest(draw_chest_params(key_or_seed, grid, ...), grid)``.
     """
-    if not 0.0 <= float(complexity) <= 1.0:
-        raise ValueError(f"complexity: expected a value in [0, 1], got {complexity!r}")
-    complexity = float(complexity)
-    rng = _rng(key_or_seed)
-    cv = _Canvas(grid)
-    L = CHEST_LABELS
-
-    # ---- global size parameters ------------------------------------------------------
-    s = rng.uniform(0.88, 1.12)
-    sx, sy, sz = s * rng.uniform(0.94, 1.06, size=3)
-    body_ax, body_az = 170.0 * sx, 112.0 * sz  # body half-width and half-depth (mm)
-    fat = rng.uniform(7.0, 20.0) * s
-    y_top = -rng.uniform(190.0, 220.0) * sy  # scan range
-    y_bot = rng.uniform(160.0, 200.0) * sy
-    y_shoulder = -170.0 * sy
-    z_spine = body_az - 62.0 * sz  # centre of the vertebral bodies
-    lung_s = rng.uniform(0.9, 1.1)
-    y_apex = -165.0 * sy * lung_s**0.5
-    y_dome_r = rng.uniform(35.0, 55.0) * sy  # top of the right hemidiaphragm
-    y_dome_l = y_dome_r + rng.uniform(8.0, 22.0) * sy
-
-    # ---- body: fat, then muscle --------------------------------------------------------
-    sl = cv.box((-body_ax, y_top, -body_az), (body_ax, y_bot, body_az + 5.0))
-
-    def body_dist(x, y, z, inset):
-        grow = _smoothstep((y - (y_shoulder - 30.0 * sy)) / (60.0 * sy))
-        ax = 55.0 * s + grow * (body_ax - 55.0 * s) - inset
-        az = 55.0 * s + grow * (body_az - 55.0 * s) - inset
-        zc = (1.0 - grow) * 25.0 * sz
-        # slightly flattened back: a super-ellipse (exponent 2.4) in x-z
-        q = (np.abs(x / ax) ** 2.4 + np.abs((z - zc) / az) ** 2.4) ** (1.0 / 2.4)
-        d = (q - 1.0) * np.minimum(ax, az)
-        return np.maximum(d, np.maximum(y_top - y, y - y_bot))
-
-    x, y, z = cv.coords(sl)
-    cv.paint(sl, body_dist(x, y, z, 0.0), _HU["fat"], L["fat"])
-    cv.paint(sl, body_dist(x, y, z, fat), _HU["muscle"], L["muscle"])
-
-    # ---- lungs -------------------------------------------------------------------------
-    cav_ax = body_ax - fat - 14.0 * s  # inner chest wall
-    cav_az = body_az - fat - 12.0 * s
-    lung_ax = 0.56 * cav_ax * lung_s * rng.uniform(0.95, 1.05)
-    lung_az = 0.95 * cav_az * lung_s
-    lung_cz = 0.1 * cav_az
-    y_lung_bot = max(y_dome_r, y_dome_l) + 75.0 * sy
-
-    def lung_dist(x, y, z, side):
-        """Signed distance to the right (side=-1) or left (side=+1) lung."""
-        cx = side * (cav_ax - lung_ax * 1.02)
-        span = (y - y_apex) / (y_lung_bot - y_apex)
-        k = np.sqrt(np.clip((y - y_apex) / (95.0 * sy), 1e-4, 1.0))  # rounded apex
-        ax = lung_ax * (0.88 + 0.2 * np.clip(span, 0.0, 1.0)) * k
-        az = lung_az * (0.9 + 0.12 * np.clip(span, 0.0, 1.0)) * k
-        q = np.sqrt(((x - cx) / ax) ** 2 + ((z - lung_cz) / az) ** 2)
-        d = (q - 1.0) * np.minimum(ax, az)
-        # mediastinum: wider posteriorly (spine) than anteriorly
-        med = 22.0 * s + 18.0 * s * _smoothstep((z + 20.0) / 80.0)
-        d = np.maximum(d, med - side * x)
-        dome = y_dome_r if side < 0 else y_dome_l
-        y_dia = dome + 55.0 * sy * np.clip(q, 0.0, 1.2) ** 2 + 18.0 * sy * np.clip(z / az, 0, 1)
-        d = np.maximum(d, y - y_dia)
-        return np.maximum(d, y_apex - y)
-
-    lung_occ = np.zeros(grid.shape, np.float32)
-    lung_box = cv.box((-cav_ax, y_apex, -cav_az), (cav_ax, y_lung_bot + 30.0, cav_az))
-    noise_rng = np.random.default_rng(rng.integers(2**31))
-    if lung_box is not None:
-        x, y, z = cv.coords(lung_box)
-        d = np.minimum(lung_dist(x, y, z, -1.0), lung_dist(x, y, z, 1.0))
-        texture = complexity * _smooth_noise(noise_rng, x, y, z, 9.0, 30.0)
-        # dependent (posterior) lung is slightly denser
-        gravity = 40.0 * np.clip((z - lung_cz) / lung_az, -1.0, 1.0)
-        cv.paint(lung_box, d, _HU["lung"] + texture + gravity, L["lung"])
-        lung_occ[lung_box] = cv.occupancy(d)
-
-    # ---- pulmonary vessels from the hila -----------------------------------------------
-    y_hilum = -15.0 * sy + rng.uniform(-8.0, 8.0)
-    segments = []
-    for side in (-1.0, 1.0):
-        hilum = np.array([side * 30.0 * s, y_hilum, 5.0])
-        n_roots = int(rng.integers(4, 7))
-        for j in range(n_roots):
-            # fan the roots from upward-lateral through lateral to downward-posterior
-            ang = np.deg2rad(-70.0 + 150.0 * (j + rng.uniform(0.2, 0.8)) / n_roots)
-            direction = np.array([side * np.cos(ang) * 0.9, np.sin(ang), rng.uniform(-0.4, 0.5)])
-            _vessel_tree(
-                rng,
-                hilum,
-                direction,
-                rng.uniform(30.0, 40.0) * s,
-                rng.uniform(5.0, 7.0) * s,
-                int(rng.integers(6, 9)),
-                segments,
-            )
-    min_radius = 3.0 * (1.0 - complexity)  # mm; the tree is grown whole (same draws)
-    for a, b, ra, rb in segments:
-        if ra < min_radius:
-            continue
-        _tube(cv, np.stack([a, b]), (ra, rb), _HU["vessel"], L["vessel"], weight=lung_occ)
-
-    # ---- heart ---------------------------------------------------------------------------
-    hs = rng.uniform(0.88, 1.15)
-    heart_c = np.array(
-        [rng.uniform(12.0, 32.0) * s, y_dome_l - 40.0 * sy * hs, -rng.uniform(15.0, 30.0) * sz]
-    )
-    heart_axes = np.array([62.0, 52.0, 50.0]) * hs * s
-    tilt = np.deg2rad(rng.uniform(20.0, 40.0))  # long axis towards left and feet
-    sl = cv.box(heart_c - heart_axes.max(), heart_c + heart_axes.max())
-    if sl is not None:
-        x, y, z = cv.coords(sl)
-        u = np.cos(tilt) * (x - heart_c[0]) + np.sin(tilt) * (y - heart_c[1])
-        v = -np.sin(tilt) * (x - heart_c[0]) + np.cos(tilt) * (y - heart_c[1])
-        d = _ellipsoid_dist(u, v, z, (0.0, 0.0, heart_c[2]), heart_axes)
-        cv.paint(sl, d, _HU["heart"], L["heart"])
-
-    # ---- aorta: ascending, arch over the heart, descending left of the spine -----------
-    r_ao = rng.uniform(11.0, 14.0) * s
-    y_arch = heart_c[1] - heart_axes[1] - rng.uniform(25.0, 40.0) * sy
-    z_asc, z_desc = heart_c[2] + 10.0, z_spine - 28.0 * s
-    x_asc, x_desc = 8.0 * s, 22.0 * s
-    phi = np.linspace(0.0, np.pi, 13)
-    zc, rz = 0.5 * (z_asc + z_desc), 0.5 * (z_desc - z_asc)
-    arch = np.stack(
-        [
-            x_asc + (x_desc - x_asc) * (1.0 - np.cos(phi)) / 2.0,
-            y_arch - 28.0 * sy * np.sin(phi),
-            zc - rz * np.cos(phi),
-        ],
-        axis=-1,
-    )
-    path = np.concatenate(
-        [
-            [[x_asc, heart_c[1] - 0.4 * heart_axes[1], z_asc]],
-            arch,
-            [[x_desc, y_arch + 60.0 * sy, z_desc], [x_desc * 0.5, y_bot - r_ao, z_desc]],
-        ]
-    )
-    _tube(cv, path, r_ao, _HU["aorta"], L["aorta"])
-
-    # ---- spine, ribs and sternum -------------------------------------------------------
-    pitch = 25.0 * sy
-    vb_ax, vb_az, vb_half = 21.0 * s, 16.0 * s, 10.0 * sy
-    rib_levels = []
-    first = int(np.floor((y_top - y_shoulder) / pitch)) - 1
-    for k in range(first, int(np.ceil((y_bot + pitch) / pitch)) + 20):
-        yk = y_shoulder + 12.0 * sy + k * pitch
-        if yk - vb_half < y_top or yk + vb_half > y_bot:
-            continue
-        size = 0.8 + 0.2 * _smoothstep((yk - y_shoulder) / 120.0)  # cervical ones smaller
-        ax, az, half = vb_ax * size, vb_az * size, vb_half
-        c = np.array([0.0, yk, z_spine])
-        sl = cv.box(c - [ax + 45.0, half + 20.0, az], c + [ax + 45.0, half + 20.0, az + 75.0])
-        if sl is None:
-            continue
-        x, y, z = cv.coords(sl)
-        q = np.sqrt((x / ax) ** 2 + ((z - z_spine) / az) ** 2)
-        d = np.maximum((q - 1.0) * az, np.abs(y - yk) - half)
-        cv.paint(sl, d, _HU["cortical"], L["vertebra"])
-        cv.paint(sl, d + 2.5, _HU["cancellous"], L["vertebra"])
-        # posterior arch around the canal
-        zc_can = z_spine + az + 9.0 * size
-        r = np.sqrt(x**2 + (z - zc_can) ** 2)
-        d_arch = np.maximum(np.maximum(r - 16.0 * size, 8.0 * size - r), z_spine + az - z)
-        d_arch = np.maximum(d_arch, np.abs(y - yk + 3.0) - 0.8 * half)
-        cv.paint(sl, d_arch, _HU["rib"], L["vertebra"])
-        tip = np.array([0.0, yk + 12.0 * sy, zc_can + 42.0 * size])
-        _tube(
-            cv,
-            [[0.0, yk - 2.0, zc_can + 12.0], tip],
-            (5.0 * size, 3.5 * size),
-            _HU["rib"],
-            L["vertebra"],
-        )
-        for side in (-1.0, 1.0):
-            _tube(
-                cv,
-                [[side * 10.0, yk - 3.0, zc_can], [side * 38.0 * size, yk - 5.0, zc_can + 8.0]],
-                5.0 * size,
-                _HU["rib"],
-                L["vertebra"],
-            )
-        if y_shoulder - 5.0 < yk < y_shoulder + 12.5 * pitch:
-            rib_levels.append((yk, zc_can))
-
-    for i, (yk, zc_can) in enumerate(rib_levels):
-        # rib cage: narrow at the top, widest at ribs 7-9
-        width = 0.55 + 0.45 * _smoothstep((i + 0.5) / 6.0)
-        rx = (cav_ax + 8.0 * s) * width
-        rz = cav_az + 8.0 * s
-        floating = i >= 10
-        theta_end = np.deg2rad(95.0 if floating else 145.0 - 3.0 * i)
-        drop = (45.0 + 8.0 * min(i, 7)) * sy * (0.6 if floating else 1.0)
-        for side in (-1.0, 1.0):
-            theta0 = np.arcsin(np.clip(38.0 / rx, 0.0, 0.9))
-            theta = np.linspace(theta0, theta_end, 14)
-            f = (theta - theta0) / (theta_end - theta0)
-            pts = np.stack(
-                [
-                    side * rx * np.sin(theta),
-                    yk - 5.0 - 8.0 * sy * np.sin(np.pi * f) + drop * f**1.6,
-                    np.minimum(rz * np.cos(theta), zc_can + 5.0),
-                ],
-                axis=-1,
-            )
-            pts = np.concatenate([[[side * 30.0, yk - 5.0, zc_can + 6.0]], pts])
-            _tube(cv, pts, 3.5 * s, _HU["rib"], L["rib"])
-
-    st_z = -(body_az - fat - 10.0 * s)
-    st_top, st_bot = y_shoulder + 25.0 * sy, y_dome_l + 5.0 * sy
-    sl = cv.box((-30.0, st_top, st_z - 12.0), (30.0, st_bot, st_z + 12.0))
-    if sl is not None:
-        x, y, z = cv.coords(sl)
-        wx = 14.0 * s + 10.0 * s * _smoothstep((st_top + 45.0 * sy - y) / (40.0 * sy))
-        q = np.sqrt((x / wx) ** 2 + ((z - st_z) / (6.5 * s)) ** 2)
-        d = np.maximum((q - 1.0) * 6.5 * s, np.maximum(st_top - y, y - st_bot))
-        cv.paint(sl, d, _HU["sternum"], L["sternum"])
-
-    # ---- nodules (the last random draws: skipping them changes nothing above) ----------
-    if nodules and complexity >= 0.5:
-        count = int(rng.integers(1, 5))
-        placed, tries = 0, 0
-        while placed < count and tries < 200:
-            tries += 1
-            r = rng.uniform(2.0, 7.5)
-            side = rng.choice([-1.0, 1.0])
-            p = np.array(
-                [
-                    side * rng.uniform(30.0, cav_ax),
-                    rng.uniform(y_apex, y_lung_bot),
-                    rng.uniform(-lung_az, lung_az) + lung_cz,
-                ]
-            )
-            if float(lung_dist(p[0], p[1], p[2], side)) > -(r + 3.0):
-                continue
-            sl = cv.box(p - r, p + r)
-            if sl is None:
-                continue
-            x, y, z = cv.coords(sl)
-            d = np.sqrt((x - p[0]) ** 2 + (y - p[1]) ** 2 + (z - p[2]) ** 2) - r
-            cv.paint(sl, d, rng.uniform(20.0, 100.0), L["nodule"])
-            placed += 1
-
-    # ---- couch -------------------------------------------------------------------------
-    if couch:
-        z0 = body_az + 4.0
-        sl = cv.box((-240.0, y_top - 40.0, z0 - 40.0), (240.0, y_bot + 40.0, z0 + 22.0))
-        if sl is not None:
-            x, y, z = cv.coords(sl)
-            top = z0 - x**2 / (2.0 * 1100.0)
-            d = np.maximum(np.maximum(top - z, z - top - 20.0), np.abs(x) - 230.0)
-            cv.paint(sl, d, _HU["couch"], L["couch"])
-
-    hu = np.clip(cv.hu, -1024.0, 3071.0).astype(np.float32)
-    return hu, cv.labels
+    complexity = _check_complexity(complexity)
+    cv = _Canvas(grid)  # built once: its frame also serves the nodule draws
+    params = _draw_chest_params(_rng(key_or_seed), cv.frame, nodules, couch, complexity)
+    return _paint_chest(cv, params)

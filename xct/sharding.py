@@ -1,25 +1,62 @@
 """Device mesh and sharding rules (``jax.jit`` with ``NamedSharding``; no pmap).
 
 The mesh has a ``data`` axis (batch split across devices) and a ``spatial`` axis (volumes
-split along z across devices). Parameters and optimiser state are replicated; batches are
-split along their leading axis over ``data``, and volume fields (``VOLUME_KEYS``: the CT
-and its labels, ``[B, z, y, x]``) also along z over ``spatial``. Inside the models, 3D
-activations carry the same logical axes (``xct.models.layers.constrain``, active under
-``activation_mesh``), so a ``spatial`` of 2 or 4 roughly halves or quarters the
-activation memory per device; XLA inserts the halo exchanges.
+split along z across devices). Arrays name their axes logically (``batch``, ``z``) and
+Flax logical axis rules (``config.logical_axis_rules``, default ``DEFAULT_RULES``: batch
+-> data, z -> spatial) map the names onto the mesh. Parameters and optimiser state are
+replicated; batches are split along their leading axis (``batch``), and volume fields
+(``VOLUME_KEYS``: the CT and its labels, ``[B, z, y, x]``) also along ``z``. Inside the
+models, 3D activations carry the same logical axes (``xct.models.layers.constrain``,
+active within ``activation_context(mesh, rules)``), so a ``spatial`` of 2 or 4 roughly
+halves or quarters the activation memory per device; XLA inserts the halo exchanges.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
 
+import flax.linen as nn
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 AXES = ("data", "spatial")
+#: Logical array axes -> mesh axes (the config's ``logical_axis_rules`` by default).
+DEFAULT_RULES = (("batch", "data"), ("z", "spatial"))
+Rules = Sequence[tuple[str, str | None]]
+
+
+def check_rules(rules: Rules) -> tuple[tuple[str, str | None], ...]:
+    """``rules`` as a tuple of ``(logical, mesh axis)`` pairs; unknown mesh axes raise."""
+    out = []
+    for item in rules:
+        if len(item) != 2 or not isinstance(item[0], str):
+            raise ValueError(
+                f"logical_axis_rules: expected (logical name, mesh axis) pairs, got {item!r}"
+            )
+        if item[1] is not None and item[1] not in AXES:
+            raise ValueError(
+                f"logical_axis_rules: {item[0]!r} -> {item[1]!r}: unknown mesh axis, "
+                f"expected one of {AXES} or None"
+            )
+        out.append((str(item[0]), item[1]))
+    return tuple(out)
+
+
+@contextlib.contextmanager
+def activation_context(mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Iterator[None]:
+    """Within this context, jitted code traced sees ``mesh`` and the logical axis ``rules``:
+    the models' ``constrain`` shards activations, and the lifting runs as z-slabs."""
+    with jax.set_mesh(mesh), nn.logical_axis_rules(check_rules(rules)):
+        yield
+
+
+def logical_spec(axes: Sequence[str | None], rules: Rules = DEFAULT_RULES) -> PartitionSpec:
+    """The mesh ``PartitionSpec`` of an array whose axes have the logical names ``axes``."""
+    return nn.logical_to_mesh_axes(tuple(axes), check_rules(rules))
 
 
 def maybe_initialize_distributed(enabled: bool | None = None) -> None:
@@ -79,22 +116,33 @@ def replicated(mesh: Mesh) -> NamedSharding:
 VOLUME_KEYS = ("ct", "labels")  # batch fields laid out [B, z, y, x]: split z over spatial
 
 
-def batch_sharding(mesh: Mesh, ndim: int, volume: bool = False) -> NamedSharding:
-    """Leading (batch) axis split over ``data``; with ``volume``, the next (z) axis over
-    ``spatial``; the rest replicated."""
-    rest = ["spatial" if volume else None] + [None] * (ndim - 2) if ndim > 1 else []
-    return NamedSharding(mesh, PartitionSpec("data", *rest))
+def batch_sharding(
+    mesh: Mesh, ndim: int, volume: bool = False, rules: Rules = DEFAULT_RULES
+) -> NamedSharding:
+    """Leading axis named ``batch``; with ``volume``, the next named ``z``; the rest
+    replicated (mapped onto ``mesh`` by ``rules``)."""
+    names = ["batch", *(["z" if volume else None] + [None] * (ndim - 2) if ndim > 1 else [])]
+    return NamedSharding(mesh, logical_spec(names[:ndim] if ndim else [], rules))
 
 
-def batch_shardings(mesh: Mesh, batch: Mapping) -> dict:
-    """The sharding of each field of a batch (volume fields also split over ``spatial``)."""
-    return {k: batch_sharding(mesh, np.ndim(v), volume=k in VOLUME_KEYS) for k, v in batch.items()}
+def batch_shardings(mesh: Mesh, batch: Mapping, rules: Rules = DEFAULT_RULES) -> dict:
+    """The sharding of each field of a batch (volume fields also split along ``z``)."""
+    return {
+        k: batch_sharding(mesh, np.ndim(v), volume=k in VOLUME_KEYS, rules=rules)
+        for k, v in batch.items()
+    }
 
 
-def shard_batch(batch: Mapping, mesh: Mesh) -> dict:
+def batch_axis_size(mesh: Mesh, rules: Rules = DEFAULT_RULES) -> int:
+    """How many ways a batch is split: the size of the mesh axis ``batch`` maps to."""
+    (axis,) = logical_spec(["batch"], rules) or (None,)
+    return int(mesh.shape[axis]) if isinstance(axis, str) else 1
+
+
+def shard_batch(batch: Mapping, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> dict:
     """Host NumPy batch -> globally sharded arrays (works single- and multi-host)."""
     batch = {k: np.asarray(v) for k, v in batch.items()}
-    shardings = batch_shardings(mesh, batch)
+    shardings = batch_shardings(mesh, batch, rules)
     return {k: jax.make_array_from_process_local_data(shardings[k], v) for k, v in batch.items()}
 
 

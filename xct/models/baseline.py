@@ -13,16 +13,16 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from xct.geometry import Acquisition
 from xct.models.layers import Dtype, constrain, group_norm, upsample2
 from xct.models.lifting import check_inputs, lift
-from xct.models.unet import check_geometry_fields, detector_width_mm
 
 
 class Baseline(nn.Module):
     """Plain few-view encoder-decoder.
 
     Attributes:
-      resolution, fov_mm, sod_mm, sdd_mm, pixel_mm: as in ``UNetGenerator``.
+      acquisition: as in ``UNetGenerator``.
       base_features: channels of the first layer; layer ``i`` has ``base * 2^i``.
       num_layers: stride-2 layers in the encoder and upsampling layers in the decoder
         (3 or 4 is typical; ``D`` must be divisible by ``2^num_layers``).
@@ -30,18 +30,18 @@ class Baseline(nn.Module):
       dtype: compute dtype; parameters and outputs are float32.
     """
 
-    resolution: int = 64
-    fov_mm: float = 400.0
-    sod_mm: float = 1000.0
-    sdd_mm: float = 1500.0
-    pixel_mm: float | None = None
+    acquisition: Acquisition = Acquisition()
     base_features: int = 16
     num_layers: int = 3
     seg_classes: int = 0
     dtype: Dtype = jnp.float32
 
     def __post_init__(self):
-        check_geometry_fields(self)
+        if not isinstance(self.acquisition, Acquisition):
+            raise ValueError(
+                f"Baseline.acquisition: expected an xct.geometry.Acquisition, got "
+                f"{self.acquisition!r}"
+            )
         if int(self.base_features) < 1 or int(self.num_layers) < 1:
             raise ValueError(
                 f"Baseline: expected base_features >= 1 and num_layers >= 1, got "
@@ -55,6 +55,10 @@ class Baseline(nn.Module):
         if int(self.seg_classes) < 0:
             raise ValueError(f"Baseline.seg_classes: expected >= 0, got {self.seg_classes!r}")
         super().__post_init__()
+
+    @property
+    def resolution(self) -> int:
+        return self.acquisition.resolution
 
     @nn.compact
     def __call__(
@@ -74,11 +78,8 @@ class Baseline(nn.Module):
             h.reshape(b, v, *h.shape[1:]),
             jnp.asarray(angles_deg, jnp.float32),
             method="expand",
+            acquisition=self.acquisition,
             size=self.resolution // 2**self.num_layers,
-            fov_mm=self.fov_mm,
-            sod_mm=self.sod_mm,
-            sdd_mm=self.sdd_mm,
-            det_width_mm=detector_width_mm(self),
         )
         h = constrain(jnp.mean(h, axis=1))  # [B, d, d, d, C]
         for i in range(self.num_layers - 1, -1, -1):

@@ -6,8 +6,6 @@ rank follows the input). Parameters are float32; ``dtype`` is the compute dtype.
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 from typing import Any
 
 import flax.linen as nn
@@ -17,42 +15,23 @@ import jax.numpy as jnp
 Dtype = Any
 
 # ------------------------------------------------------------------------------------------
-# Activation sharding: logical axes of 3D activations, mapped onto the mesh of xct.sharding.
-#
-# Models name the axes of their 3D activations (``VOLUME_AXES``: batch and z) and call
-# ``constrain``; outside ``activation_mesh(mesh)`` that is a no-op, inside it becomes
-# ``with_sharding_constraint`` on ``mesh`` with ``LOGICAL_RULES`` (batch -> data,
-# z -> spatial), so XLA splits volumes along z over the ``spatial`` axis and inserts the
+# Activation sharding: models name the axes of their 3D activations (``VOLUME_AXES``: batch
+# and z) and call ``constrain``. Outside Flax logical axis rules that is a no-op; inside
+# ``xct.sharding.activation_context(mesh, rules)`` (which the Experiment enters for every
+# jitted function) it becomes ``with_sharding_constraint`` on the mesh through the rules
+# (by default batch -> data, z -> spatial), so XLA splits volumes along z and inserts the
 # halo exchanges of the convolutions and the reductions of GroupNorm itself.
 
-LOGICAL_RULES = (("batch", "data"), ("z", "spatial"))
 VOLUME_AXES = ("batch", "z", None, None, None)  # [B, z, y, x, C]
-_MESH: contextvars.ContextVar = contextvars.ContextVar("xct_activation_mesh", default=None)
-
-
-@contextlib.contextmanager
-def activation_mesh(mesh: jax.sharding.Mesh | None):
-    """Within this context (while tracing), ``constrain`` shards activations on ``mesh``."""
-    token = _MESH.set(mesh)
-    try:
-        yield
-    finally:
-        _MESH.reset(token)
-
-
-def current_mesh() -> jax.sharding.Mesh | None:
-    """The mesh of the enclosing ``activation_mesh`` context (None outside one)."""
-    return _MESH.get()
 
 
 def constrain(x: jax.Array, axes: tuple = VOLUME_AXES) -> jax.Array:
     """Constrain ``x``'s sharding to the logical ``axes`` (one name or None per axis;
-    ``VOLUME_AXES`` truncated to ``x.ndim`` by default) on the current activation mesh."""
-    mesh = _MESH.get()
-    if mesh is None:
+    ``VOLUME_AXES`` truncated to ``x.ndim`` by default) under the current axis rules."""
+    if not nn.get_logical_axis_rules():
         return x
     axes = tuple(axes)[: x.ndim] + (None,) * max(0, x.ndim - len(axes))
-    return nn.with_logical_constraint(x, axes, rules=LOGICAL_RULES, mesh=mesh)
+    return nn.with_logical_constraint(x, axes)
 
 
 def num_groups(channels: int, max_groups: int = 8) -> int:

@@ -26,6 +26,7 @@ Conventions (``xct.geometry``): volumes are ``[z, y, x]`` on a centred cube of s
 
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -33,13 +34,6 @@ import numpy as np
 from xct import geometry, projector
 
 LIFTINGS = ("expand", "backproject")
-
-
-def default_pixel_mm(resolution: int, fov_mm: float, sod_mm: float, sdd_mm: float) -> float:
-    """Detector pixel of the data generator: a ``resolution``-pixel detector that sees the
-    whole cylinder inscribed in the cube (its nearest edge is magnified most)."""
-    half = (fov_mm / 2.0) * sdd_mm / (sod_mm - fov_mm / 2.0)
-    return 2.0 * half / resolution
 
 
 def _linear_taps(pos: jax.Array, n: int) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
@@ -58,11 +52,9 @@ def expand_view(
     features: jax.Array,
     angle_deg: jax.Array,
     *,
+    acquisition: geometry.Acquisition,
     size: int,
     fov_mm: float,
-    sod_mm: float,
-    sdd_mm: float,
-    det_width_mm: float,
     center_mm: jax.Array | None = None,
     size_z: int | None = None,
 ) -> jax.Array:
@@ -71,10 +63,10 @@ def expand_view(
     Args:
       features: ``[h, w, C]`` feature map of the view (rows along +y, columns along u).
       angle_deg: scalar gantry angle in degrees (may be traced).
+      acquisition: the orbit and detector (``sod_mm``, ``sdd_mm``, detector width); the
+        feature map covers the whole detector at its own pitch.
       size: voxels per side ``d`` of the output cube (side ``fov_mm``, centred).
-      fov_mm: side of the cube in mm.
-      sod_mm, sdd_mm: source-isocentre and source-detector distances (magnification).
-      det_width_mm: physical width (and height) of the whole detector in mm.
+      fov_mm: side of this cube in mm (the acquisition's cube, or a patch of it).
       center_mm: ``[3]`` world ``(x, y, z)`` of the cube's centre (a patch of a larger
         volume); default the isocentre.
       size_z: voxels along z if the block is a slab of the cube (``d_z x d x d`` with the
@@ -90,7 +82,8 @@ def expand_view(
     t_z = (jnp.arange(nz, dtype=jnp.float32) - (nz - 1) / 2.0) * (fov_mm / size)
     c = jnp.zeros(3, jnp.float32) if center_mm is None else jnp.asarray(center_mm, jnp.float32)
     tx, ty, tz = t + c[0], t + c[1], t_z + c[2]
-    mag = sdd_mm / sod_mm
+    mag = acquisition.sdd_mm / acquisition.sod_mm
+    det_width_mm = acquisition.detector_width_mm
     # World (x, z) -> detector column coordinate u = x cos(theta) - z sin(theta) (mm at the
     # isocentre), then to pixel indices at this level's pitch.
     u_mm = jnp.cos(theta) * tx[None, :] - jnp.sin(theta) * tz[:, None]  # [z, x]
@@ -113,29 +106,28 @@ def backproject_view(
     features: jax.Array,
     angle_deg: jax.Array,
     *,
+    acquisition: geometry.Acquisition,
     size: int,
     fov_mm: float,
-    sod_mm: float,
-    sdd_mm: float,
-    det_width_mm: float,
     center_mm: jax.Array | None = None,
     eps_fraction: float = 0.05,
     size_z: int | None = None,
 ) -> jax.Array:
     """Normalised back-projection of one cone-beam view's feature channels.
 
-    The view's geometry at this scale: detector ``[h, w]`` pixels of ``det_width_mm / w``
-    mm (the same detector as the data, coarser), volume the centred ``d^3`` cube of side
-    ``fov_mm``. Each channel is back-projected (Joseph, exact adjoint of the projector) and
-    divided by ``max(back_project(ones), eps)`` with ``eps = eps_fraction * voxel_mm``, so
-    voxels no ray reaches are 0 and the scale does not depend on ``d`` or the view count.
+    The view's geometry at this scale: ``acquisition.orbit`` with the detector sampled at
+    ``[h, w]`` pixels (the same detector as the data, coarser), volume the centred ``d^3``
+    cube of side ``fov_mm``. Each channel is back-projected (Joseph, exact adjoint of the
+    projector) and divided by ``max(back_project(ones), eps)`` with
+    ``eps = eps_fraction * voxel_mm``, so voxels no ray reaches are 0 and the scale does
+    not depend on ``d`` or the view count.
     Computed in float32 (scatter-adds in bfloat16 lose too much), returned in the input
     dtype. Differentiable in ``features`` (the VJP is the forward projection).
 
     Args:
       features: ``[h, w, C]`` feature map of the view.
       angle_deg: scalar gantry angle in degrees (may be traced).
-      size, fov_mm, sod_mm, sdd_mm, det_width_mm, center_mm: as in ``expand_view``
+      acquisition, size, fov_mm, center_mm: as in ``expand_view``
         (``fov_mm`` is the side of this cube: a patch of ``size`` voxels of the full
         volume's voxel size has ``fov_mm = size * voxel_mm``).
       eps_fraction: floor of the normaliser, in voxel sizes.
@@ -147,16 +139,10 @@ def backproject_view(
     h, w, _ = features.shape
     voxel_mm = fov_mm / size
     grid = geometry.VolumeGrid.centered((size if size_z is None else size_z, size, size), voxel_mm)
-    theta = jnp.deg2rad(jnp.asarray(angle_deg, jnp.float32)).reshape(1)
     # A cube centred at c in the world is the centred cube seen with the isocentre at -c.
     c = jnp.zeros(3, jnp.float32) if center_mm is None else jnp.asarray(center_mm, jnp.float32)
-    geom = geometry.from_poses(
-        geometry.rotation_y(theta),
-        -c[None],
-        sod_mm=sod_mm,
-        sdd_mm=sdd_mm,
-        det_shape=(h, w),
-        pixel_mm=(det_width_mm / h, det_width_mm / w),
+    geom = acquisition.orbit(
+        jnp.asarray(angle_deg, jnp.float32).reshape(1), det_shape=(h, w), isocenter_xyz_mm=-c
     )
 
     # Bound the scatter's per-sample arrays of all channels together (XLA version): one
@@ -182,62 +168,52 @@ def lift(
     angles_deg: jax.Array,
     *,
     method: str,
+    acquisition: geometry.Acquisition,
     size: int,
-    fov_mm: float,
-    sod_mm: float,
-    sdd_mm: float,
-    det_width_mm: float,
+    fov_mm: float | None = None,
     center_mm: jax.Array | None = None,
 ) -> jax.Array:
     """Lift a batch of per-view feature maps: ``[B, V, h, w, C]``, angles ``[B, V]`` degrees
     -> ``[B, V, d, d, d, C]`` with ``d = size``. ``method`` is one of ``LIFTINGS``.
-    ``center_mm [B, 3]``: world ``(x, y, z)`` centre of each example's cube (patches)."""
+
+    The cube has side ``fov_mm`` (default the acquisition's) and is centred at
+    ``center_mm [B, 3]`` (world ``(x, y, z)``, default the isocentre: patches). Under a
+    mesh whose logical axis rules map ``z`` to a mesh axis of size ``S > 1``
+    (``xct.sharding.activation_context``), each device lifts only its own z-slab.
+    """
     if method not in LIFTINGS:
         raise ValueError(f"lifting: expected one of {LIFTINGS}, got {method!r}")
     fn = expand_view if method == "expand" else backproject_view
-    one = lambda f, a, c: fn(  # noqa: E731
-        f,
-        a,
-        size=size,
-        fov_mm=fov_mm,
-        sod_mm=sod_mm,
-        sdd_mm=sdd_mm,
-        det_width_mm=det_width_mm,
-        center_mm=c,
-    )
+    fov_mm = acquisition.fov_mm if fov_mm is None else float(fov_mm)
+    kw = dict(acquisition=acquisition, size=size, fov_mm=fov_mm)
     if center_mm is None:
         center_mm = jnp.zeros((features.shape[0], 3), jnp.float32)
-    mesh = _spatial_mesh(features.shape[0], size)
-    if mesh is None:
+    slabs = slab_axes(features.shape[0], size)
+    if slabs is None:
+        one = lambda f, a, c: fn(f, a, center_mm=c, **kw)  # noqa: E731
         return jax.vmap(jax.vmap(one, in_axes=(0, 0, None)))(features, angles_deg, center_mm)
-    return _lift_slabs(
-        fn,
-        mesh,
-        features,
-        angles_deg,
-        center_mm,
-        size=size,
-        fov_mm=fov_mm,
-        sod_mm=sod_mm,
-        sdd_mm=sdd_mm,
-        det_width_mm=det_width_mm,
-    )
+    return _lift_slabs(fn, slabs, features, angles_deg, center_mm, **kw)
 
 
-def _spatial_mesh(batch: int, size: int):
-    """The activation mesh if lifting should run as z-slabs, one per ``spatial`` device."""
-    from xct.models import layers
-
-    mesh = layers.current_mesh()
-    if mesh is None or mesh.shape.get("spatial", 1) == 1:
+def slab_axes(batch: int, size: int) -> tuple[str | None, str, int] | None:
+    """``(batch mesh axis, z mesh axis, slabs)`` when lifting should run as z-slabs: inside
+    ``xct.sharding.activation_context`` whose rules map the logical ``z`` axis to a mesh
+    axis of size > 1 that divides ``size`` (and ``batch`` splits over the batch axis)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not nn.get_logical_axis_rules():
         return None
-    if size % mesh.shape["spatial"] or batch % mesh.shape.get("data", 1):
+    batch_axis, z_axis = nn.logical_to_mesh_axes(("batch", "z"))
+    if not isinstance(z_axis, str) or mesh.shape.get(z_axis, 1) == 1:
+        return None
+    if batch_axis is not None and not isinstance(batch_axis, str):
+        return None
+    if size % mesh.shape[z_axis] or (batch_axis and batch % mesh.shape[batch_axis]):
         return None  # uneven split: let XLA partition the whole lifting
-    return mesh
+    return batch_axis, z_axis, mesh.shape[z_axis]
 
 
-def _lift_slabs(fn, mesh, features, angles_deg, center_mm, *, size, **kw):
-    """Each ``spatial`` device lifts only its own z-slab of the cube (``shard_map``).
+def _lift_slabs(fn, slabs, features, angles_deg, center_mm, *, size, **kw):
+    """Each device of the z mesh axis lifts only its own z-slab of the cube (``shard_map``).
 
     Left to XLA's partitioner, the lifting's scatter (back-projection) or gathers (expand)
     run whole on every device of the ``spatial`` axis and are sliced afterwards, so they
@@ -248,12 +224,12 @@ def _lift_slabs(fn, mesh, features, angles_deg, center_mm, *, size, **kw):
     """
     from jax.sharding import PartitionSpec as P
 
-    n_slabs = mesh.shape["spatial"]
+    batch_axis, z_axis, n_slabs = slabs
     slab = size // n_slabs
     voxel_mm = kw["fov_mm"] / size
 
     def local(f, a, c):
-        i = jax.lax.axis_index("spatial").astype(jnp.float32)
+        i = jax.lax.axis_index(z_axis).astype(jnp.float32)
         dz = (i + 0.5) * slab * voxel_mm - 0.5 * size * voxel_mm  # slab centre - cube centre
         c = c + jnp.stack([0.0, 0.0, dz]).astype(c.dtype)[None, :]
         one = lambda f1, a1, c1: fn(f1, a1, size=size, center_mm=c1, size_z=slab, **kw)  # noqa: E731
@@ -261,9 +237,8 @@ def _lift_slabs(fn, mesh, features, angles_deg, center_mm, *, size, **kw):
 
     return jax.shard_map(
         local,
-        mesh=mesh,
-        in_specs=(P("data"), P("data"), P("data")),
-        out_specs=P("data", None, "spatial"),
+        in_specs=(P(batch_axis), P(batch_axis), P(batch_axis)),
+        out_specs=P(batch_axis, None, z_axis),
         check_vma=False,
     )(features, angles_deg, center_mm)
 

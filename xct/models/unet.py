@@ -14,8 +14,8 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from xct.geometry import Acquisition
 from xct.models.encoder import ViewEncoder
 from xct.models.fusion import FUSIONS, ViewFusion
 from xct.models.layers import (
@@ -27,43 +27,18 @@ from xct.models.layers import (
     group_norm,
     upsample2,
 )
-from xct.models.lifting import LIFTINGS, check_inputs, default_pixel_mm, lift
+from xct.models.lifting import LIFTINGS, check_inputs, lift
 
 ATTENTIONS = ("bottleneck", "gates", "none")
-
-
-def check_geometry_fields(module) -> None:
-    """Validate the fields shared by the generators (called from ``__post_init__``)."""
-    cls = type(module).__name__
-    if int(module.resolution) < 2:
-        raise ValueError(f"{cls}.resolution: expected >= 2 voxels, got {module.resolution!r}")
-    for f in ("fov_mm", "sod_mm", "sdd_mm"):
-        v = getattr(module, f)
-        if not (np.isfinite(v) and v > 0):
-            raise ValueError(f"{cls}.{f}: expected a positive length in mm, got {v!r}")
-    if module.sdd_mm <= module.sod_mm:
-        raise ValueError(
-            f"{cls}.sdd_mm: the detector must lie beyond the isocentre, "
-            f"sdd_mm={module.sdd_mm} <= sod_mm={module.sod_mm}"
-        )
-    if module.sod_mm <= module.fov_mm * np.sqrt(2.0) / 2.0:
-        raise ValueError(
-            f"{cls}.sod_mm: the source ({module.sod_mm} mm) must stay outside the "
-            f"fov_mm={module.fov_mm} cube"
-        )
-    if module.pixel_mm is not None and not (np.isfinite(module.pixel_mm) and module.pixel_mm > 0):
-        raise ValueError(
-            f"{cls}.pixel_mm: expected a positive size or None, got {module.pixel_mm!r}"
-        )
 
 
 def patch_frame(module, batch: int, patch_offset) -> tuple[int, float, jax.Array]:
     """``(voxels per side, side in mm, centre [B, 3] world (x, y, z) mm)`` of the cube a
     generator reconstructs: the whole volume, or its ``patch_size`` patch at
     ``patch_offset [B, 3]`` (``(z, y, x)`` index of the patch's first voxel)."""
-    d = int(module.resolution)
+    d = module.acquisition.resolution
     p = int(getattr(module, "patch_size", 0)) or d
-    voxel_mm = module.fov_mm / d
+    voxel_mm = module.acquisition.voxel_mm
     if patch_offset is None:
         offset = jnp.full((batch, 3), (d - p) / 2.0, jnp.float32)
     else:
@@ -76,23 +51,12 @@ def patch_frame(module, batch: int, patch_offset) -> tuple[int, float, jax.Array
     return p, p * voxel_mm, centre_zyx[:, ::-1]
 
 
-def detector_width_mm(module) -> float:
-    """Physical detector side: ``resolution`` pixels of ``pixel_mm`` (data default)."""
-    pixel = module.pixel_mm
-    if pixel is None:
-        pixel = default_pixel_mm(module.resolution, module.fov_mm, module.sod_mm, module.sdd_mm)
-    return float(module.resolution * pixel)
-
-
 class UNetGenerator(nn.Module):
     """Few-view X-ray to CT generator (registry name ``"unet"``).
 
     Attributes:
-      resolution: ``D``, voxels per side of the CT and pixels per side of each DRR.
-      fov_mm: side of the CT cube in mm (centred on the isocentre).
-      sod_mm, sdd_mm: source-isocentre and source-detector distances in mm.
-      pixel_mm: detector pixel at full resolution; None: the data generator's
-        ``2 (fov/2) sdd / (sod - fov/2) / D``.
+      acquisition: the orbit, detector and cube (``xct.geometry.Acquisition``): ``D =
+        acquisition.resolution`` voxels per side of the CT and pixels per side of each DRR.
       base_features: channels at full resolution; level ``l`` has ``base * 2^l``.
       num_levels: resolution levels (``D`` must be divisible by ``2^(num_levels-1)``).
       num_res_blocks: residual blocks per level, in the encoder and the decoder.
@@ -109,11 +73,7 @@ class UNetGenerator(nn.Module):
         are float32.
     """
 
-    resolution: int = 64
-    fov_mm: float = 400.0
-    sod_mm: float = 1000.0
-    sdd_mm: float = 1500.0
-    pixel_mm: float | None = None
+    acquisition: Acquisition = Acquisition()
     base_features: int = 8
     num_levels: int = 4
     num_res_blocks: int = 1
@@ -126,7 +86,11 @@ class UNetGenerator(nn.Module):
     dtype: Dtype = jnp.float32
 
     def __post_init__(self):
-        check_geometry_fields(self)
+        if not isinstance(self.acquisition, Acquisition):
+            raise ValueError(
+                f"UNetGenerator.acquisition: expected an xct.geometry.Acquisition, got "
+                f"{self.acquisition!r}"
+            )
         p = int(self.patch_size)
         if p < 0 or p > self.resolution or p % (2 ** (self.num_levels - 1)):
             raise ValueError(
@@ -165,6 +129,10 @@ class UNetGenerator(nn.Module):
         super().__post_init__()
 
     @property
+    def resolution(self) -> int:
+        return self.acquisition.resolution
+
+    @property
     def level_features(self) -> tuple[int, ...]:
         return tuple(self.base_features * 2**level for level in range(self.num_levels))
 
@@ -190,7 +158,6 @@ class UNetGenerator(nn.Module):
             self.level_features, self.num_res_blocks, dtype=self.dtype, name="encoder"
         )(drr.reshape(b * v, hh, ww, 1))
         angles = jnp.asarray(angles_deg, jnp.float32)
-        width_mm = detector_width_mm(self)
         size, side_mm, center_mm = patch_frame(self, b, patch_offset)
         fused = []
         for level, f in enumerate(feats):
@@ -198,12 +165,10 @@ class UNetGenerator(nn.Module):
                 f.reshape(b, v, *f.shape[1:]),
                 angles,
                 method=self.lifting,
+                acquisition=self.acquisition,
                 size=size // 2**level,
                 fov_mm=side_mm,
                 center_mm=center_mm,
-                sod_mm=self.sod_mm,
-                sdd_mm=self.sdd_mm,
-                det_width_mm=width_mm,
             )  # [B, V, d, d, d, C_l]
             lifted = constrain(lifted, ("batch", None, "z"))
             fused.append(

@@ -1,0 +1,432 @@
+"""Data sources for training and the examples evaluation scores.
+
+A training data source is a small object made once from ``config.data`` by the
+Experiment, with the same interface whatever the data comes from:
+
+* ``prepare()`` on the host before anything is compiled (build a missing synthetic
+  dataset, check a stored one against what the config asks for);
+* ``open(mesh, rules, state, start_step)`` -> a ``Stream`` whose ``batch(step)`` gives the
+  globally sharded batch of that step and whose ``state()`` is what a checkpoint keeps
+  beside the parameters (a resumed run sees exactly the batches it would have seen);
+* ``examples(split, num_views)`` -> the ``Example``s of a split for the evaluator (None
+  when the source has no such split).
+
+``TfdsSource`` reads a stored TFDS dataset with grain; ``RenderSource`` keeps a pool of
+phantoms on the device and renders each step's batch there (``input_pipeline.
+render_batch``), its stream a pure function of the step. Evaluation examples of a folder
+of real CTs come from ``ct_dir_examples`` (read and preprocessed exactly as the
+``ct_folder`` dataset builder does).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import pathlib
+import subprocess
+import sys
+from collections.abc import Iterator
+from typing import Any, Protocol
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from xct import geometry, input_pipeline, io, physics, sharding
+
+#: Views every dataset builder stores (names end in ``_views8``), in nested order; a model
+#: trained on ``k <= 8`` of them saw their first ``k`` angles.
+DATASET_VIEWS = 8
+
+
+@dataclasses.dataclass
+class Example:
+    """One volume to reconstruct, in the projector frame the model works in."""
+
+    id: str
+    drr: np.ndarray  # [V, r, r] normalize_drr units
+    angles_deg: np.ndarray  # [V]
+    ct: np.ndarray  # [r, r, r] normalize_ct units
+    grid: geometry.VolumeGrid  # where its NIfTI outputs are placed
+    lps: bool  # outputs go back to the source's LPS frame (CT folders)
+    source: str
+
+
+class Stream(Protocol):
+    def batch(self, step: int) -> dict: ...
+
+    def state(self) -> dict: ...
+
+
+class DataSource(Protocol):
+    """What the training loop and the evaluator need from a data source."""
+
+    has_validation: bool
+
+    def prepare(self) -> None: ...
+
+    def open(self, mesh, rules, state: dict | None, start_step: int) -> Stream: ...
+
+    def examples(self, split: str, num_views: int) -> Iterator[Example] | None: ...
+
+
+# ---------------------------------------------------------------------------------------
+# Stored TFDS datasets
+
+
+def _stored_info(path: pathlib.Path) -> dict | None:
+    """``{"splits": {name: count}, "shapes": {feature: shape}}`` of a built dataset."""
+    infos = sorted(path.glob("*/dataset_info.json"))
+    if not infos:
+        return None
+    info = json.loads(infos[-1].read_text())
+    splits = {
+        s["name"]: int(sum(int(n) for n in s.get("shardLengths", [])) or s.get("numExamples", 0))
+        for s in info.get("splits", [])
+    }
+    return {"splits": splits, "dir": infos[-1].parent}
+
+
+@dataclasses.dataclass(frozen=True)
+class TfdsSource:
+    """A dataset built by ``data_pipelines.build`` (``config.data.source = "tfds"``)."""
+
+    dataset: str  # NAME/CONFIG, e.g. synthetic_chest/res64_views8
+    data_dir: str
+    acquisition: geometry.Acquisition
+    batch_size: int
+    num_views: int
+    seed: int
+    view_selection: str = "first"
+    intensity_jitter: float = 0.0
+    drr_noise_std: float = 0.0
+    worker_count: int = 0
+    split_sizes: tuple = ()  # ((split, count), ...) asked of an auto-built synthetic set
+    has_validation: bool = True
+
+    @property
+    def root(self) -> pathlib.Path:
+        return pathlib.Path(self.data_dir).expanduser().absolute()
+
+    @property
+    def path(self) -> pathlib.Path:
+        return self.root / self.dataset
+
+    def prepare(self) -> None:
+        """Build a missing synthetic dataset (in a subprocess: xct does not import
+        data_pipelines); check a stored one against the config; anything else missing is
+        a clear error."""
+        info = _stored_info(self.path)
+        if info is None:
+            self._build()
+            info = _stored_info(self.path)
+        self._check(info)
+
+    def _build(self) -> None:
+        data_dir = self.root
+        if not self.dataset.startswith("synthetic_chest/"):
+            raise ValueError(
+                f"config.data.dataset: {self.dataset!r} not found in {data_dir}; build it with "
+                f"python -m data_pipelines.build --dataset={self.dataset} --data_dir={data_dir} "
+                "--source_dir=..."
+            )
+        cmd = [sys.executable, "-m", "data_pipelines.build", f"--dataset={self.dataset}"]
+        cmd.append(f"--data_dir={data_dir}")
+        if self.split_sizes:
+            cmd.append("--split_sizes=" + ",".join(f"{k}={v}" for k, v in self.split_sizes))
+        if jax.process_index() == 0:  # one builder; the data_dir is shared by all hosts
+            print(f"building {self.dataset} into {data_dir} (first run only) ...", flush=True)
+            subprocess.run(cmd, check=True, cwd=pathlib.Path(__file__).resolve().parents[1])
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("xct: dataset built")
+
+    def _check(self, info: dict | None) -> None:
+        """Refuse a stored dataset that is not what the config asks for."""
+        if info is None:
+            raise ValueError(f"config.data.dataset: no dataset_info.json under {self.path}")
+        wanted = {k: int(v) for k, v in self.split_sizes}
+        have = {k: info["splits"].get(k) for k in wanted}
+        if wanted and have != wanted:
+            raise ValueError(
+                f"config.data.split_sizes: asks {_sizes(wanted)} but {info['dir']} holds "
+                f"{_sizes(info['splits'])}; delete that folder to rebuild it, or set "
+                "config.data.data_dir to another folder"
+            )
+        ex = input_pipeline.data_source(self.dataset, self.root, "train")[0]
+        r, stored = self.acquisition.resolution, int(np.shape(ex["drr"])[0])
+        if tuple(np.shape(ex["ct_hu"])) != (r, r, r):
+            raise ValueError(
+                f"config.geometry.resolution: {r} but {self.dataset} stores "
+                f"{np.shape(ex['ct_hu'])} volumes"
+            )
+        if self.num_views > stored:
+            raise ValueError(
+                f"config.data.num_views: {self.num_views} views but {self.dataset} stores {stored}"
+            )
+        for field, want in (
+            ("sod_mm", self.acquisition.sod_mm),
+            ("sdd_mm", self.acquisition.sdd_mm),
+        ):
+            if abs(float(ex[field]) - want) > 1e-3 * want:
+                raise ValueError(
+                    f"config.geometry.{field}: {want:g} but {self.dataset} was rendered with "
+                    f"{float(ex[field]):g}"
+                )
+
+    def _source(self, split: str):
+        return input_pipeline.data_source(self.dataset, self.root, split)
+
+    def open(self, mesh, rules, state: dict | None, start_step: int) -> Stream:
+        del start_step  # the iterator state says where the stream is
+        transform = input_pipeline.ExampleTransform(
+            num_views=self.num_views,
+            view_selection=self.view_selection,
+            intensity_jitter=self.intensity_jitter,
+            drr_noise_std=self.drr_noise_std,
+        )
+        ds = input_pipeline.make_dataset(
+            self._source("train"),
+            batch_size=self.batch_size,
+            transform=transform,
+            seed=self.seed,
+            train=True,
+        )
+        it = input_pipeline.iterate(ds, worker_count=self.worker_count)
+        if state:
+            it.set_state(state)
+        return _TfdsStream(it, mesh, rules)
+
+    def examples(self, split: str, num_views: int) -> Iterator[Example]:
+        """The examples of ``split``, transformed as for evaluation (first ``num_views``)."""
+        src = self._source(split)
+        t = input_pipeline.ExampleTransform(num_views=num_views)
+        for i in range(len(src)):
+            raw = src[i]
+            ex = t(raw)
+            name = raw.get("id", f"{split}-{i:05d}")
+            name = name.decode() if isinstance(name, bytes) else str(name)
+            r = ex["ct"].shape[0]
+            spacing = tuple(float(s) for s in ex["spacing_mm"])
+            grid = geometry.VolumeGrid.centered((r, r, r), spacing)
+            yield Example(name, ex["drr"], ex["angles_deg"], ex["ct"], grid, False, f"{split}[{i}]")
+
+
+def _sizes(d: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in sorted(d.items())) or "nothing"
+
+
+BATCH_KEYS = ("drr", "angles_deg", "ct", "labels")
+
+
+class _TfdsStream:
+    def __init__(self, it, mesh, rules):
+        self._it, self._mesh, self._rules = it, mesh, rules
+
+    def batch(self, step: int) -> dict:
+        del step  # the iterator is sequential; its state was restored on resume
+        b = next(self._it)
+        return sharding.shard_batch(
+            {k: b[k] for k in BATCH_KEYS if k in b}, self._mesh, self._rules
+        )
+
+    def state(self) -> dict:
+        return self._it.get_state()
+
+
+# ---------------------------------------------------------------------------------------
+# Phantoms rendered on the device
+
+
+@dataclasses.dataclass(frozen=True)
+class RenderSource:
+    """Phantoms rendered each step on the device (``config.data.source = "render"``).
+
+    ``curriculum_steps > 0``: deformation and noise grow linearly over the first steps,
+    and (``complexity_curriculum``) phantoms come from a pool ordered by complexity, drawn
+    from its easiest part first; after the ramp the pool is replaced by full phantoms.
+    """
+
+    acquisition: geometry.Acquisition
+    batch_size: int
+    num_views: int
+    seed: int
+    pool_size: int = 32
+    flip: bool = True
+    elastic_mm: float = 0.0
+    photons: float = 0.0
+    curriculum_steps: int = 0
+    complexity_curriculum: bool = True
+    has_validation: bool = False
+
+    def prepare(self) -> None:
+        return None
+
+    def pool(self, by_complexity: bool) -> np.ndarray:
+        """Phantoms (HU ``[P, r, r, r]``); with ``by_complexity``, phantom ``i`` of ``P`` has
+        complexity ``(i + 1) / P`` (easy first), else all are full phantoms."""
+        from xct import phantoms
+
+        n, grid = int(self.pool_size), self.acquisition.grid()
+        return np.stack(
+            [
+                phantoms.chest_phantom(
+                    self.seed * 100_003 + i, grid, complexity=(i + 1) / n if by_complexity else 1.0
+                )[0]
+                for i in range(n)
+            ]
+        )
+
+    def renderer(self, mesh, rules, by_complexity: bool = False):
+        """``(pool on the device, jitted render(key, pool, strength) -> sharded batch)``.
+
+        ``strength`` in [0, 1] scales deformation and noise; with ``by_complexity`` (a pool
+        ordered by complexity) it also draws phantoms only from the easiest
+        ``ceil(strength * P)`` of the pool.
+        """
+        pool = jax.device_put(self.pool(by_complexity), sharding.replicated(mesh))
+        out_shardings = {
+            "ct": sharding.batch_sharding(mesh, 4, volume=True, rules=rules),
+            "drr": sharding.batch_sharding(mesh, 4, rules=rules),
+            "angles_deg": sharding.batch_sharding(mesh, 2, rules=rules),
+        }
+        render = jax.jit(
+            functools.partial(_render, self, by_complexity), out_shardings=out_shardings
+        )
+        return pool, render
+
+    def open(self, mesh, rules, state: dict | None, start_step: int) -> Stream:
+        del state  # the stream is a function of the step
+        return _RenderStream(self, mesh, rules, start_step)
+
+    def examples(self, split: str, num_views: int) -> None:
+        return None
+
+
+def _render(src: RenderSource, by_complexity: bool, key, pool, strength=1.0) -> dict:
+    k_pick, k_render = jax.random.split(key)
+    n, b = pool.shape[0], src.batch_size
+    if by_complexity:  # the easiest ceil(strength * n), with replacement
+        available = jnp.clip(jnp.ceil(strength * n), 1, n).astype(jnp.int32)
+        idx = jax.random.randint(k_pick, (b,), 0, available)
+    else:
+        idx = jax.random.choice(k_pick, n, (b,), replace=n < b)
+    return input_pipeline.render_batch(
+        k_render,
+        pool[idx],
+        src.acquisition,
+        num_views=src.num_views,
+        flip=src.flip,
+        elastic_mm=src.elastic_mm,
+        photons=src.photons if src.photons else None,
+        strength=strength,
+    )
+
+
+class _RenderStream:
+    def __init__(self, src: RenderSource, mesh, rules, start_step: int):
+        self.src, self.mesh, self.rules = src, mesh, rules
+        self.key = jax.random.key(src.seed)
+        ramp = src.curriculum_steps
+        self.full = not (ramp and src.complexity_curriculum and start_step < ramp)
+        self.pool, self.render = src.renderer(mesh, rules, not self.full)
+
+    def batch(self, step: int) -> dict:
+        ramp = self.src.curriculum_steps
+        strength = np.float32(min(1.0, (step + 1) / ramp) if ramp else 1.0)
+        if not self.full and step >= ramp:
+            self.pool = None  # free the curriculum pool first
+            self.pool, self.render = self.src.renderer(self.mesh, self.rules, False)
+            self.full = True
+        key = jax.random.fold_in(self.key, 2 * step + 1)
+        return self.render(key, self.pool, strength)
+
+    def state(self) -> dict:
+        return {}
+
+
+# ---------------------------------------------------------------------------------------
+# Real CT volumes for evaluation
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _render_views(acquisition: geometry.Acquisition, hu, angles_deg):
+    geom = acquisition.orbit(angles_deg)
+    return physics.normalize_drr(physics.render_drrs(hu, acquisition.grid(), geom))
+
+
+def drr_renderer(acquisition: geometry.Acquisition):
+    """Jitted ``(hu [r, r, r], angles_deg [V]) -> DRRs [V, r, r]`` in ``normalize_drr``
+    units: the datasets' rendering (``physics.render_drrs``, monochromatic, noise-free) on
+    the acquisition's orbit, the model's input geometry."""
+    return functools.partial(_render_views, acquisition)
+
+
+def eval_view_angles(acquisition: geometry.Acquisition, num_views: int) -> np.ndarray:
+    """The angles (degrees) of ``num_views`` views: the datasets' nested order's prefix."""
+    return acquisition.view_angles(max(num_views, DATASET_VIEWS))[:num_views]
+
+
+def from_projector_frame(vol: np.ndarray) -> np.ndarray:
+    """Inverse of ``io.to_projector_frame``: a projector-frame volume back to LPS ``[z, y, x]``."""
+    return np.ascontiguousarray(np.transpose(np.flip(np.asarray(vol), axis=1), (1, 0, 2)))
+
+
+def ct_example(
+    path, example_id: str, acquisition: geometry.Acquisition, num_views: int, render=None
+) -> Example:
+    """One CT file or DICOM folder, preprocessed and rendered as ``ct_folder`` does
+    (``io.read_ct`` -> ``io.preprocess`` to the acquisition's cube -> ``io.
+    to_projector_frame`` -> DRRs at the first ``num_views`` nested angles)."""
+    render = render or drr_renderer(acquisition)
+    hu, grid = io.read_ct(path)
+    io.check_ct_volume(path, grid)
+    hu, lps_grid = io.preprocess(hu, grid, acquisition.resolution, acquisition.fov_mm)
+    hu = io.to_projector_frame(hu)
+    angles = eval_view_angles(acquisition, num_views)
+    drr = np.asarray(render(hu, angles), np.float32)
+    # As stored by the dataset builder (int16 HU), then normalised as ExampleTransform does.
+    ct = physics.normalize_ct(np.clip(np.round(hu), physics.HU_MIN, physics.HU_MAX))
+    return Example(example_id, drr, angles, np.asarray(ct, np.float32), lps_grid, True, str(path))
+
+
+def find_ct_sources(ct_dir) -> list[pathlib.Path]:
+    """Volume files (NIfTI, MHA/MHD, NRRD) and DICOM series folders under ``ct_dir``."""
+    return io.find_ct_sources(ct_dir, what="--eval_ct_dir")
+
+
+def ct_dir_examples(
+    ct_dir, acquisition: geometry.Acquisition, num_views: int, skipped: list
+) -> Iterator[Example]:
+    """Examples of every readable CT under ``ct_dir``; unreadable ones are printed and
+    appended to ``skipped`` as ``(name, reason)``."""
+    root = pathlib.Path(ct_dir).expanduser()
+    sources = find_ct_sources(root)
+    if not sources:
+        raise ValueError(f"--eval_ct_dir: no CT volumes or DICOM series found in {root}")
+    render = drr_renderer(acquisition)
+    for p in sources:
+        name = str(p.relative_to(root))
+        try:
+            yield ct_example(p, name, acquisition, num_views, render)
+        except ValueError as e:
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            print(f"skipped {name}: {reason}", flush=True)
+            skipped.append((name, reason))
+
+
+def dummy_batch(
+    acquisition: geometry.Acquisition, batch_size: int, num_views: int, seg_classes: int = 0
+) -> dict[str, Any]:
+    """Zeros in the shapes of a training batch (for init and shape inference)."""
+    r, b = acquisition.resolution, int(batch_size)
+    batch = {
+        "drr": np.zeros((b, num_views, r, r), np.float32),
+        "angles_deg": np.tile(acquisition.view_angles(num_views)[None], (b, 1)),
+        "ct": np.zeros((b, r, r, r), np.float32),
+    }
+    if seg_classes > 0:
+        batch["labels"] = np.zeros((b, r, r, r), np.int32)
+    return batch

@@ -1,0 +1,211 @@
+"""One evaluator: reconstruct examples with a compiled predictor and score them.
+
+The same object validates during training (``validate``: mean scores of a split, which
+pick the best checkpoint) and produces the reported numbers of ``--mode=evaluate``
+(``run``: per-volume rows, NIfTI volumes, figure data), so the two can never disagree.
+Its predictor is compiled once per input shape (the Experiment's ``predict_hu``), and the
+scores are one jitted function.
+
+Scores (``volume_scores``) are the primary definition of ``xct.metrics`` (HU clipped to
+[-1000, 1024] scaled to [0, 1]; PSNR over the 3D volume with peak 1; 3D SSIM with a
+Gaussian window of sigma 1.5 voxels; MAE/RMSE of the clipped HU), the X2CT-compatible
+variants with an ``x2ct_`` prefix, and ``drr_psnr``: the input views re-projected from the
+prediction compared with the input DRRs.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import re
+from collections.abc import Iterable, Iterator, Sequence
+
+import jax
+import numpy as np
+
+from xct import data, geometry, io, metrics, physics, sharding
+
+METRIC_DEFINITION = (
+    "HU clipped to [-1000, 1024] scaled to [0, 1]; PSNR over the 3D volume, peak 1; "
+    "SSIM 3D Gaussian window sigma 1.5 voxels, data range 1; MAE/RMSE in HU"
+)
+DRR_DEFINITION = (
+    "drr_psnr: DRRs of the predicted volume at the input angles (physics.render_drrs, "
+    "monochromatic) against the input DRRs, in normalize_drr units (line integral / 10), "
+    "peak 1, over all views and pixels"
+)
+PRIMARY = ("psnr", "ssim", "mae_hu", "rmse_hu", "drr_psnr")
+
+
+def volume_scores(pred_hu, true_hu, pred_drr, input_drr) -> dict[str, jax.Array]:
+    """Per-volume scores, each ``[B]``: ``metrics.volume_metrics``, ``x2ct_metrics`` (keys
+    prefixed ``x2ct_``) and ``drr_psnr``.
+
+    Args:
+      pred_hu, true_hu: ``[B, Z, Y, X]`` HU.
+      pred_drr, input_drr: ``[B, V, rows, cols]`` in ``normalize_drr`` units.
+    """
+    out = dict(metrics.volume_metrics(pred_hu, true_hu))
+    for k, v in metrics.x2ct_metrics(pred_hu, true_hu).items():
+        out[k if k.startswith("x2ct") else f"x2ct_{k}"] = v
+    out["drr_psnr"] = metrics.drr_psnr(pred_drr, input_drr, 1.0)
+    return out
+
+
+_scores = jax.jit(volume_scores)
+
+
+def definitions() -> dict[str, str]:
+    """The exact definition of every reported metric, as stored in metrics.json."""
+    doc = (metrics.x2ct_metrics.__doc__ or "xct.metrics.x2ct_metrics").strip().splitlines()
+    x2ct = getattr(metrics, "DEFINITIONS", {}).get("x2ct", doc[0])
+    return {
+        "definition": METRIC_DEFINITION,
+        "definition_drr_psnr": DRR_DEFINITION,
+        "definition_x2ct": f"x2ct_*: {x2ct}",
+    }
+
+
+def ordered(keys) -> list[str]:
+    """Score names in report order: the primary ones, then the rest sorted."""
+    return [k for k in PRIMARY if k in keys] + sorted(k for k in keys if k not in PRIMARY)
+
+
+def chunks(items: Iterable, n: int) -> Iterator[list]:
+    chunk = []
+    for x in items:
+        chunk.append(x)
+        if len(chunk) == n:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def safe_name(name: str, taken: set) -> str:
+    """A file stem for ``name`` not in ``taken`` (added to it)."""
+    for suffix in (".nii.gz",) + io.CT_SUFFIXES:
+        if name.lower().endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    base = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "volume"
+    out, i = base, 1
+    while out in taken:
+        i += 1
+        out = f"{base}_{i}"
+    taken.add(out)
+    return out
+
+
+def slices(vol: np.ndarray) -> dict[str, np.ndarray]:
+    """Middle axial / coronal / sagittal slices of a projector-frame volume (z' posterior,
+    y' head->foot, x' right->left), oriented for display (anterior and head up)."""
+    z, y, x = (n // 2 for n in vol.shape)
+    return {"axial": vol[:, y, :], "coronal": vol[z, :, :], "sagittal": vol[:, :, x].T}
+
+
+class Evaluator:
+    """Reconstructs and scores ``data.Example``s.
+
+    Args:
+      predict_hu: jitted ``(params, drr [B, V, r, r], angles_deg [B, V]) -> HU [B, r, r, r]``.
+      acquisition: the model's acquisition (for re-projecting predictions).
+      mesh, rules: where batches go (split over the batch axis).
+      batch_size: examples per call (a last partial batch is padded).
+      num_views: views of each example handed to the model.
+    """
+
+    def __init__(
+        self,
+        predict_hu,
+        acquisition: geometry.Acquisition,
+        mesh,
+        rules,
+        batch_size: int,
+        num_views: int,
+    ):
+        self.predict_hu = predict_hu
+        self.acquisition = acquisition
+        self.mesh, self.rules = mesh, rules
+        self.batch_size, self.num_views = int(batch_size), int(num_views)
+        self.render = data.drr_renderer(acquisition)
+        if self.batch_size % sharding.batch_axis_size(mesh, rules):
+            raise ValueError(
+                f"config.eval.batch_size: {self.batch_size} is not divisible by the "
+                f"{sharding.batch_axis_size(mesh, rules)} devices of the batch axis"
+            )
+
+    def reconstruct(self, params_list: Sequence, drr, angles_deg) -> np.ndarray:
+        """The mean of the members' HU volumes ``[B, r, r, r]`` from host arrays ``drr
+        [B, V, r, r]`` (``normalize_drr`` units) and ``angles_deg [B, V]``."""
+        # Every process holds the whole batch and hands over its own rows.
+        rows = sharding.process_rows({"drr": drr, "angles_deg": angles_deg})
+        batch = sharding.shard_batch(rows, self.mesh, self.rules)
+        total = None
+        for params in params_list:
+            hu = sharding.fetch(self.predict_hu(params, batch["drr"], batch["angles_deg"]))
+            hu = np.asarray(hu, np.float64)
+            total = hu if total is None else total + hu
+        return (total / len(params_list)).astype(np.float32)
+
+    def _score_chunk(self, params_list, exs: list[data.Example]):
+        n, b = len(exs), self.batch_size
+        padded = exs + [exs[-1]] * (b - n)
+        drr = np.stack([e.drr for e in padded])
+        angles = np.stack([e.angles_deg for e in padded]).astype(np.float32)
+        true_hu = np.asarray(physics.denormalize_ct(np.stack([e.ct for e in padded])))
+        pred_hu = self.reconstruct(params_list, drr, angles)
+        pred_drr = np.stack([np.asarray(self.render(pred_hu[i], angles[i])) for i in range(n)])
+        pred_drr = np.concatenate([pred_drr, np.repeat(pred_drr[-1:], b - n, 0)])
+        scores = jax.device_get(_scores(pred_hu, true_hu, pred_drr, drr))
+        return true_hu, pred_hu, pred_drr, scores
+
+    def run(
+        self,
+        params_list: Sequence,
+        examples: Iterable[data.Example],
+        *,
+        out_dir: pathlib.Path | None = None,
+        save_volumes: int = 0,
+        report_volumes: int = 0,
+    ) -> tuple[list[dict], list[dict]]:
+        """Reconstruct (the mean of ``params_list``'s predictions) and score ``examples``.
+
+        Writes ``out_dir/volumes/<id>_{pred,gt}.nii.gz`` for the first ``save_volumes``
+        (-1: all). Returns ``(rows, shown)``: per-volume rows and the figure data of the
+        first ``report_volumes``.
+        """
+        rows, shown, taken = [], [], set()
+        for exs in chunks(examples, self.batch_size):
+            true_hu, pred_hu, pred_drr, scores = self._score_chunk(params_list, exs)
+            for i, e in enumerate(exs):
+                row = {"id": e.id, **{k: float(scores[k][i]) for k in ordered(scores)}}
+                row.update(source=e.source, pred_nifti="", gt_nifti="")
+                if out_dir is not None and (save_volumes < 0 or len(rows) < save_volumes):
+                    stem = safe_name(e.id, taken)
+                    to_file = data.from_projector_frame if e.lps else np.asarray
+                    for kind, vol in (("pred", pred_hu[i]), ("gt", true_hu[i])):
+                        rel = f"volumes/{stem}_{kind}.nii.gz"
+                        io.write_ct(out_dir / rel, to_file(vol), e.grid)
+                        row[f"{kind}_nifti"] = rel
+                if len(shown) < report_volumes:
+                    shown.append(
+                        dict(
+                            id=e.id,
+                            psnr=row["psnr"],
+                            gt=slices(true_hu[i]),
+                            pred=slices(pred_hu[i]),
+                            drr=physics.denormalize_drr(e.drr),
+                            pred_drr=physics.denormalize_drr(pred_drr[i]),
+                            angles=e.angles_deg,
+                        )
+                    )
+                rows.append(row)
+        return rows, shown
+
+    def validate(self, params, examples: Iterable[data.Example]) -> dict[str, float]:
+        """Mean scores of ``examples`` (validation during training)."""
+        rows, _ = self.run([params], examples)
+        if not rows:
+            raise ValueError("validation: the split has no examples")
+        keys = [k for k in rows[0] if k not in ("id", "source", "pred_nifti", "gt_nifti")]
+        return {k: float(np.mean([r[k] for r in rows])) for k in keys}

@@ -1,0 +1,310 @@
+"""``Experiment.from_config(config)``: everything a run needs, built once, with named fields.
+
+The acquisition (``xct.geometry.Acquisition(**config.geometry)``), the model and its
+optimiser and losses (``steps.Setup``), the device mesh and its logical axis rules, the
+data source (``xct.data``), the evaluator, and the jitted ``init`` / ``train_step`` /
+``predict_hu``, each compiled once under the mesh and its rules. ``train``, ``evaluate``,
+the scripts, notebooks and tests all start here; only this module (and ``main``) reads a
+``ConfigDict``.
+
+    exp = Experiment.from_config(config)
+    state = exp.init(key, exp.dummy_batch())
+    state, metrics = exp.train_step(state, exp.data.open(...).batch(step), key)
+    hu = exp.predict_hu(state.ema_params, drr, angles_deg)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+from typing import Any
+
+import jax
+import optax
+
+from xct import data, evaluator, geometry, models, sharding, steps
+
+#: Loss weights of ``config.loss`` (the other loss fields are settings).
+LOSS_SETTINGS = ("gan_kind", "projection_extra_views")
+
+
+class MeshFunction:
+    """A jitted function that is traced and run under its mesh and logical axis rules
+    (``sharding.activation_context``), so the models shard their activations on it."""
+
+    def __init__(self, jitted, mesh, rules):
+        self.jitted, self.mesh, self.rules = jitted, mesh, rules
+
+    def __call__(self, *args):
+        with sharding.activation_context(self.mesh, self.rules):
+            return self.jitted(*args)
+
+    def lower(self, *args):
+        with sharding.activation_context(self.mesh, self.rules):
+            return self.jitted.lower(*args)
+
+
+@dataclasses.dataclass(frozen=True)
+class Loop:
+    """The training loop's schedule (``config.train``)."""
+
+    num_steps: int
+    log_every: int
+    eval_every: int
+    checkpoint_every: int
+    keep_checkpoints: int = 3
+    max_seconds: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSettings:
+    """What ``--mode=evaluate`` scores and writes (``config.eval``)."""
+
+    batch_size: int
+    split: str
+    num_views: int  # views given to the model (0 in the config: as trained)
+    save_volumes: int
+    report_volumes: int
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Experiment:
+    config: Any  # the ConfigDict it was made from (written to WORKDIR/config.json)
+    acquisition: geometry.Acquisition
+    setup: steps.Setup
+    mesh: jax.sharding.Mesh
+    rules: tuple
+    data: data.DataSource
+    loop: Loop
+    eval: EvalSettings
+    seed: int
+    init_from: str
+    num_views: int
+    batch_size: int
+    init: MeshFunction  # (key, batch) -> TrainState
+    train_step: MeshFunction  # (state, batch, key) -> (state, metrics)
+    predict_hu: MeshFunction  # (params, drr [B, V, r, r], angles_deg [B, V]) -> HU
+    abstract_state: Any  # ShapeDtypeStructs with shardings, for restoring checkpoints
+    evaluator: evaluator.Evaluator
+
+    @property
+    def model(self):
+        return self.setup.model
+
+    @classmethod
+    def from_config(cls, config) -> Experiment:
+        """Build every part of ``config`` (raises ``ValueError`` naming a bad field)."""
+        sharding.maybe_initialize_distributed(config.get("distributed", None) or None)
+        mesh = sharding.make_mesh(dict(config.mesh))
+        rules = sharding.check_rules(config.get("logical_axis_rules", sharding.DEFAULT_RULES))
+        acq = acquisition_from_config(config)
+        setup = make_setup(config, acq)
+        batch_size, num_views = int(config.data.batch_size), int(config.data.num_views)
+        if batch_size % sharding.batch_axis_size(mesh, rules):
+            raise ValueError(
+                f"config.data.batch_size: {batch_size} is not divisible by the "
+                f"{sharding.batch_axis_size(mesh, rules)} devices of the batch axis"
+            )
+        batch = data.dummy_batch(
+            acq, batch_size, num_views, int(config.model.get("seg_classes", 0))
+        )
+        rep = sharding.replicated(mesh)
+        init = functools.partial(steps.create_train_state, setup)
+        abstract = jax.eval_shape(init, jax.random.key(0), batch)
+        state_shardings = jax.tree.map(lambda _: rep, abstract)
+        train_step = jax.jit(
+            functools.partial(steps.train_step, setup),
+            in_shardings=(state_shardings, sharding.batch_shardings(mesh, batch, rules), rep),
+            out_shardings=(state_shardings, rep),
+            donate_argnums=0,
+        )
+        predict_hu = MeshFunction(jax.jit(functools.partial(_predict_hu, setup)), mesh, rules)
+        e = config.eval
+        eval_settings = EvalSettings(
+            int(e.batch_size),
+            str(e.split),
+            int(e.num_views) or num_views,
+            int(e.save_volumes),
+            int(e.report_volumes),
+        )
+        t = config.train
+        return cls(
+            config=config,
+            acquisition=acq,
+            setup=setup,
+            mesh=mesh,
+            rules=rules,
+            data=make_data_source(config, acq),
+            loop=Loop(
+                int(t.num_steps),
+                int(t.log_every),
+                int(t.eval_every),
+                int(t.checkpoint_every),
+                int(t.keep_checkpoints),
+                float(t.get("max_seconds", 0.0)),
+            ),
+            eval=eval_settings,
+            seed=int(config.seed),
+            init_from=str(config.get("init_from", "") or ""),
+            num_views=num_views,
+            batch_size=batch_size,
+            init=MeshFunction(jax.jit(init, out_shardings=state_shardings), mesh, rules),
+            train_step=MeshFunction(train_step, mesh, rules),
+            predict_hu=predict_hu,
+            abstract_state=jax.tree.map(
+                lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                abstract,
+                state_shardings,
+            ),
+            evaluator=evaluator.Evaluator(
+                predict_hu, acq, mesh, rules, eval_settings.batch_size, eval_settings.num_views
+            ),
+        )
+
+    def dummy_batch(self, batch_size: int | None = None) -> dict:
+        """Zeros in the shapes of a training batch."""
+        return data.dummy_batch(
+            self.acquisition,
+            batch_size or self.batch_size,
+            self.num_views,
+            int(self.config.model.get("seg_classes", 0)),
+        )
+
+    def shard(self, batch: dict) -> dict:
+        """A host batch as globally sharded arrays on the mesh."""
+        return sharding.shard_batch(batch, self.mesh, self.rules)
+
+    def fresh_state(self):
+        """The initial state (the root key of ``config.seed``, folded with -1)."""
+        key = jax.random.fold_in(jax.random.key(self.seed), -1 % (2**31))
+        return self.init(key, self.dummy_batch())
+
+    def config_json(self) -> str:
+        return self.config.to_json_best_effort(indent=1)
+
+
+def _predict_hu(setup: steps.Setup, params, drr, angles_deg):
+    from xct import physics
+
+    return physics.denormalize_ct(
+        steps.predict_ct(setup, params, {"drr": drr, "angles_deg": angles_deg})
+    )
+
+
+def acquisition_from_config(config) -> geometry.Acquisition:
+    """``Acquisition(**config.geometry)`` (a bad field raises naming it)."""
+    g = dict(config.geometry)
+    fields = {f.name for f in dataclasses.fields(geometry.Acquisition)}
+    unknown = sorted(set(g) - fields)
+    if unknown:
+        raise ValueError(f"config.geometry: unknown field(s) {unknown}, expected {sorted(fields)}")
+    return geometry.Acquisition(**g)
+
+
+def make_model(config, acq: geometry.Acquisition):
+    """The generator of ``config.model`` on ``acq`` (and ``config.train.patch_size``)."""
+    kwargs = dict(config.model)
+    name = kwargs.pop("name")
+    patch = int(config.train.get("patch_size", 0))
+    if patch:
+        if "patch_size" not in models.model_kwargs(name):
+            raise ValueError(f"config.train.patch_size: model {name!r} has no patch mode")
+        if float(config.loss.get("projection", 0.0)):
+            raise ValueError(
+                "config.loss.projection: the projection loss needs whole volumes; "
+                "set it to 0 with config.train.patch_size > 0"
+            )
+        kwargs["patch_size"] = patch
+    return models.get_model(name, acquisition=acq, **kwargs)
+
+
+def make_optimizer(o, num_steps: int) -> optax.GradientTransformation:
+    """AdamW with linear warm-up and cosine decay to 1 %, after global-norm clipping."""
+    warmup = min(int(o.warmup_steps), max(num_steps - 1, 1))
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0,
+        float(o.learning_rate),
+        warmup,
+        max(num_steps, warmup + 1),
+        end_value=float(o.learning_rate) * 0.01,
+    )
+    return optax.chain(
+        optax.clip_by_global_norm(float(o.grad_clip)),
+        optax.adamw(schedule, b1=float(o.b1), b2=float(o.b2), weight_decay=float(o.weight_decay)),
+    )
+
+
+def make_setup(config, acq: geometry.Acquisition) -> steps.Setup:
+    """Model, optimisers and losses of ``config`` (``steps.Setup``)."""
+    weights = {k: float(v) for k, v in config.loss.items() if k not in LOSS_SETTINGS}
+    gan = weights.get("adversarial", 0.0) > 0 or weights.get("feature_matching", 0.0) > 0
+    disc = disc_tx = None
+    if gan:
+        disc_kwargs = dict(config.disc)
+        disc = models.get_model(disc_kwargs.pop("name"), **disc_kwargs)
+        disc_tx = optax.adam(float(config.optim.disc_learning_rate), b1=0.5, b2=0.999)
+    return steps.Setup(
+        model=make_model(config, acq),
+        tx=make_optimizer(config.optim, int(config.train.num_steps)),
+        loss_weights=weights,
+        ema_decay=float(config.optim.ema_decay),
+        acquisition=acq,
+        extra_views=int(config.loss.get("projection_extra_views", 0)),
+        disc=disc,
+        disc_tx=disc_tx,
+        gan_kind=str(config.loss.get("gan_kind", "lsgan")),
+        patch_size=int(config.train.get("patch_size", 0)),
+        patch_overlap=int(config.train.get("patch_overlap", 0)),
+    )
+
+
+def make_data_source(config, acq: geometry.Acquisition) -> data.DataSource:
+    """The training data source of ``config.data.source``."""
+    d = config.data
+    common = dict(
+        acquisition=acq,
+        batch_size=int(d.batch_size),
+        num_views=int(d.num_views),
+        seed=int(config.seed),
+    )
+    if d.source == "tfds":
+        return data.TfdsSource(
+            dataset=str(d.dataset),
+            data_dir=str(d.data_dir),
+            view_selection=str(d.view_selection),
+            intensity_jitter=float(d.intensity_jitter),
+            drr_noise_std=float(d.drr_noise_std),
+            worker_count=int(d.get("worker_count", 0)),
+            split_sizes=tuple(sorted((str(k), int(v)) for k, v in dict(d.split_sizes).items())),
+            **common,
+        )
+    if d.source == "render":
+        return data.RenderSource(
+            pool_size=int(d.pool_size),
+            flip=bool(d.flip),
+            elastic_mm=float(d.elastic_mm),
+            photons=float(d.photons),
+            curriculum_steps=int(d.get("curriculum_steps", 0)),
+            complexity_curriculum=bool(d.get("complexity_curriculum", True)),
+            **common,
+        )
+    raise ValueError(f"config.data.source: expected 'tfds' or 'render', got {d.source!r}")
+
+
+def config_differences(config, stored_json: str) -> list[str]:
+    """Fields whose value in ``config`` differs from a stored ``config.json`` (``a.b: x != y``)."""
+    stored = json.loads(stored_json)
+    current = json.loads(config.to_json_best_effort())
+    out = []
+
+    def walk(a, b, path):
+        if isinstance(a, dict) and isinstance(b, dict):
+            for k in sorted(set(a) | set(b)):
+                walk(a.get(k), b.get(k), f"{path}.{k}" if path else k)
+        elif a != b and not (isinstance(a, list | tuple) and list(a) == list(b or [])):
+            out.append(f"{path}: {a!r} (this config) != {b!r} (workdir)")
+
+    walk(current, stored, "")
+    return out
+
