@@ -41,7 +41,8 @@ def main(argv=None) -> int:
     import jax
     import numpy as np
 
-    from xct import sharding, train
+    from xct import sharding
+    from xct.experiment import Experiment
 
     for name in args.configs:
         base = None
@@ -50,8 +51,14 @@ def main(argv=None) -> int:
             c.mesh.data = 1
             c.mesh.spatial = s
             c.data.batch_size = args.batch
-            setup, mesh, init_fn, step_fn, abstract, batch = train.build(c)
-            shardings = sharding.batch_shardings(mesh, batch)
+            exp = Experiment.from_config(c)
+            mesh, step_fn, abstract, batch = (
+                exp.mesh,
+                exp.train_step,
+                exp.abstract_state,
+                exp.dummy_batch(),
+            )
+            shardings = sharding.batch_shardings(mesh, batch, exp.rules)
             abstract_batch = {
                 k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shardings[k])
                 for k, v in batch.items()
@@ -68,7 +75,7 @@ def main(argv=None) -> int:
             dev = jax.devices()[0]
             row = {
                 "config": name,
-                "resolution": int(c.data.resolution),
+                "resolution": int(c.geometry.resolution),
                 "batch": args.batch,
                 "mesh": {"data": 1, "spatial": s},
                 "per_device_gib": round(total / 2**30, 3),
@@ -82,7 +89,7 @@ def main(argv=None) -> int:
                 "date": datetime.date.today().isoformat(),
             }
             print(json.dumps(row), flush=True)
-            del compiled, step_fn, init_fn
+            del compiled, step_fn, exp
             np.asarray(0)
     return 0
 

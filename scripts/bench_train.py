@@ -30,9 +30,10 @@ def bench(config, steps: int) -> dict:
     import jax
     import numpy as np
 
-    from xct import train
+    from xct.experiment import Experiment
 
-    setup, mesh, init_fn, step_fn, _, batch = train.build(config)
+    exp = Experiment.from_config(config)
+    init_fn, step_fn, batch = exp.init, exp.train_step, exp.dummy_batch()
     rng = np.random.default_rng(0)
     batch = {
         k: (rng.standard_normal(v.shape).astype(v.dtype) * 0.1 if v.dtype.kind == "f" else v)
@@ -60,7 +61,7 @@ def bench(config, steps: int) -> dict:
     b = int(config.data.batch_size)
     return {
         "model": config.model.name,
-        "resolution": int(config.data.resolution),
+        "resolution": int(config.geometry.resolution),
         "views": int(config.data.num_views),
         "batch": b,
         "params": int(sum(x.size for x in jax.tree.leaves(state.params))),
@@ -88,14 +89,14 @@ def main(argv=None) -> int:
     p.add_argument("--views", type=int, default=0, help="views (0: the config's)")
     p.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up")
     p.add_argument("--peer", default="baseline64", help="config measured for the ratio ('' none)")
-    p.add_argument("--resolution", type=int, default=0, help="override data.resolution")
+    p.add_argument("--resolution", type=int, default=0, help="override geometry.resolution")
     args = p.parse_args(argv)
 
     def config():
         c = importlib.import_module(f"configs.{args.config}").get_config()
         c.mesh.data = 1
         if args.resolution:
-            c.data.resolution = args.resolution
+            c.geometry.resolution = args.resolution
         if args.batch:
             c.data.batch_size = args.batch
         if args.views:
@@ -107,7 +108,7 @@ def main(argv=None) -> int:
     print(json.dumps(rows[0]), flush=True)
     if args.peer:  # a separate process, so its peak RSS is its own
         cmd = [sys.executable, "-m", "scripts.bench_train", "--peer=", f"--config={args.peer}"]
-        cmd += [f"--resolution={first.data.resolution}", f"--batch={first.data.batch_size}"]
+        cmd += [f"--resolution={first.geometry.resolution}", f"--batch={first.data.batch_size}"]
         cmd += [f"--views={first.data.num_views}"]
         cmd += [f"--steps={args.steps}"]
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout

@@ -388,86 +388,117 @@ def run_watched(
     return proc.returncode, seconds, killed, phase, watcher
 
 
+def _durations(events: list[Event], seconds: float | None, resume: int, last_step: int) -> dict:
+    """Phase durations seen in one run: ``{name: [seconds, ...]}``; ``seconds`` is the run's
+    length when it exited by itself (None when killed)."""
+    times = {(e.kind, e.step): e.t for e in events if e.kind in ("train", "validation")}
+    ckpt_t = {e.step: e.t for e in events if e.kind == "ckpt"}
+    train = sorted(s for k, s in times if k == "train")
+    special = set(ckpt_t) | {s for k, s in times if k == "validation"}
+    out = {
+        "startup": [times["train", train[0]]] if train else [],
+        "step": [
+            times["train", b] - times["train", a]
+            for a, b in zip(train, train[1:], strict=False)
+            if b == a + 1 and a not in special and a != train[0]
+        ],
+        "checkpoint": [t - times["train", s] for s, t in ckpt_t.items() if ("train", s) in times],
+        "validation": [
+            times["validation", s] - times["train", s]
+            for k, s in times
+            if k == "validation" and ("train", s) in times
+        ],
+        "final": [],
+        "finished": [],
+    }
+    if seconds is not None:
+        if resume >= last_step:
+            out["finished"].append(seconds)  # a restart of a finished run, start to exit
+        elif train and train[-1] == last_step:
+            out["final"].append(seconds - max(times.values()))
+    return out
+
+
 @dataclasses.dataclass
 class Profile:
-    """Phases of the straight run, for aiming kills."""
+    """The run's steps and how long its phases take, for aiming kills. Durations come from
+    the straight run (a cold compilation cache) until restarted runs have shown them warm."""
 
     last_step: int
     train_steps: list
     ckpt_steps: list
     val_steps: list
-    startup_s: float  # launch -> first train row (updated by each killed run: warm cache)
-    step_s: float  # one step, between two train rows
-    ckpt_s: float  # train row N -> checkpoints/N finished
-    val_s: float  # train row N -> validation row N
-    final_s: float  # last row -> exit (final checkpoint wait, evaluation)
+    cold: dict  # phase -> durations seen in the straight run
+    warm: dict = dataclasses.field(default_factory=dict)  # ... in restarted runs
 
     @classmethod
-    def from_events(cls, events: list[Event], seconds: float) -> Profile:
-        times = {(e.kind, e.step): e.t for e in events if e.kind in ("train", "validation")}
-        train = sorted(s for k, s in times if k == "train")
-        val = sorted(s for k, s in times if k == "validation")
-        ckpt = sorted({e.step for e in events if e.kind == "ckpt"})
+    def from_straight_run(cls, events: list[Event], seconds: float) -> Profile:
+        train = sorted({e.step for e in events if e.kind == "train"})
         if not train:
             raise RuntimeError("the straight run logged no training rows")
-        special = set(ckpt) | set(val)
-        gaps = [
-            times["train", b] - times["train", a]
-            for a, b in zip(train, train[1:], strict=False)
-            if a not in special and a != train[0]
-        ]
-        ckpt_t = {e.step: e.t for e in events if e.kind == "ckpt"}
-        ckpt_gaps = [ckpt_t[s] - times["train", s] for s in ckpt if ("train", s) in times]
-        val_gaps = [times["validation", s] - times["train", s] for s in val[1:] or val]
-        last_t = max(times.values())
-        med = lambda xs, d: statistics.median(xs) if xs else d  # noqa: E731
+        cold = _durations(events, seconds, 0, train[-1])
+        # The first validation compiles its step: leave it out if there are others.
+        cold["validation"] = cold["validation"][1:] or cold["validation"]
         return cls(
             last_step=train[-1],
             train_steps=train,
-            ckpt_steps=ckpt,
-            val_steps=val,
-            startup_s=times["train", train[0]],
-            step_s=max(med(gaps, 0.5), 0.01),
-            ckpt_s=max(med(ckpt_gaps, 0.05), 0.005),
-            val_s=max(med(val_gaps, 0.0), 0.01),
-            final_s=max(seconds - last_t, 0.05),
+            ckpt_steps=sorted({e.step for e in events if e.kind == "ckpt"}),
+            val_steps=sorted({e.step for e in events if e.kind == "validation"}),
+            cold=cold,
         )
+
+    def observe(self, events: list[Event], seconds: float | None, resume: int) -> None:
+        for name, values in _durations(events, seconds, resume, self.last_step).items():
+            self.warm.setdefault(name, []).extend(values)
+
+    def seconds(self, phase: str) -> float:
+        """Typical duration of ``phase`` (``startup``, ``step``, ``checkpoint``,
+        ``validation``, ``final``, ``finished``: a restart of a finished run)."""
+        seen = self.warm.get(phase) or self.cold.get(phase)
+        if seen:
+            return max(statistics.median(seen[-5:]), 0.005)
+        if phase == "finished":
+            return self.seconds("startup") + self.seconds("final")
+        return {"step": 0.5, "checkpoint": 0.05}.get(phase, 1.0)
 
 
 def choose_target(
     profile: Profile, resume: int, phase: str, rng: random.Random
 ) -> tuple[str, int, tuple, float] | None:
     """``(phase, step, trigger, delay_s)`` for a kill inside ``phase`` of a run resuming at
-    step ``resume``, or None when that phase does not come again."""
+    step ``resume``, or None when that phase does not come before the second checkpoint
+    after ``resume`` (a kill then costs at most one checkpoint of progress, so that kills
+    spread over the whole run)."""
     p = profile
+    later = [s for s in p.ckpt_steps if s > resume]
+    horizon = later[1] - 1 if len(later) > 1 else p.last_step
     if resume >= p.last_step:  # a finished run restarted: start-up, then the final evaluation
         if phase not in ("startup", "final"):
             return None
-        return phase, resume, ("launch", 0), rng.uniform(0.05, 1.0) * (p.startup_s + p.final_s)
+        return phase, resume, ("launch", 0), rng.uniform(0.05, 0.95) * p.seconds("finished")
     if phase == "startup":
-        return phase, resume, ("launch", 0), rng.uniform(0.05, 0.95) * p.startup_s
+        return phase, resume, ("launch", 0), rng.uniform(0.05, 0.95) * p.seconds("startup")
     if phase == "step":  # inside step N: after row N-1, before row N
         steps = [s for s in p.train_steps if s - 1 > resume and s - 1 in p.train_steps]
-        if not steps:
-            return None
-        s = rng.choice(steps)
-        return phase, s, ("train", s - 1), rng.uniform(0.1, 0.9) * p.step_s
-    if phase == "checkpoint":  # the blocking copy and the asynchronous write after row N
+        trigger, window = (lambda s: ("train", s - 1)), (0.1, 0.9)
+    elif phase == "checkpoint":  # the blocking copy and the asynchronous write after row N
         steps = [s for s in p.ckpt_steps if s > resume]
-        if not steps:
-            return None
-        s = rng.choice(steps)
-        return phase, s, ("train", s), rng.uniform(0.0, 1.0) * p.ckpt_s
-    if phase == "validation":
+        trigger, window = (lambda s: ("train", s)), (0.0, 1.0)
+    elif phase == "validation":
         steps = [s for s in p.val_steps if s > resume]
-        if not steps:
+        trigger, window = (lambda s: ("train", s)), (0.1, 0.95)
+    elif phase == "final":  # after the last row: the final checkpoint's wait, the evaluation
+        if horizon < p.last_step:
             return None
-        s = rng.choice(steps)
-        return phase, s, ("train", s), rng.uniform(0.1, 0.95) * p.val_s
-    if phase == "final":
         kind = "validation" if p.last_step in p.val_steps else "train"
-        return phase, p.last_step, (kind, p.last_step), rng.uniform(0.05, 0.9) * p.final_s
-    raise ValueError(f"phase: expected one of {PHASES}, got {phase!r}")
+        return phase, p.last_step, (kind, p.last_step), rng.uniform(0.05, 0.9) * p.seconds(phase)
+    else:
+        raise ValueError(f"phase: expected one of {PHASES}, got {phase!r}")
+    steps = [s for s in steps if s <= horizon]
+    if not steps:
+        return None
+    s = rng.choice(steps)
+    return phase, s, trigger(s), rng.uniform(*window) * p.seconds(phase)
 
 
 def phase_at_kill(watcher: Watcher, profile: Profile, resume: int) -> str:
@@ -514,8 +545,8 @@ class Report:
     def ok(self) -> bool:
         return all(ok for _, ok, _ in self.checks)
 
-    def text(self) -> str:
-        out = [r.line() for r in self.runs]
+    def text(self, runs: bool = True) -> str:
+        out = [r.line() for r in self.runs] if runs else []
         kills = Counter(_category(r.phase) for r in self.runs if r.killed)
         out.append(
             f"kills: {sum(kills.values())} ("
@@ -652,12 +683,11 @@ def run(
     if rc != 0:
         tail = "\n".join(_tail(log, 20))
         raise RuntimeError(f"the straight run exited {rc} (log {log}):\n{tail}")
-    profile = Profile.from_events(watcher.events, seconds)
+    profile = Profile.from_straight_run(watcher.events, seconds)
     say(
         f"straight run: {seconds:.1f} s, steps {profile.train_steps[0]}..{profile.last_step}, "
-        f"checkpoints {profile.ckpt_steps}, validations {profile.val_steps}; one step "
-        f"{profile.step_s:.2f} s, checkpoint {profile.ckpt_s:.3f} s, validation "
-        f"{profile.val_s:.2f} s, final {profile.final_s:.2f} s"
+        f"checkpoints {profile.ckpt_steps}, validations {profile.val_steps}; "
+        + ", ".join(f"{k} {profile.seconds(k):.2f} s" for k in PHASES)
     )
     timeout = max(300.0, 5 * seconds)
 
@@ -694,9 +724,7 @@ def run(
             timeout_s=timeout,
             label=lambda w, resume=resume: phase_at_kill(w, profile, resume),
         )
-        first = next((e for e in watcher.events if e.kind == "train"), None)
-        if first is not None:
-            profile.startup_s = first.t
+        profile.observe(watcher.events, None if was_killed else seconds, resume)
         r = Run(index, resume, target, was_killed, rc, seconds, phase, watcher.events, log)
         runs.append(r)
         say(r.line())
@@ -755,7 +783,7 @@ def main(argv=None) -> int:
     except (RuntimeError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(report.text())
+    print(report.text(runs=False))  # run() printed the runs as they went
     print(f"({time.perf_counter() - t0:.0f} s)")
     return 0 if report.ok else 1
 

@@ -50,7 +50,7 @@ What is measured, per volume and per number of views V (``--views``, default 2 4
   Fixed iteration counts: ``--iters`` (default 50), or ``--sirt_iters`` etc.
 * Network rows (only with ``--checkpoint_workdir`` and ``--config``, and only when the
   config's resolution, field of view and orbit match the table's): ``network`` (the
-  checkpoint's EMA parameters through ``train.predict_ct``), ``network+refine``
+  checkpoint's EMA parameters through ``steps.predict_ct``), ``network+refine``
   (``recon.refine.refine`` from the prediction, its default weights, ``--refine_iters``
   Adam steps), ``network+fdk`` (one FDK correction, ``x_net + FDK(drr - A x_net)``) and
   ``network+sirt`` (SIRT started from the prediction, ``x0``), at ``--network_views``
@@ -275,32 +275,17 @@ def _load_config(spec: str):
 
 
 def _restore_network(config, workdir: str, which: str):
-    """``(setup, host params, step)``: ``evaluate.restore_params``, or ``train.build`` and the
-    ``Checkpointer`` directly if that API is not there."""
+    """``(experiment, host params, step)`` of one checkpoint of ``workdir``."""
     import jax
 
-    from xct import evaluate, train
+    from xct import evaluate
+    from xct.experiment import Experiment
 
-    if hasattr(evaluate, "restore_params"):
-        setup, _, params, step = evaluate.restore_params(config, workdir, which)
-    else:
-        from xct import checkpoint
-
-        setup, _, _, _, abstract, _ = train.build(config)
-        ckpt = checkpoint.Checkpointer(workdir)
-        try:
-            restored = ckpt.restore(abstract, which=which)
-            if restored is None and which == "best":
-                restored = ckpt.restore(abstract, which="last")
-        finally:
-            ckpt.close()
-        if restored is None:
-            raise ValueError(f"--checkpoint_workdir: no checkpoint in {workdir}")
-        state, _, step = restored
-        params = state.ema_params
+    exp = Experiment.from_config(config)
+    (member,) = evaluate.restore_members(exp, workdir, which)
     # On the host: the jitted predictor then runs on the default device, whatever mesh the
     # parameters were restored onto.
-    return setup, jax.device_get(params), int(step)
+    return exp, jax.device_get(member.params), int(member.step)
 
 
 def network_solvers(config, args, grid, spec) -> tuple[dict, dict]:
@@ -310,23 +295,23 @@ def network_solvers(config, args, grid, spec) -> tuple[dict, dict]:
     import jax
     import jax.numpy as jnp
 
-    from data_pipelines import common
-    from xct import physics, projector, recon, train
+    from xct import physics, projector, recon, steps
+    from xct.experiment import acquisition_from_config
     from xct.recon import refine
 
-    g = train.data_geometry(config)
+    acq = acquisition_from_config(config)
     info = {
         "config": args.config,
         "workdir": args.checkpoint_workdir,
-        "resolution": g["resolution"],
+        "resolution": acq.resolution,
     }
     mismatch = []
-    if g["resolution"] != args.resolution:
-        mismatch.append(f"resolution {g['resolution']} (table: {args.resolution})")
-    if abs(g["fov_mm"] - spec.fov_mm) > 1e-6:
-        mismatch.append(f"fov_mm {g['fov_mm']} (table: {spec.fov_mm})")
-    if (g["sod_mm"], g["sdd_mm"]) != (common.SOD_MM, common.SDD_MM):
-        mismatch.append(f"sod/sdd {g['sod_mm']}/{g['sdd_mm']} mm")
+    if acq.resolution != args.resolution:
+        mismatch.append(f"resolution {acq.resolution} (table: {args.resolution})")
+    if abs(acq.fov_mm - spec.fov_mm) > 1e-6:
+        mismatch.append(f"fov_mm {acq.fov_mm} (table: {spec.fov_mm})")
+    if (acq.sod_mm, acq.sdd_mm) != (spec.acquisition.sod_mm, spec.acquisition.sdd_mm):
+        mismatch.append(f"sod/sdd {acq.sod_mm}/{acq.sdd_mm} mm")
     if mismatch:
         info["skipped"] = "network rows left out: the checkpoint's " + ", ".join(mismatch)
         return {}, info
@@ -339,9 +324,9 @@ def network_solvers(config, args, grid, spec) -> tuple[dict, dict]:
             f"is among --views {args.views}"
         )
         return {}, info
-    setup, params, step = _restore_network(config, args.checkpoint_workdir, args.checkpoint)
+    exp, params, step = _restore_network(config, args.checkpoint_workdir, args.checkpoint)
     info["step"] = step
-    predict = jax.jit(functools.partial(train.predict_ct, setup))
+    predict = jax.jit(functools.partial(steps.predict_ct, exp.setup))
 
     def net_mu(drr, angles_deg):
         batch = {"drr": physics.normalize_drr(drr)[None], "angles_deg": angles_deg[None]}

@@ -32,7 +32,8 @@ def main(argv=None) -> int:
     import jax
     import numpy as np
 
-    from xct import geometry, metrics, phantoms, physics, train
+    from xct import evaluate, metrics, phantoms, physics, train
+    from xct.experiment import Experiment
 
     c = importlib.import_module(f"configs.{args.config}").get_config()
     c.data.source = "render"
@@ -44,7 +45,8 @@ def main(argv=None) -> int:
     if args.batch:
         c.data.batch_size = args.batch
     t0 = time.perf_counter()
-    train.train_and_evaluate(c, args.workdir)
+    exp = Experiment.from_config(c)
+    train.train_and_evaluate(exp, args.workdir)
     wall = time.perf_counter() - t0
     stats = jax.devices()[0].memory_stats() or {}
     rows = [json.loads(x) for x in open(f"{args.workdir}/metrics.jsonl")]
@@ -63,18 +65,13 @@ def main(argv=None) -> int:
     }
     print(json.dumps(info), flush=True)
 
-    from xct import evaluate
-
-    setup, mesh, params, step = evaluate.restore_params(c, args.workdir, "last")
-    g = train.data_geometry(c)
-    r = g["resolution"]
-    grid = geometry.VolumeGrid.centered((r, r, r), g["fov_mm"] / r)
-    apply = jax.jit(lambda prm, d, a: setup.model.apply({"params": prm}, d, a, train=False)["ct"])
+    (member,) = evaluate.restore_members(exp, args.workdir, "last")
+    params, step, acq = member.params, member.step, exp.acquisition
+    grid = acq.grid()
+    apply = jax.jit(lambda prm, d, a: exp.model.apply({"params": prm}, d, a, train=False)["ct"])
     for views in args.views:
-        angles = geometry.nested_view_angles(8)[:views]
-        geom = geometry.circular_cone_beam(
-            angles, sod_mm=g["sod_mm"], sdd_mm=g["sdd_mm"], det_shape=(r, r), pixel_mm=g["pixel_mm"]
-        )
+        angles = acq.view_angles(8)[:views]
+        geom = acq.orbit(angles)
         scores = []
         for i in range(args.test):
             hu, _ = phantoms.chest_phantom(2_000_000 + i, grid)

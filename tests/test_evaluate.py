@@ -263,3 +263,17 @@ def test_main_trains_then_evaluates(tmp_path):
     assert "PSNR" in p.stdout and "report.html" in p.stdout
     rows = _rows(tmp_path / "run" / "eval" / "per_volume.csv")
     assert len(rows) == 2  # the smoke test split
+
+
+def test_a_stored_dataset_unlike_the_config_is_refused(run):
+    """A dataset built with other split sizes (e.g. by a :smoke run in the same data_dir)
+    is not silently reused."""
+    exp, _ = run
+    c = exp.config.copy_and_resolve_references()
+    c.data.split_sizes = {"train": 80, "validation": 8, "test": 8}
+    with pytest.raises(ValueError, match="split_sizes: asks test=8, train=80, validation=8"):
+        Experiment.from_config(c).data.prepare()
+    c = exp.config.copy_and_resolve_references()
+    c.data.num_views = 9
+    with pytest.raises(ValueError, match="num_views: 9 views"):
+        Experiment.from_config(c).data.prepare()

@@ -88,4 +88,3 @@ class Checkpointer:
         self.wait()
         self.last.close()
         self.best.close()
-

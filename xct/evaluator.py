@@ -137,13 +137,20 @@ class Evaluator:
     def reconstruct(self, params_list: Sequence, drr, angles_deg) -> np.ndarray:
         """The mean of the members' HU volumes ``[B, r, r, r]`` from host arrays ``drr
         [B, V, r, r]`` (``normalize_drr`` units) and ``angles_deg [B, V]``."""
+        drr, angles_deg = np.asarray(drr, np.float32), np.asarray(angles_deg, np.float32)
+        n = drr.shape[0]
+        split = sharding.batch_axis_size(self.mesh, self.rules) * jax.process_count()
+        pad = -n % split  # repeat the last example so the batch splits over the devices
+        if pad:
+            drr = np.concatenate([drr, np.repeat(drr[-1:], pad, 0)])
+            angles_deg = np.concatenate([angles_deg, np.repeat(angles_deg[-1:], pad, 0)])
         # Every process holds the whole batch and hands over its own rows.
         rows = sharding.process_rows({"drr": drr, "angles_deg": angles_deg})
         batch = sharding.shard_batch(rows, self.mesh, self.rules)
         total = None
         for params in params_list:
             hu = sharding.fetch(self.predict_hu(params, batch["drr"], batch["angles_deg"]))
-            hu = np.asarray(hu, np.float64)
+            hu = np.asarray(hu, np.float64)[:n]
             total = hu if total is None else total + hu
         return (total / len(params_list)).astype(np.float32)
 

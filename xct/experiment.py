@@ -85,8 +85,18 @@ class Experiment:
     init: MeshFunction  # (key, batch) -> TrainState
     train_step: MeshFunction  # (state, batch, key) -> (state, metrics)
     predict_hu: MeshFunction  # (params, drr [B, V, r, r], angles_deg [B, V]) -> HU
-    abstract_state: Any  # ShapeDtypeStructs with shardings, for restoring checkpoints
     evaluator: evaluator.Evaluator
+
+    @functools.cached_property
+    def abstract_state(self):
+        """The train state's ``ShapeDtypeStruct``s (replicated on the mesh), for restoring
+        checkpoints; traced once, on first use."""
+        init = functools.partial(steps.create_train_state, self.setup)
+        abstract = jax.eval_shape(init, jax.random.key(0), self.dummy_batch())
+        rep = sharding.replicated(self.mesh)
+        return jax.tree.map(
+            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep), abstract
+        )
 
     @property
     def model(self):
@@ -109,14 +119,12 @@ class Experiment:
         batch = data.dummy_batch(
             acq, batch_size, num_views, int(config.model.get("seg_classes", 0))
         )
-        rep = sharding.replicated(mesh)
+        rep = sharding.replicated(mesh)  # parameters and optimiser state: every leaf
         init = functools.partial(steps.create_train_state, setup)
-        abstract = jax.eval_shape(init, jax.random.key(0), batch)
-        state_shardings = jax.tree.map(lambda _: rep, abstract)
         train_step = jax.jit(
             functools.partial(steps.train_step, setup),
-            in_shardings=(state_shardings, sharding.batch_shardings(mesh, batch, rules), rep),
-            out_shardings=(state_shardings, rep),
+            in_shardings=(rep, sharding.batch_shardings(mesh, batch, rules), rep),
+            out_shardings=(rep, rep),
             donate_argnums=0,
         )
         predict_hu = MeshFunction(jax.jit(functools.partial(_predict_hu, setup)), mesh, rules)
@@ -149,14 +157,9 @@ class Experiment:
             init_from=str(config.get("init_from", "") or ""),
             num_views=num_views,
             batch_size=batch_size,
-            init=MeshFunction(jax.jit(init, out_shardings=state_shardings), mesh, rules),
+            init=MeshFunction(jax.jit(init, out_shardings=rep), mesh, rules),
             train_step=MeshFunction(train_step, mesh, rules),
             predict_hu=predict_hu,
-            abstract_state=jax.tree.map(
-                lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                abstract,
-                state_shardings,
-            ),
             evaluator=evaluator.Evaluator(
                 predict_hu, acq, mesh, rules, eval_settings.batch_size, eval_settings.num_views
             ),
@@ -206,6 +209,8 @@ def make_model(config, acq: geometry.Acquisition):
     """The generator of ``config.model`` on ``acq`` (and ``config.train.patch_size``)."""
     kwargs = dict(config.model)
     name = kwargs.pop("name")
+    if name in models.DISCRIMINATORS:
+        raise ValueError(f"config.model.name: {name!r} is a discriminator, not a generator")
     patch = int(config.train.get("patch_size", 0))
     if patch:
         if "patch_size" not in models.model_kwargs(name):
@@ -242,7 +247,13 @@ def make_setup(config, acq: geometry.Acquisition) -> steps.Setup:
     disc = disc_tx = None
     if gan:
         disc_kwargs = dict(config.disc)
-        disc = models.get_model(disc_kwargs.pop("name"), **disc_kwargs)
+        name = disc_kwargs.pop("name")
+        if name not in models.DISCRIMINATORS:
+            raise ValueError(
+                f"config.disc.name: {name!r} is not a discriminator, expected one of "
+                f"{models.DISCRIMINATORS}"
+            )
+        disc = models.get_model(name, **disc_kwargs)
         disc_tx = optax.adam(float(config.optim.disc_learning_rate), b1=0.5, b2=0.999)
     return steps.Setup(
         model=make_model(config, acq),
@@ -307,4 +318,3 @@ def config_differences(config, stored_json: str) -> list[str]:
 
     walk(current, stored, "")
     return out
-

@@ -177,9 +177,7 @@ def _all_finite(tree) -> jax.Array:
 def _discriminator_update(setup: Setup, state: TrainState, new: TrainState, pred, target):
     """``(state with the discriminator stepped, its loss, its gradients)``."""
     fake = jax.lax.stop_gradient(pred)
-    d_loss = (
-        losses.hinge_discriminator if setup.gan_kind == "hinge" else losses.lsgan_discriminator
-    )
+    d_loss = losses.hinge_discriminator if setup.gan_kind == "hinge" else losses.lsgan_discriminator
 
     def d_loss_fn(dparams):
         (real_logits, _), stats = _disc_apply(setup, dparams, state.disc_stats, target, True)

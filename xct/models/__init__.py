@@ -41,6 +41,9 @@ MODELS: dict[str, type[nn.Module]] = {
     "patchgan": PatchGAN3D,
 }
 
+#: Registry names of the discriminators (the others are generators).
+DISCRIMINATORS = ("patchgan",)
+
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
