@@ -17,7 +17,8 @@ Two ways to feed a model:
 
 The iterator of ``make_dataset(...).to_iter_dataset()`` has ``get_state`` /
 ``set_state``: saved beside a checkpoint, a resumed run sees exactly the data it would
-have seen. ``to_global`` turns each host's batch into globally sharded arrays on a mesh.
+have seen. ``xct.sharding.shard_batch`` turns each host's batch into globally sharded
+arrays on a mesh.
 
 Normalisation is defined once, in ``xct.physics`` (``normalize_ct``, ``normalize_drr``).
 """
@@ -171,18 +172,6 @@ def iterate(ds, *, worker_count: int = 0):
     if worker_count > 0:
         it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
     return iter(it_ds)
-
-
-def to_global(batch: Mapping, mesh: jax.sharding.Mesh, data_axis: str = "data") -> dict:
-    """Each host's batch as one globally sharded array per field (leading axis on ``data``)."""
-    from jax.sharding import NamedSharding, PartitionSpec
-
-    def put(x):
-        x = np.asarray(x)
-        spec = PartitionSpec(data_axis, *([None] * (x.ndim - 1)))
-        return jax.make_array_from_process_local_data(NamedSharding(mesh, spec), x)
-
-    return {k: put(v) for k, v in batch.items()}
 
 
 # ---------------------------------------------------------------------------------------
