@@ -256,12 +256,12 @@ class Watcher:
 
     def __init__(self, workdir: pathlib.Path):
         self.workdir = workdir
-        self.wall0 = time.time()
         self.log = workdir / "metrics.jsonl"
         self.offset = self.log.stat().st_size if self.log.exists() else 0
         self.partial = ""
         self.seen_ckpt = set(checkpoint_steps(workdir / "checkpoints"))
         self.seen_tmp = set(partial_checkpoints(workdir))
+        self.tmp_at_launch = {name: self._signature(name) for name in self.seen_tmp}
         self.events: list[Event] = []
 
     def poll(self, t: float) -> None:
@@ -293,16 +293,21 @@ class Watcher:
             self.events.append(Event(t, "tmp", _step_of(name)))
         self.seen_tmp = tmp
 
+    def _signature(self, name: str):
+        try:
+            st = (self.workdir / name).stat()
+        except FileNotFoundError:
+            return None
+        return st.st_ino, st.st_mtime_ns
+
     def fresh_partial_checkpoints(self) -> list[str]:
-        """Unfinished checkpoint writes this run started (Orbax reuses a leftover's name)."""
-        out = []
-        for name in partial_checkpoints(self.workdir):
-            try:
-                if (self.workdir / name).stat().st_mtime >= self.wall0 - 1.0:
-                    out.append(name)
-            except FileNotFoundError:
-                pass
-        return out
+        """Unfinished checkpoint writes this run started (Orbax removes a leftover and makes
+        the same name again: compared by inode and time, not by name)."""
+        return [
+            name
+            for name in partial_checkpoints(self.workdir)
+            if self._signature(name) not in (None, self.tmp_at_launch.get(name))
+        ]
 
     def last(self, *kinds: str) -> Event | None:
         return next((e for e in reversed(self.events) if e.kind in kinds), None)

@@ -277,3 +277,16 @@ def test_a_stored_dataset_unlike_the_config_is_refused(run):
     c.data.num_views = 9
     with pytest.raises(ValueError, match="num_views: 9 views"):
         Experiment.from_config(c).data.prepare()
+
+
+def test_tfds_stream_gives_the_step_exactly_its_fields(run):
+    """The stored examples also carry labels, ids and geometry: the step gets its own fields
+    in its own shapes, sharded on the mesh."""
+    c = run[0].config.copy_and_resolve_references()
+    c.data.batch_size, c.mesh.data = 1, 1  # the fixture's train split holds one example
+    exp = Experiment.from_config(c)
+    want = exp.dummy_batch()
+    batch = exp.data.open(exp.mesh, exp.rules, None, 0).batch(0)
+    assert set(batch) == set(want)
+    for k, v in want.items():
+        assert batch[k].shape == v.shape and batch[k].dtype == v.dtype, k

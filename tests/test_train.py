@@ -266,8 +266,8 @@ def test_patch_training_and_sliding_window_prediction():
 @pytest.mark.slow  # two stages, two compiles (minutes)
 def test_progressive_stages_carry_the_weights(tmp_path, capsys):
     c = _render_config(**{"train.stages": "12:1,16:2", "model.num_levels": 2})
-    last_exp, last_dir, _ = train.train_progressive(c, tmp_path)
-    assert last_dir == tmp_path / "stage1_16" and last_exp.acquisition.resolution == 16
+    last = train.train_progressive(c, tmp_path)
+    assert last.workdir == tmp_path / "stage1_16" and last.experiment.acquisition.resolution == 16
     out = capsys.readouterr().out
     assert "stage 0: 12^3" in out and "stage 1: 16^3" in out
     for stage, n_steps in (("stage0_12", 1), ("stage1_16", 2)):

@@ -103,6 +103,7 @@ class TfdsSource:
     drr_noise_std: float = 0.0
     worker_count: int = 0
     split_sizes: tuple = ()  # ((split, count), ...) asked of an auto-built synthetic set
+    labels: bool = False  # hand the organ labels to the step (a segmentation head)
     has_validation: bool = True
 
     @property
@@ -197,7 +198,8 @@ class TfdsSource:
         it = input_pipeline.iterate(ds, worker_count=self.worker_count)
         if state:
             it.set_state(state)
-        return _TfdsStream(it, mesh, rules)
+        keys = ("drr", "angles_deg", "ct") + (("labels",) if self.labels else ())
+        return _TfdsStream(it, mesh, rules, keys)
 
     def examples(self, split: str, num_views: int) -> Iterator[Example]:
         """The examples of ``split``, transformed as for evaluation (first ``num_views``)."""
@@ -218,19 +220,14 @@ def _sizes(d: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in sorted(d.items())) or "nothing"
 
 
-BATCH_KEYS = ("drr", "angles_deg", "ct", "labels")
-
-
 class _TfdsStream:
-    def __init__(self, it, mesh, rules):
-        self._it, self._mesh, self._rules = it, mesh, rules
+    def __init__(self, it, mesh, rules, keys: tuple[str, ...]):
+        self._it, self._mesh, self._rules, self._keys = it, mesh, rules, keys
 
     def batch(self, step: int) -> dict:
         del step  # the iterator is sequential; its state was restored on resume
-        b = next(self._it)
-        return sharding.shard_batch(
-            {k: b[k] for k in BATCH_KEYS if k in b}, self._mesh, self._rules
-        )
+        b = next(self._it)  # the fields the step consumes (the data may carry more)
+        return sharding.shard_batch({k: b[k] for k in self._keys}, self._mesh, self._rules)
 
     def state(self) -> dict:
         return self._it.get_state()

@@ -288,6 +288,7 @@ def make_data_source(config, acq: geometry.Acquisition) -> data.DataSource:
             drr_noise_std=float(d.drr_noise_std),
             worker_count=int(d.get("worker_count", 0)),
             split_sizes=tuple(sorted((str(k), int(v)) for k, v in dict(d.split_sizes).items())),
+            labels=int(config.model.get("seg_classes", 0)) > 0,
             **common,
         )
     if d.source == "render":

@@ -529,11 +529,6 @@ class Acquisition:
         """``num_views`` angles (degrees, float32) in the datasets' nested order."""
         return nested_view_angles(num_views, self.arc_deg).astype(np.float32)
 
-    def with_resolution(self, resolution: int) -> Acquisition:
-        """The same orbit and cube at another resolution (the detector side is kept)."""
-        pixel = self.pixel_mm * self.resolution / resolution if self.pixel_mm else None
-        return dataclasses.replace(self, resolution=int(resolution), pixel_mm=pixel)
-
     def orbit(
         self,
         angles_deg: jax.typing.ArrayLike,

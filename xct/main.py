@@ -90,7 +90,8 @@ def _train(config, workdir) -> dict:
     from xct.experiment import Experiment
 
     if config.train.get("stages", ""):
-        exp, workdir, result = train.train_progressive(config, workdir)
+        last = train.train_progressive(config, workdir)
+        exp, workdir, result = last.experiment, last.workdir, last.result
     else:
         exp = Experiment.from_config(config)
         result = train.train_and_evaluate(exp, workdir)

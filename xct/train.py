@@ -19,6 +19,7 @@ import pathlib
 import re
 import signal
 import time
+from typing import NamedTuple
 
 import jax
 import numpy as np
@@ -244,12 +245,20 @@ def stage_configs(config) -> list:
     return out
 
 
-def train_progressive(config, workdir):
+class StagesResult(NamedTuple):
+    """What ``train_progressive`` ran last."""
+
+    experiment: Experiment  # the last stage's
+    workdir: pathlib.Path  # the last stage's folder
+    result: dict  # its ``train_and_evaluate`` result
+
+
+def train_progressive(config, workdir) -> StagesResult:
     """Progressive multi-resolution training: one run per stage of ``config.train.stages``
     in ``workdir/stage<i>_<res>``, each initialised from the previous stage's last
     checkpoint (``init_from``; the models' parameters do not depend on the resolution).
     An interrupted schedule resumes: finished stages are skipped, the current one resumes
-    from its own checkpoint. Returns ``(last stage's experiment, its workdir, result)``."""
+    from its own checkpoint."""
     workdir = pathlib.Path(workdir).expanduser()
     previous = str(config.get("init_from", "") or "")
     exp, stage_dir, result = None, workdir, {}
@@ -264,4 +273,4 @@ def train_progressive(config, workdir):
         if result.get("stopped"):
             break
         previous = str(stage_dir)
-    return exp, stage_dir, result
+    return StagesResult(exp, stage_dir, result)
