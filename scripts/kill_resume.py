@@ -11,12 +11,15 @@ and check that it ends bit-identical to an uninterrupted run.
 2. The same command runs in ``WORKDIR/killed`` again and again; each run is killed (SIGKILL
    to its process group, as a preemption would) at a random moment inside a phase chosen in
    turn: start-up/compile, a training step, a checkpoint write (the blocking copy and the
-   asynchronous Orbax write), a validation, the final evaluation. After ``--kills`` kills the
-   run is left to finish; it must exit 0.
+   asynchronous Orbax write, or the moment ``checkpoints/N`` is committed), a validation,
+   the final evaluation. Steps are drawn before the second checkpoint ahead, so a kill costs
+   at most one checkpoint of progress and the kills spread over the run. After ``--kills``
+   kills the run is left to finish; it must exit 0.
 3. Checks, each PASS or FAIL: the metrics log (rows equal after dropping timing fields, each
    (kind, step) row exactly once), the last checkpoint (step, every array of the train
-   state bit for bit, the data-iterator state), the best checkpoint (step and arrays), and
-   the final evaluation's ``metrics.json`` numbers.
+   state bit for bit, the data-iterator state), the best checkpoint (step and arrays), the
+   final evaluation's ``metrics.json`` numbers, and no ``N.orbax-checkpoint-tmp`` left behind
+   (Orbax replaces one when it saves step N again; one that stays is a save never redone).
 
 Exit status: 0 when every check passes, 1 when one fails, 2 when the straight run itself
 fails. The configuration is ``--config`` shrunk further by ``DEFAULT_SETS`` (12 steps of
@@ -67,7 +70,7 @@ DEFAULT_SETS = (
 PHASES = ("startup", "step", "checkpoint", "validation", "final")
 TMP_MARK = ".orbax-checkpoint-tmp"  # Orbax writes step N into N.orbax-checkpoint-tmp, then renames
 _TIMING_TOKENS = {"time", "times", "seconds", "secs", "sec", "eta", "wall", "elapsed", "duration"}
-POLL_S = 0.003
+POLL_S = 0.002
 
 
 # ---------------------------------------------------------------------------------------
@@ -252,37 +255,50 @@ def _step_of(name: str) -> int:
 
 
 class Watcher:
-    """Polls a workdir for new metric rows and checkpoint folders while a run goes on."""
+    """Polls a workdir for new metric rows and checkpoint folders while a run goes on.
 
-    def __init__(self, workdir: pathlib.Path):
-        self.workdir = workdir
+    Rows up to ``resume`` (the checkpoint the run starts from) are history, not events:
+    a trainer that rewrites its log on resume shows them again.
+    """
+
+    def __init__(self, workdir: pathlib.Path, resume: int = 0):
+        self.workdir, self.resume = workdir, resume
         self.log = workdir / "metrics.jsonl"
-        self.offset = self.log.stat().st_size if self.log.exists() else 0
+        self.file = self._file_id()
+        self.offset = self.log.stat().st_size if self.file else 0
         self.partial = ""
         self.seen_ckpt = set(checkpoint_steps(workdir / "checkpoints"))
         self.seen_tmp = set(partial_checkpoints(workdir))
         self.tmp_at_launch = {name: self._signature(name) for name in self.seen_tmp}
         self.events: list[Event] = []
 
+    def _file_id(self):
+        try:
+            st = self.log.stat()
+        except FileNotFoundError:
+            return None
+        return st.st_dev, st.st_ino
+
     def poll(self, t: float) -> None:
         try:
             size = self.log.stat().st_size
         except FileNotFoundError:
             size = 0
-        if size < self.offset:  # the trainer rewrote its log: read it again from the top
-            self.offset, self.partial = 0, ""
+        file = self._file_id()
+        if size < self.offset or file != self.file:  # rewritten: read it again from the top
+            self.file, self.offset, self.partial = file, 0, ""
         if size > self.offset:
             with open(self.log, "rb") as f:
                 f.seek(self.offset)
                 chunk = f.read(size - self.offset)
-            self.offset = size
+            self.offset += len(chunk)
             *lines, self.partial = (self.partial + chunk.decode("utf-8", "replace")).split("\n")
             for line in lines:
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError:
                     continue
-                if isinstance(row, dict) and "step" in row:
+                if isinstance(row, dict) and int(row.get("step", -1)) > self.resume:
                     self.events.append(Event(t, row_kind(row), int(row["step"])))
         for s in checkpoint_steps(self.workdir / "checkpoints"):
             if s not in self.seen_ckpt:
@@ -357,12 +373,22 @@ def _kill(proc) -> None:
 
 
 def run_watched(
-    cmd, env, cwd, workdir, log_path, *, trigger=None, delay_s=0.0, timeout_s=600.0, label=None
+    cmd,
+    env,
+    cwd,
+    workdir,
+    log_path,
+    *,
+    resume=0,
+    trigger=None,
+    delay_s=0.0,
+    timeout_s=600.0,
+    label=None,
 ) -> tuple[int | None, float, bool, str, Watcher]:
     """Launch ``cmd``; with ``trigger`` (``("launch", 0)`` or ``(event kind, step)``) send
     SIGKILL ``delay_s`` after that event. Returns ``(returncode, seconds, killed, phase at
     the kill, watcher)``; returncode is None on timeout."""
-    watcher = Watcher(workdir)
+    watcher = Watcher(workdir, resume)
     t0 = time.perf_counter()
     proc, log = _launch(cmd, env, cwd, log_path)
     kill_at = delay_s if trigger == ("launch", 0) else None
@@ -468,24 +494,31 @@ class Profile:
 
 
 def choose_target(
-    profile: Profile, resume: int, phase: str, rng: random.Random
+    profile: Profile, resume: int, phase: str, rng: random.Random, advance: bool = True
 ) -> tuple[str, int, tuple, float] | None:
     """``(phase, step, trigger, delay_s)`` for a kill inside ``phase`` of a run resuming at
     step ``resume``, or None when that phase does not come before the second checkpoint
-    after ``resume`` (a kill then costs at most one checkpoint of progress, so that kills
-    spread over the whole run)."""
+    after ``resume``: a kill then costs at most one checkpoint of progress. ``advance``
+    prefers a step after the next checkpoint (so that the run gets on), otherwise one up to
+    it; the caller mixes both to spread the kills over the whole run."""
     p = profile
     later = [s for s in p.ckpt_steps if s > resume]
     horizon = later[1] - 1 if len(later) > 1 else p.last_step
+    next_ckpt = later[0] if later else p.last_step
     if resume >= p.last_step:  # a finished run restarted: start-up, then the final evaluation
         if phase not in ("startup", "final"):
             return None
         return phase, resume, ("launch", 0), rng.uniform(0.05, 0.95) * p.seconds("finished")
     if phase == "startup":
         return phase, resume, ("launch", 0), rng.uniform(0.05, 0.95) * p.seconds("startup")
-    if phase == "step":  # inside step N: after row N-1, before row N
-        steps = [s for s in p.train_steps if s - 1 > resume and s - 1 in p.train_steps]
-        trigger, window = (lambda s: ("train", s - 1)), (0.1, 0.9)
+    if phase == "step":  # inside step N: after the last row of step N-1, before row N
+        steps = [
+            s
+            for s in p.train_steps
+            if s - 1 > resume and s - 1 in p.train_steps and s - 1 not in p.ckpt_steps
+        ]
+        trigger = lambda s: ("validation" if s - 1 in p.val_steps else "train", s - 1)  # noqa: E731
+        window = (0.1, 0.9)
     elif phase == "checkpoint":  # the blocking copy and the asynchronous write after row N
         steps = [s for s in p.ckpt_steps if s > resume]
         trigger, window = (lambda s: ("train", s)), (0.0, 1.0)
@@ -500,9 +533,14 @@ def choose_target(
     else:
         raise ValueError(f"phase: expected one of {PHASES}, got {phase!r}")
     steps = [s for s in steps if s <= horizon]
+    preferred = [s for s in steps if (s > next_ckpt) == advance]
     if not steps:
         return None
-    s = rng.choice(steps)
+    s = rng.choice(preferred or steps)
+    if phase == "checkpoint" and rng.random() < 0.5:
+        # The moment checkpoints/N is committed: the best/ save of a validated step N may
+        # still be writing, and the next step has not begun.
+        return "commit", s, ("ckpt", s), 0.0
     return phase, s, trigger(s), rng.uniform(*window) * p.seconds(phase)
 
 
@@ -517,11 +555,17 @@ def phase_at_kill(watcher: Watcher, profile: Profile, resume: int) -> str:
             return "startup or final evaluation of a finished run"
         return "startup/compile"
     n = last.step
+    ckpt = watcher.last("ckpt")
+    if ckpt is not None and ckpt.step >= n:
+        return f"just after checkpoint {ckpt.step} was committed"
     if last.kind == "train":
-        if n in profile.ckpt_steps and n not in watcher.seen_ckpt:
+        saving = n in profile.ckpt_steps and n not in watcher.seen_ckpt
+        if n in profile.val_steps:  # a validation row comes next (before or after the save)
+            return f"validation{' or checkpoint save' if saving else ''} (step {n})"
+        if saving:
             return f"checkpoint save, blocking part (step {n})"
-        if n in profile.val_steps:
-            return f"validation (step {n})"
+    elif n in profile.ckpt_steps and n not in watcher.seen_ckpt:
+        return f"checkpoint save, blocking part (step {n})"
     if n >= profile.last_step:
         return "final checkpoint wait / evaluation"
     return f"step {n + 1}"
@@ -529,9 +573,9 @@ def phase_at_kill(watcher: Watcher, profile: Profile, resume: int) -> str:
 
 def _category(phase: str) -> str:
     for word, cat in (
+        ("validation", "validation"),
         ("checkpoint", "checkpoint"),
         ("startup", "startup"),
-        ("validation", "validation"),
         ("final", "final"),
         ("step", "step"),
     ):
@@ -648,9 +692,16 @@ def compare_workdirs(straight: pathlib.Path, killed: pathlib.Path) -> tuple[list
                 if num(ea).get(k) != num(eb).get(k)
             ]
             checks.append((f"evaluation metrics.json: {len(num(ea))} numbers", not diff, diff))
+    # Orbax replaces N.orbax-checkpoint-tmp when it saves step N again, so one left behind
+    # is a save that the restarted run never redid: a lost checkpoint.
     leftovers = partial_checkpoints(killed)
-    if leftovers:
-        notes.append("unfinished checkpoint writes left behind: " + ", ".join(leftovers))
+    checks.append(
+        (
+            f"no unfinished checkpoint writes left behind ({len(leftovers)})",
+            leftovers == partial_checkpoints(straight),
+            leftovers,
+        )
+    )
     return checks, notes
 
 
@@ -711,7 +762,9 @@ def run(
                 phase = order.pop()
                 if phase == "startup" and index == 0:
                     continue  # not timed yet with a warm compilation cache
-                choice = choose_target(profile, resume, phase, rng)
+                ahead = sum(s > resume for s in profile.ckpt_steps)
+                advance = rng.random() < ahead / max(kills - done_kills, 1)
+                choice = choose_target(profile, resume, phase, rng, advance)
                 if choice is not None:
                     break
         if choice is None and done_kills < kills:
@@ -724,6 +777,7 @@ def run(
             repo,
             killed,
             log,
+            resume=resume,
             trigger=choice[2] if choice else None,
             delay_s=choice[3] if choice else 0.0,
             timeout_s=timeout,

@@ -2,6 +2,7 @@
 whole kill-and-restart check as a slow test."""
 
 import json
+import random
 import time
 
 import numpy as np
@@ -84,6 +85,50 @@ def test_checkpoint_folders(tmp_path):
         (tmp_path / "checkpoints" / name).mkdir(parents=True)
     assert kill_resume.checkpoint_steps(tmp_path / "checkpoints") == [3, 6]
     assert kill_resume.partial_checkpoints(tmp_path) == ["checkpoints/9.orbax-checkpoint-tmp"]
+
+
+def test_watcher_sees_new_rows_not_a_rewritten_history(tmp_path):
+    log = tmp_path / "metrics.jsonl"
+    log.write_text("".join(json.dumps(r) + "\n" for r in _rows(1, 2, 3, 4, val=(4,))))
+    w = kill_resume.Watcher(tmp_path, resume=3)
+    w.poll(0.0)
+    assert w.events == []
+    # resumed from step 3: the trainer cuts its log back to step 3, then logs step 4 again
+    tmp = tmp_path / "metrics.tmp"
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in _rows(1, 2, 3)))
+    tmp.replace(log)
+    w.poll(1.0)
+    assert w.events == []
+    with open(log, "a") as f:
+        f.write(json.dumps(_rows(4)[0]) + "\n" + '{"step": 4, "valid')
+    w.poll(2.0)
+    assert [(e.kind, e.step) for e in w.events] == [("train", 4)]
+    (tmp_path / "checkpoints" / "6.orbax-checkpoint-tmp").mkdir(parents=True)
+    w.poll(3.0)
+    assert w.fresh_partial_checkpoints() == ["checkpoints/6.orbax-checkpoint-tmp"]
+
+
+@pytest.mark.parametrize("resume", [0, 3, 6, 9, 12])
+def test_kill_targets_come_after_the_resumed_checkpoint(resume):
+    profile = kill_resume.Profile(
+        last_step=12,
+        train_steps=list(range(1, 13)),
+        ckpt_steps=[3, 6, 9, 12],
+        val_steps=[4, 8, 12],
+        cold={"startup": [30.0], "step": [0.3], "checkpoint": [0.3], "validation": [1.0]},
+    )
+    rng = random.Random(0)
+    for phase in kill_resume.PHASES:
+        for advance in (False, True):
+            got = kill_resume.choose_target(profile, resume, phase, rng, advance)
+            if got is None:
+                assert phase != "startup"
+                continue
+            _, step, (kind, trigger_step), delay_s = got
+            assert delay_s >= 0
+            if kind == "launch":
+                continue
+            assert resume < trigger_step <= 12 and step <= min(resume + 6, 12), got
 
 
 @pytest.mark.slow  # a straight run and 11 restarts of a 12-step run: minutes on 2 cores

@@ -176,20 +176,22 @@ def train_and_evaluate(exp: Experiment, workdir) -> dict:
             done = step + 1
             if loop.max_seconds and time.perf_counter() - t_start > loop.max_seconds:
                 stop["signal"] = stop["signal"] or f"time budget of {loop.max_seconds:.0f} s"
-            last = done == loop.num_steps or stop["signal"]
+            # One reading per step: a signal that arrives later is handled after the next.
+            stopping = stop["signal"]
+            last = done == loop.num_steps or bool(stopping)
             if done % loop.log_every == 0 or last:
                 progress.report(done, logger, last_good)
             # Validation comes before the step's checkpoint: a run killed in between
             # resumes from an earlier checkpoint and validates this step again.
             validating = done % loop.eval_every == 0 or done == loop.num_steps
-            if exp.data.has_validation and validating and not stop["signal"]:
+            if exp.data.has_validation and validating and not stopping:
                 final_val = _validate_and_keep_best(exp, state, done, ckpt, logger, stream)
             if done % loop.checkpoint_every == 0 or last:
                 ckpt.save(done, state, stream.state(), force=True)
                 last_good = done
-            if stop["signal"]:
-                print(f"stopped ({stop['signal']}): saved step {done}", flush=True)
-                return {"stopped": str(stop["signal"])}
+            if stopping:
+                print(f"stopped ({stopping}): saved step {done}", flush=True)
+                return {"stopped": str(stopping)}
     finally:
         signal.signal(signal.SIGTERM, previous)
         ckpt.close()
