@@ -43,6 +43,10 @@ class Checkpointer:
     def save(
         self, step: int, state, data_state: dict | None = None, *, force: bool = False
     ) -> None:
+        # The best checkpoint of this step (validated first) must be committed before
+        # checkpoints/ says the step is done: a run resumed from it does not validate this
+        # step again, so a kill in between would lose it.
+        self.best.wait_until_finished()
         self.last.save(step, args=self._args(state, data_state), force=force)
 
     def save_best(self, step: int, state, metrics: dict, data_state: dict | None = None) -> None:

@@ -46,7 +46,8 @@ class Logger:
         try:
             from tensorboardX import SummaryWriter
 
-            self.tb = SummaryWriter(str(workdir / "tensorboard"))
+            # Events past the restored step (a killed run's) are dropped, as in the log.
+            self.tb = SummaryWriter(str(workdir / "tensorboard"), purge_step=resume_step + 1)
         except ImportError:  # pragma: no cover
             self.tb = None
 
