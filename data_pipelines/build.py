@@ -22,7 +22,13 @@ import time
 from absl import app, flags
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("dataset", None, "NAME/CONFIG, e.g. synthetic_chest/res64_views8")
+flags.DEFINE_string(
+    "dataset",
+    None,
+    "NAME/CONFIG: synthetic_chest/{tiny_res32,res64,res128,res256}_views8 or "
+    "ct_folder/res{32,64,128,256}_views8 (--list prints them all)",
+)
+flags.DEFINE_bool("list", False, "print every dataset NAME/CONFIG and exit")
 flags.DEFINE_string("data_dir", None, "where TFDS datasets are written")
 flags.DEFINE_string("source_dir", None, "ct_folder: the folder of CT volumes")
 flags.DEFINE_integer("workers", 1, "processes rendering examples")
@@ -59,25 +65,45 @@ def build(
     elif split_sizes:
         kwargs["split_sizes"] = split_sizes
     builder = cls(**kwargs)
+    existed = builder.is_prepared() if hasattr(builder, "is_prepared") else False
     t0 = time.perf_counter()
-    builder.download_and_prepare()
+    from xct import console
+
+    console.quiet_tfds()
+    with console.stdout_unless_verbose():  # TFDS's "Dataset ... downloaded and prepared" banner
+        builder.download_and_prepare()
     elapsed = time.perf_counter() - t0
     if not keep_cache:
         shutil.rmtree(cache_dir, ignore_errors=True)
     counts = {s: int(info.num_examples) for s, info in builder.info.splits.items()}
+    differs = {k: v for k, v in (split_sizes or {}).items() if counts.get(k) != int(v)}
+    if existed and differs:
+        raise ValueError(
+            f"--split_sizes: {builder.data_dir} already holds "
+            + ", ".join(f"{k}={n}" for k, n in sorted(counts.items()))
+            + " (asked "
+            + ", ".join(f"{k}={v}" for k, v in sorted(differs.items()))
+            + "); delete that folder to rebuild it, or use another --data_dir"
+        )
     summary = dict(
         dataset=dataset,
         data_dir=str(builder.data_dir),
         examples=counts,
         skipped=list(builder.skipped),
         seconds=round(elapsed, 1),
-        volumes_per_s=round(sum(counts.values()) / elapsed, 3) if elapsed > 0 else None,
+        volumes_per_s=None if existed else round(sum(counts.values()) / max(elapsed, 1e-9), 3),
+        already_built=existed,
     )
     return builder, summary
 
 
 def main(argv):
     del argv
+    if FLAGS.list:
+        for name, cls in sorted(builders().items()):
+            for c in cls.BUILDER_CONFIGS:
+                print(f"{name}/{c.name}")
+        return 0
     if not FLAGS.dataset or not FLAGS.data_dir:
         print("error: --dataset and --data_dir are required", file=sys.stderr)
         return 2
@@ -106,9 +132,15 @@ def main(argv):
     print(f"  skipped     {len(summary['skipped'])} inputs")
     for pid, why in summary["skipped"]:
         print(f"    {pid}: {why}")
-    print(f"  {summary['seconds']} s, {summary['volumes_per_s']} volumes/s")
+    if summary["already_built"]:
+        print("  already built: nothing to do")
+    else:
+        print(f"  {summary['seconds']} s, {summary['volumes_per_s']} volumes/s")
     return 0
 
 
 if __name__ == "__main__":
+    from xct import console
+
+    console.quiet(sys.argv)  # before JAX is imported
     app.run(main)

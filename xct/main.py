@@ -8,15 +8,21 @@
     --mode=predict    --xrays=a.png,b.png --angles_deg=0,90 --output=ct.nii.gz
 
 Any config field can be overridden: ``--config.data.num_views=4``. Errors in the config or
-the inputs are printed as one line with a non-zero exit status.
+the inputs are printed as one line with a non-zero exit status. The terminal shows
+progress and results only (``xct.console.quiet``); ``--verbosity=0`` or ``XCT_VERBOSE=1``
+brings back the libraries' logs. Compiled programs are cached on disk
+(``--compilation_cache_dir``, default ``~/.cache/xct/jax``; ``--nocompilation_cache`` to
+turn it off), so a repeated or resumed run starts stepping in seconds.
 """
 
 from __future__ import annotations
 
 import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
+
+from xct import console
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -35,11 +41,15 @@ flags.DEFINE_string("eval_dir", None, "evaluate: output folder (default WORKDIR/
 flags.DEFINE_list("xrays", [], "predict: X-ray files (.npy line integrals, .png, .dcm)")
 flags.DEFINE_list("angles_deg", [], "predict: gantry angle of each X-ray, degrees")
 flags.DEFINE_string("output", "prediction.nii.gz", "predict: output NIfTI path")
+flags.DEFINE_bool("compilation_cache", True, "keep compiled programs on disk between runs")
+flags.DEFINE_string(
+    "compilation_cache_dir", None, "where compiled programs are kept (default ~/.cache/xct/jax)"
+)
 
 
 def main(argv) -> int:
     if not FLAGS.is_parsed() or FLAGS["verbosity"].present == 0:
-        logging.set_verbosity(logging.WARNING)  # Orbax and TFDS are chatty at INFO
+        console.quiet()  # before JAX is imported: XLA reads its log level once
     if len(argv) > 1:
         print(f"error: unexpected arguments {argv[1:]}", file=sys.stderr)
         return 2
@@ -49,6 +59,7 @@ def main(argv) -> int:
     from xct import evaluate
     from xct.experiment import Experiment
 
+    console.enable_compilation_cache(FLAGS.compilation_cache_dir, enabled=FLAGS.compilation_cache)
     config = FLAGS.config
     try:
         if FLAGS.mode == "train":
@@ -113,5 +124,45 @@ def _summary(r: dict) -> str:
     )
 
 
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl's parser, with a bad flag or config (a typo in a field, a config file that does
+    not exist or fails to load) as one line and exit status 2 instead of a traceback."""
+    try:
+        args = FLAGS(argv)
+        if FLAGS["config"].present:
+            FLAGS.config.keys()  # config_flags defers a failed load to the first access
+        return args
+    except flags.Error as e:
+        _flag_error(str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__)
+    except (AttributeError, KeyError) as e:  # ml_collections: no such field
+        text = str(e).strip("'\"").replace("\\n", " ").replace("\\'", "'").replace("\n", " ")
+        _flag_error(f"--config: no such config field {text}")
+    except (OSError, ValueError, TypeError) as e:
+        text = str(e)
+        missing = [ln.strip() for ln in text.splitlines() if "No such file" in ln]
+        first = missing[0] if missing else (text.strip().splitlines() or [type(e).__name__])[0]
+        _flag_error(f"--config: {first}")
+    return []
+
+
+def _flag_error(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    print("Try --help.", file=sys.stderr)
+    sys.exit(2)
+
+
+def run(argv: list[str] | None = None) -> None:
+    """``app.run(main)``; ``--help`` exits with status 0."""
+    argv = list(sys.argv if argv is None else argv)
+    console.quiet(argv)
+    asked_help = any(a in ("-h", "--help", "--helpshort", "--helpfull", "-?") for a in argv[1:])
+    try:
+        app.run(main, argv=argv, flags_parser=_parse_flags)
+    except SystemExit as e:
+        if asked_help and e.code == 1:
+            sys.exit(0)
+        raise
+
+
 if __name__ == "__main__":
-    app.run(main)
+    run()
