@@ -9,6 +9,7 @@ runs the real smoke training and evaluation through ``xct.main``.
 
 import csv
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -17,7 +18,7 @@ import numpy as np
 import pytest
 
 from configs import quickstart
-from xct import checkpoint, data, evaluate, evaluator, io, metrics, phantoms
+from xct import checkpoint, data, evaluate, evaluator, io, metrics, phantoms, physics
 from xct.experiment import Experiment
 from xct.geometry import VolumeGrid
 
@@ -102,6 +103,12 @@ def test_evaluate_split_writes_metrics_csv_volumes_and_report(run):
     assert pred.shape == gt.shape == (32, 32, 32)
     np.testing.assert_allclose(img.GetSpacing(), (SPACING_MM,) * 3, rtol=1e-6)
     assert gt.min() < -900 and gt.max() > 300  # a chest in HU
+    # Written in the patient (LPS) frame, which Slicer shows right: back in the projector
+    # frame it is the example's ground truth.
+    ex = next(c.data.examples(c.eval.split, c.num_views))
+    assert ex.id == rows[0]["id"]
+    np.testing.assert_allclose(io.to_projector_frame(gt), physics.denormalize_ct(ex.ct), atol=0.05)
+    np.testing.assert_allclose(img.GetDirection(), np.eye(3).ravel())
     # The CSV holds the primary metrics of exactly these volumes.
     m = metrics.volume_metrics(pred[None], gt[None])
     np.testing.assert_allclose(float(m["psnr"][0]), float(rows[0]["psnr"]), rtol=1e-4)
@@ -119,7 +126,7 @@ def test_ensemble_is_the_mean_of_its_members(run, tmp_path):
     out = evaluate.evaluate(c, workdir, "2,last", out_dir=tmp_path)
     assert out["checkpoint_step"] == [2, 4] and len(out["checkpoints"]) == 2
     rows = _rows(tmp_path / "per_volume.csv")
-    ens, _ = _nifti(tmp_path / rows[0]["pred_nifti"])
+    ens = io.to_projector_frame(_nifti(tmp_path / rows[0]["pred_nifti"])[0])  # LPS on disk
 
     members = evaluate.restore_members(c, workdir, "2,4")
     ex = next(c.data.examples(c.eval.split, c.num_views))
@@ -250,8 +257,17 @@ def test_main_trains_then_evaluates(tmp_path):
         f"--workdir={tmp_path / 'run'}",
         f"--config.data.data_dir={tmp_path / 'data'}",
     ]
-    subprocess.run(base + ["--mode=train"], cwd=ROOT, check=True, timeout=1800)
+    p = subprocess.run(
+        base + ["--mode=train"], cwd=ROOT, check=True, timeout=1800, capture_output=True, text=True
+    )
     assert (tmp_path / "run" / "eval" / "report.html").exists()
+    # A quiet terminal: progress and results, no absl/XLA log lines or TFDS banners.
+    noise = re.compile(
+        r"^[IWEF]\d{4} |slow_operation_alarm|Unable to initialize backend|Downloading"
+    )
+    lines = (p.stdout + p.stderr).replace("\r", "\n").splitlines()
+    assert not [ln for ln in lines if noise.search(ln)], lines
+    assert any(ln.startswith("step ") and "ETA" in ln for ln in lines), lines
     p = subprocess.run(
         base + ["--mode=evaluate", "--checkpoint=best,last"],
         cwd=ROOT,

@@ -48,8 +48,7 @@ class Example:
     drr: np.ndarray  # [V, r, r] normalize_drr units
     angles_deg: np.ndarray  # [V]
     ct: np.ndarray  # [r, r, r] normalize_ct units
-    grid: geometry.VolumeGrid  # where its NIfTI outputs are placed
-    lps: bool  # outputs go back to the source's LPS frame (CT folders)
+    grid: geometry.VolumeGrid  # the patient (LPS) grid its NIfTI outputs are written on
     source: str
 
 
@@ -210,10 +209,12 @@ class TfdsSource:
             ex = t(raw)
             name = raw.get("id", f"{split}-{i:05d}")
             name = name.decode() if isinstance(name, bytes) else str(name)
-            r = ex["ct"].shape[0]
-            spacing = tuple(float(s) for s in ex["spacing_mm"])
-            grid = geometry.VolumeGrid.centered((r, r, r), spacing)
-            yield Example(name, ex["drr"], ex["angles_deg"], ex["ct"], grid, False, f"{split}[{i}]")
+            # Outputs go back to the patient (LPS) frame: from_projector_frame swaps the
+            # first two axes, so their spacings swap too.
+            sz, sy, sx = (float(s) for s in ex["spacing_mm"])
+            r = ex["ct"].shape
+            grid = geometry.VolumeGrid.centered((r[1], r[0], r[2]), (sy, sz, sx))
+            yield Example(name, ex["drr"], ex["angles_deg"], ex["ct"], grid, f"{split}[{i}]")
 
 
 def _sizes(d: dict) -> str:
@@ -386,7 +387,7 @@ def ct_example(
     drr = np.asarray(render(hu, angles), np.float32)
     # As stored by the dataset builder (int16 HU), then normalised as ExampleTransform does.
     ct = physics.normalize_ct(np.clip(np.round(hu), physics.HU_MIN, physics.HU_MAX))
-    return Example(example_id, drr, angles, np.asarray(ct, np.float32), lps_grid, True, str(path))
+    return Example(example_id, drr, angles, np.asarray(ct, np.float32), lps_grid, str(path))
 
 
 def find_ct_sources(ct_dir) -> list[pathlib.Path]:

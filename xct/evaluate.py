@@ -15,8 +15,8 @@ during training, ``xct.evaluator``) and writes, under ``out_dir`` (default
 CT folders are read and preprocessed exactly as the ``ct_folder`` dataset builder does
 (``xct.data.ct_dir_examples``); unreadable inputs are skipped and listed. Their NIfTI
 outputs are written back in the preprocessed volume's own (LPS) frame, so they overlay
-the source scan; a dataset split's volumes are written in the projector frame the
-datasets store.
+the source scan; a dataset split's volumes (stored in the projector frame) are turned
+back into the patient (LPS) frame too, so 3D Slicer's axial view shows axial slices.
 
 Ensembles: ``which`` (``--checkpoint``) is a comma-separated list; each item is ``best``,
 ``last`` or a step of ``workdir``, or ``DIR[:best|last|STEP]`` for another workdir trained
@@ -297,4 +297,5 @@ def predict(
     hu = exp.evaluator.reconstruct(
         [m.params for m in members], np.repeat(drr, n, 0), np.repeat(angles, n, 0)
     )[0]
-    return io.write_ct(output, hu, exp.acquisition.grid())
+    # In the patient (LPS) frame, so 3D Slicer's axial view is axial.
+    return io.write_ct(output, data.from_projector_frame(hu), exp.acquisition.grid())

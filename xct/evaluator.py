@@ -189,10 +189,9 @@ class Evaluator:
                 row.update(source=e.source, pred_nifti="", gt_nifti="")
                 if out_dir is not None and (save_volumes < 0 or len(rows) < save_volumes):
                     stem = safe_name(e.id, taken)
-                    to_file = data.from_projector_frame if e.lps else np.asarray
                     for kind, vol in (("pred", pred_hu[i]), ("gt", true_hu[i])):
                         rel = f"volumes/{stem}_{kind}.nii.gz"
-                        io.write_ct(out_dir / rel, to_file(vol), e.grid)
+                        io.write_ct(out_dir / rel, data.from_projector_frame(vol), e.grid)
                         row[f"{kind}_nifti"] = rel
                 if len(shown) < report_volumes:
                     shown.append(

@@ -112,6 +112,7 @@ class _Progress:
     def __init__(self, exp: Experiment, start: int, is_main: bool):
         self.exp, self.is_main = exp, is_main
         self.t, self.s, self.pending = time.perf_counter(), start, []
+        self.t0 = self.t
 
     def report(self, done: int, logger: Logger, last_good) -> None:
         rows = jax.device_get(self.pending)
@@ -133,6 +134,7 @@ class _Progress:
         if self.is_main:
             print(
                 f"step {done:>6}/{n}  loss {avg['loss']:.4f}  {rate:.2f} steps/s  "
+                f"elapsed {(now - self.t0) / 60:.1f} min  "
                 f"ETA {(n - done) / max(rate, 1e-9) / 60:.1f} min",
                 flush=True,
             )
@@ -204,7 +206,8 @@ def _validate_and_keep_best(exp, state, done, ckpt, logger, stream) -> dict:
     scores = validate(exp, state.ema_params)
     logger.write(done, scores, prefix="validation")
     if jax.process_index() == 0:
-        print("  validation: " + "  ".join(f"{k} {v:.4f}" for k, v in scores.items()), flush=True)
+        shown = [k for k in ("psnr", "ssim", "mae_hu", "drr_psnr") if k in scores]  # all: logged
+        print("  validation: " + "  ".join(f"{k} {scores[k]:.4f}" for k in shown), flush=True)
     ckpt.save_best(done, state, {"val_psnr": scores["psnr"]}, stream.state())
     return scores
 

@@ -1,0 +1,56 @@
+"""The command line: one-line errors for bad flags and configs, --help exits 0, a quiet
+terminal (no XLA/absl banners) and the README's snippets run."""
+
+import pathlib
+import re
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+QUICK = str(ROOT / "configs" / "quickstart.py")
+
+
+def _run(*args, env=None):
+    return subprocess.run(
+        [sys.executable, "-m", "xct.main", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        ((f"--config={QUICK}", "--config.data.num_view=4"), 'Did you mean "num_views"'),
+        ((f"--config={ROOT / 'configs' / 'nothere.py'}",), "No such file or directory"),
+        ((f"--config={QUICK}:tiny",), "expected ':smoke' or nothing"),
+        ((f"--config={QUICK}", "--config.data.batch_size=four"), "batch_size"),
+        (("--bogus",), "Unknown command line flag 'bogus'"),
+    ],
+)
+def test_bad_flags_and_configs_are_one_line(args, expected, tmp_path):
+    p = _run(*args, f"--workdir={tmp_path}")
+    err = p.stderr.strip().splitlines()
+    assert p.returncode == 2, p.stderr
+    assert len(err) == 2 and err[0].startswith("error: ") and expected in err[0], err
+    assert "Traceback" not in p.stderr
+
+
+def test_help_exits_zero():
+    p = _run("--help")
+    assert p.returncode == 0 and "--mode" in p.stdout + p.stderr
+
+
+def test_readme_tour_runs():
+    """The README's first Python snippet (the short tour), as written."""
+    text = (ROOT / "README.md").read_text()
+    block = re.findall(r"```python\n(.*?)```", text, re.S)[0]
+    scope: dict = {}
+    exec(compile(block, "README.md", "exec"), scope)  # noqa: S102 - our own README
+    assert scope["drr"].shape == (2, 128, 128) and float(scope["drr"].max()) > 1.0
+    assert scope["bp"].shape == (64, 64, 64) and scope["drr2"].shape == (2, 64, 64)
