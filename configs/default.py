@@ -100,5 +100,6 @@ def get_config(arg: str | None = None) -> ConfigDict:
     c.eval.split = "test"  # split for --mode=evaluate
     c.eval.num_views = 0  # 0: as trained
     c.eval.save_volumes = 8  # volumes written as NIfTI (prediction + ground truth); -1: all
-    c.eval.report_volumes = 3  # volumes shown as slice montages and DRRs in report.html
+    c.eval.report_volumes = 3  # volumes shown in report.html (spread evenly over the list)
+    c.eval.report_ids = ()  # or exactly these volume ids (e.g. ("chest.nii.gz",))
     return common.apply_arg(c, arg)

@@ -306,3 +306,12 @@ def test_tfds_stream_gives_the_step_exactly_its_fields(run):
     assert set(batch) == set(want)
     for k, v in want.items():
         assert batch[k].shape == v.shape and batch[k].dtype == v.dtype, k
+
+
+def test_report_volumes_are_spread_over_the_list_or_chosen():
+    items = [{"id": f"v{i}"} for i in range(10)]
+    assert [x["id"] for x in evaluator._chosen(items, 3, ())] == ["v0", "v4", "v9"]
+    assert [x["id"] for x in evaluator._chosen(items, 20, ())] == [f"v{i}" for i in range(10)]
+    assert [x["id"] for x in evaluator._chosen(items, 3, ("v7", "v2"))] == ["v7", "v2"]
+    with pytest.raises(ValueError, match="report_ids"):
+        evaluator._chosen(items, 3, ("chest",))

@@ -44,6 +44,7 @@ SPECIAL = {
     "logical_axis_rules": (("batch", "data"), ("z", None)),
     "data.split_sizes": {"train": 3},
     "data.batch_size": 8,
+    "eval.report_ids": ("chest.nii.gz",),
 }
 RENDER_ONLY = (
     "pool_size",

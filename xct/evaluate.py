@@ -197,6 +197,7 @@ def evaluate(
         out_dir=out_dir,
         save_volumes=exp.eval.save_volumes,
         report_volumes=exp.eval.report_volumes,
+        report_ids=exp.eval.report_ids,
     )
     if not rows:
         raise ValueError(

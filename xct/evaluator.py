@@ -103,6 +103,23 @@ def slices(vol: np.ndarray) -> dict[str, np.ndarray]:
     return {"axial": vol[:, y, :], "coronal": vol[z, :, :], "sagittal": vol[:, :, x].T}
 
 
+def _chosen(items: list[dict], count: int, ids: Sequence[str]) -> list[dict]:
+    """The figure data of ``ids`` (in that order) or ``count`` items spread evenly."""
+    if ids:
+        by_id = {item["id"]: item for item in items}
+        unknown = [i for i in ids if i not in by_id]
+        if unknown:
+            raise ValueError(
+                f"config.eval.report_ids: {unknown} not among the evaluated volumes "
+                f"{sorted(by_id)[:12]}"
+            )
+        return [by_id[i] for i in ids]
+    if count <= 0 or not items:
+        return []
+    picks = np.unique(np.round(np.linspace(0, len(items) - 1, min(count, len(items)))))
+    return [items[int(i)] for i in picks]
+
+
 class Evaluator:
     """Reconstructs and scores ``data.Example``s.
 
@@ -174,14 +191,17 @@ class Evaluator:
         out_dir: pathlib.Path | None = None,
         save_volumes: int = 0,
         report_volumes: int = 0,
+        report_ids: Sequence[str] = (),
     ) -> tuple[list[dict], list[dict]]:
         """Reconstruct (the mean of ``params_list``'s predictions) and score ``examples``.
 
         Writes ``out_dir/volumes/<id>_{pred,gt}.nii.gz`` for the first ``save_volumes``
-        (-1: all). Returns ``(rows, shown)``: per-volume rows and the figure data of the
-        first ``report_volumes``.
+        (-1: all). Returns ``(rows, shown)``: per-volume rows and the figure data of
+        ``report_volumes`` volumes spread evenly over the list (first, last and between,
+        so a folder of different CTs shows more than its first few names), or of the ids
+        in ``report_ids`` when given.
         """
-        rows, shown, taken = [], [], set()
+        rows, candidates, taken = [], [], set()
         for exs in chunks(examples, self.batch_size):
             true_hu, pred_hu, pred_drr, scores = self._score_chunk(params_list, exs)
             for i, e in enumerate(exs):
@@ -193,8 +213,8 @@ class Evaluator:
                         rel = f"volumes/{stem}_{kind}.nii.gz"
                         io.write_ct(out_dir / rel, data.from_projector_frame(vol), e.grid)
                         row[f"{kind}_nifti"] = rel
-                if len(shown) < report_volumes:
-                    shown.append(
+                if (report_volumes and not report_ids) or e.id in report_ids:
+                    candidates.append(
                         dict(
                             id=e.id,
                             psnr=row["psnr"],
@@ -206,7 +226,9 @@ class Evaluator:
                         )
                     )
                 rows.append(row)
-        return rows, shown
+                if not report_ids and len(candidates) > 4 * max(report_volumes, 1):
+                    candidates = candidates[::2]  # bounded memory, still spread evenly
+        return rows, _chosen(candidates, report_volumes, report_ids)
 
     def validate(self, params, examples: Iterable[data.Example]) -> dict[str, float]:
         """Mean scores of ``examples`` (validation during training)."""

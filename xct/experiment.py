@@ -66,6 +66,7 @@ class EvalSettings:
     num_views: int  # views given to the model (0 in the config: as trained)
     save_volumes: int
     report_volumes: int
+    report_ids: tuple[str, ...] = ()  # volumes shown in the report (default: spread evenly)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -135,6 +136,7 @@ class Experiment:
             int(e.num_views) or num_views,
             int(e.save_volumes),
             int(e.report_volumes),
+            tuple(str(i) for i in e.get("report_ids", ()) or ()),
         )
         t = config.train
         return cls(
