@@ -10,6 +10,7 @@ runs the real smoke training and evaluation through ``xct.main``.
 import csv
 import pathlib
 import re
+import shutil
 import subprocess
 import sys
 
@@ -315,3 +316,14 @@ def test_report_volumes_are_spread_over_the_list_or_chosen():
     assert [x["id"] for x in evaluator._chosen(items, 3, ("v7", "v2"))] == ["v7", "v2"]
     with pytest.raises(ValueError, match="report_ids"):
         evaluator._chosen(items, 3, ("chest",))
+
+
+def test_a_checkpoint_of_another_config_names_the_differing_fields(run, tmp_path):
+    exp, workdir = run
+    other = tmp_path / "run"
+    shutil.copytree(workdir, other)
+    (other / "config.json").write_text(exp.config.to_json_best_effort(indent=1))
+    c = exp.config.copy_and_resolve_references()
+    c.model.base_features = 2
+    with pytest.raises(ValueError, match=r"model\.base_features: 2 \(this config\) != 4"):
+        evaluate.restore_members(Experiment.from_config(c), other, "last")

@@ -34,6 +34,7 @@ import json
 import pathlib
 from typing import Any
 
+import jax
 import numpy as np
 
 from xct import checkpoint, data, evaluator, experiment, io, physics, report, sharding
@@ -101,8 +102,10 @@ def restore_state(exp: experiment.Experiment, workdir: pathlib.Path, which: str)
     """``(state, step)`` of ``workdir``'s ``which`` checkpoint ("best" falls back to last).
 
     A checkpoint whose shapes do not fit the experiment is a ``ValueError`` that lists the
-    fields in which the config differs from the workdir's ``config.json``.
+    fields in which the config differs from the workdir's ``config.json`` (checked before
+    Orbax is asked, whose failed restores leave threads that print at exit).
     """
+    _check_fits(exp, workdir)
     ckpt = checkpoint.Checkpointer(workdir)
     try:
         restored = _restore_from(ckpt, exp.abstract_state, workdir, which)
@@ -118,6 +121,27 @@ def restore_state(exp: experiment.Experiment, workdir: pathlib.Path, which: str)
     return state, step
 
 
+def _check_fits(exp: experiment.Experiment, workdir: pathlib.Path) -> None:
+    """Raise the ``_mismatch`` error when the state shapes of the workdir's ``config.json``
+    differ from the experiment's (nothing to compare without a readable ``config.json``)."""
+    stored = workdir / "config.json"
+    if not stored.is_file():
+        return
+    try:
+        import ml_collections
+
+        other = ml_collections.ConfigDict(json.loads(stored.read_text()))
+        with other.unlocked():
+            other.mesh = exp.config.mesh  # where it runs is not part of the checkpoint
+            other.distributed = False
+        theirs = experiment.Experiment.from_config(other).abstract_state
+    except Exception:  # noqa: BLE001 - an old or foreign config.json: let Orbax decide
+        return
+    shapes = lambda t: [(a.shape, str(a.dtype)) for a in jax.tree.leaves(t)]  # noqa: E731
+    if shapes(theirs) != shapes(exp.abstract_state):
+        raise ValueError(_mismatch(exp, workdir, ValueError("state shapes differ")))
+
+
 def _mismatch(exp, workdir: pathlib.Path, error: Exception) -> str:
     stored = workdir / "config.json"
     first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
@@ -127,8 +151,8 @@ def _mismatch(exp, workdir: pathlib.Path, error: Exception) -> str:
     listed = "; ".join(diffs[:6]) + (f"; ... {len(diffs) - 6} more" if len(diffs) > 6 else "")
     return (
         f"--config: the checkpoint in {workdir} was trained with another config "
-        f"(differences: {listed or 'none found in config.json'}); evaluate with "
-        f"--config={stored} or the config file that trained it"
+        f"(differences: {listed or 'none found in config.json'}); evaluate with the config "
+        f"file that trained it, or set those fields (its values are in {stored})"
     )
 
 
