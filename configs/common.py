@@ -4,7 +4,8 @@ from ml_collections import ConfigDict
 
 
 def smoke(config: ConfigDict) -> ConfigDict:
-    """Shrink any config to seconds: tiny data, tiny model, a few steps."""
+    """Shrink any config to a few minutes on a 2-core CPU (mostly compiling): tiny data,
+    tiny model, a few steps."""
     c = config
     c.geometry.resolution = 32
     c.geometry.fov_mm = 400.0

@@ -4,7 +4,7 @@ curriculum on phantoms rendered on the accelerator (phantom complexity, deformat
 ramp up).
 
 python -m xct.main --config=configs/progressive.py --workdir=/tmp/xct/progressive
-python -m xct.main --config=configs/progressive.py:smoke --workdir=/tmp/xct/smoke  # seconds
+python -m xct.main --config=configs/progressive.py:smoke --workdir=/tmp/xct/smoke  # a few minutes
 
 Stages go to WORKDIR/stage<i>_<resolution>; an interrupted schedule resumes where it was.
 """

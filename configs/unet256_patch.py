@@ -3,7 +3,7 @@ evaluated and predicted by overlapping sliding windows, so 256^3 fits where whol
 training does not.
 
 python -m xct.main --config=configs/unet256_patch.py --workdir=/tmp/xct/unet256_patch
-python -m xct.main --config=configs/unet256_patch.py:smoke --workdir=/tmp/xct/smoke  # seconds
+python -m xct.main --config=configs/unet256_patch.py:smoke --workdir=/tmp/xct/smoke  # a few minutes
 """
 
 from configs import common, default
