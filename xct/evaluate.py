@@ -102,10 +102,10 @@ def restore_state(exp: experiment.Experiment, workdir: pathlib.Path, which: str)
     """``(state, step)`` of ``workdir``'s ``which`` checkpoint ("best" falls back to last).
 
     A checkpoint whose shapes do not fit the experiment is a ``ValueError`` that lists the
-    fields in which the config differs from the workdir's ``config.json`` (checked before
-    Orbax is asked, whose failed restores leave threads that print at exit).
+    fields in which the config differs from the workdir's ``config.json``
+    (``restore_members`` compares the shapes first: Orbax's failed restores leave threads
+    that print at exit).
     """
-    _check_fits(exp, workdir)
     ckpt = checkpoint.Checkpointer(workdir)
     try:
         restored = _restore_from(ckpt, exp.abstract_state, workdir, which)
@@ -162,6 +162,8 @@ def restore_members(exp: experiment.Experiment, workdir, which: str = "best") ->
     for wd, _ in wanted:
         if not wd.is_dir():
             raise ValueError(f"--workdir: {wd} is not a directory")
+    for wd in dict.fromkeys(wd for wd, _ in wanted):  # once per workdir, not per checkpoint
+        _check_fits(exp, wd)
     members = []
     for wd, w in wanted:
         state, step = restore_state(exp, wd, w)
