@@ -32,6 +32,12 @@ flags.DEFINE_bool("list", False, "print every dataset NAME/CONFIG and exit")
 flags.DEFINE_string("data_dir", None, "where TFDS datasets are written")
 flags.DEFINE_string("source_dir", None, "ct_folder: the folder of CT volumes")
 flags.DEFINE_integer("workers", 1, "processes rendering examples")
+flags.DEFINE_list(
+    "series_uids",
+    [],
+    "ct_folder: ID=UID,... the SeriesInstanceUID to read from a DICOM folder with several CT "
+    "series (ID: the folder's path relative to --source_dir)",
+)
 flags.DEFINE_list("split_sizes", [], "synthetic_chest: override counts, e.g. train=8,test=2")
 flags.DEFINE_bool("keep_cache", False, "keep the per-example cache after a complete build")
 
@@ -43,7 +49,14 @@ def builders():
 
 
 def build(
-    dataset: str, data_dir, *, source_dir=None, workers=1, split_sizes=None, keep_cache=False
+    dataset: str,
+    data_dir,
+    *,
+    source_dir=None,
+    workers=1,
+    split_sizes=None,
+    keep_cache=False,
+    series_uids=None,
 ):
     """Build ``dataset`` (``NAME/CONFIG``) into ``data_dir``; returns ``(builder, summary)``."""
     name, _, config = dataset.partition("/")
@@ -62,6 +75,7 @@ def build(
     kwargs["cache_dir"] = cache_dir
     if name == "ct_folder":
         kwargs["source_dir"] = source_dir
+        kwargs["series_uids"] = series_uids
     elif split_sizes:
         kwargs["split_sizes"] = split_sizes
     builder = cls(**kwargs)
@@ -114,6 +128,13 @@ def main(argv):
             print(f"error: --split_sizes: expected split=count, got {item!r}", file=sys.stderr)
             return 2
         sizes[split] = int(n)
+    series_uids = {}
+    for item in FLAGS.series_uids:
+        sid, _, uid = item.rpartition("=")
+        if not sid or not uid:
+            print(f"error: --series_uids: expected ID=UID, got {item!r}", file=sys.stderr)
+            return 2
+        series_uids[sid] = uid
     try:
         _, summary = build(
             FLAGS.dataset,
@@ -122,6 +143,7 @@ def main(argv):
             workers=FLAGS.workers,
             split_sizes=sizes,
             keep_cache=FLAGS.keep_cache,
+            series_uids=series_uids,
         )
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)

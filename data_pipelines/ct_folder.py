@@ -9,9 +9,12 @@ read with ``xct.io.read_ct``, preprocessed with ``xct.io.preprocess`` (canonical
 orientation, couch removal, crop/pad to a ``fov_mm`` cube, resize), turned into the
 projector frame (``xct.io.to_projector_frame``: 0 degrees is a PA view), and projected. The
 split of a volume is a stable hash of its patient id (its path relative to
-``source_dir``), so adding files never moves existing ones between splits. A file that
-cannot be read (truncated, not CT, not HU, ...) is skipped with a warning and counted;
-it never aborts the build.
+``source_dir``, ``/``-separated: unique, and the name under which a skipped input is
+reported), so adding files never moves existing ones between splits. A file that cannot
+be read (truncated, not CT, not HU, several CT series in one folder, ...) is skipped with
+a warning and counted; it never aborts the build. ``series_uids`` (``--series_uids=
+ID=UID,...`` of ``data_pipelines.build``) picks the series of a DICOM folder holding
+several CT series.
 """
 
 from __future__ import annotations
@@ -42,6 +45,11 @@ def find_sources(source_dir) -> list[pathlib.Path]:
     return io.find_ct_sources(source_dir, what="source_dir")
 
 
+def source_id(source_dir, path) -> str:
+    """The id of a source: its path relative to ``source_dir``, ``/``-separated."""
+    return pathlib.Path(path).relative_to(source_dir).as_posix()
+
+
 def _fingerprint(path: str) -> str:
     """Size and modification time, so an edited source is rendered again, not cached."""
     p = pathlib.Path(path)
@@ -54,11 +62,14 @@ def split_of(patient_id: str) -> str:
     return next(name for name, upper in _SPLITS if f < upper)
 
 
-def make_ct_example(path: str, patient_id: str, spec: common.ViewSpec) -> dict:
-    """One example from a CT file or DICOM folder (plain arguments: runs in a worker)."""
+def make_ct_example(
+    path: str, patient_id: str, spec: common.ViewSpec, series_uid: str | None = None
+) -> dict:
+    """One example from a CT file or DICOM folder (plain arguments: runs in a worker);
+    ``series_uid`` chooses the series of a DICOM folder (``io.read_ct``)."""
     from xct import io
 
-    hu, grid = io.read_ct(path)
+    hu, grid = io.read_ct(path, series_uid=series_uid or None)
     io.check_ct_volume(path, grid)
     hu, _ = io.preprocess(hu, grid, spec.resolution, spec.fov_mm)
     return common.render_example(io.to_projector_frame(hu), spec, patient_id)
@@ -74,9 +85,14 @@ class CtFolder(tfds.core.GeneratorBasedBuilder):
         for r in (32, 64, 128, 256)
     ]
 
-    def __init__(self, *, source_dir=None, workers: int = 1, cache_dir=None, **kwargs):
+    def __init__(
+        self, *, source_dir=None, workers: int = 1, cache_dir=None, series_uids=None, **kwargs
+    ):
+        """``series_uids``: ``{source id: SeriesInstanceUID}`` for DICOM folders that hold
+        several CT series (ids as ``source_id`` gives them)."""
         super().__init__(**kwargs)
         self._source_dir = None if source_dir is None else pathlib.Path(source_dir)
+        self._series_uids = dict(series_uids or {})
         self._workers = int(workers)
         # The cache holds rendered examples between reading and writing (always on).
         self._cache = common.ExampleCache(cache_dir or tempfile.mkdtemp(prefix="xct_ct_folder_"))
@@ -102,12 +118,20 @@ class CtFolder(tfds.core.GeneratorBasedBuilder):
                 f"source_dir: no CT volumes or DICOM series found in {self._source_dir}"
             )
         c = self.builder_config
-        jobs, split_of_key = [], {}
-        for p in sources:
-            pid = str(p.relative_to(self._source_dir))
-            key = f"{c.name}/{self.VERSION}/{pid}/{_fingerprint(str(p))}"
-            jobs.append((key, (str(p), pid, self.spec)))
+        ids = {source_id(self._source_dir, p): p for p in sources}
+        unknown = sorted(set(self._series_uids) - set(ids))
+        if unknown:
+            raise ValueError(
+                f"series_uids: no source {unknown[0]!r} under {self._source_dir}; expected "
+                "ids as paths relative to source_dir, e.g. " + ", ".join(list(ids)[:3])
+            )
+        jobs, split_of_key, pid_of_key = [], {}, {}
+        for pid, p in ids.items():
+            uid = self._series_uids.get(pid, "")
+            key = f"{c.name}/{self.VERSION}/{pid}/{uid}/{_fingerprint(str(p))}"
+            jobs.append((key, (str(p), pid, self.spec, uid)))
             split_of_key[key] = split_of(pid)
+            pid_of_key[key] = pid
         # Render everything first (into the cache): which inputs are readable is only known
         # after reading them, and TFDS refuses a split that yields nothing.
         by_split: dict[str, list[str]] = {}
@@ -120,7 +144,7 @@ class CtFolder(tfds.core.GeneratorBasedBuilder):
             total=len(jobs),
         ):
             if ex is None:
-                pid = key.split("/")[2]
+                pid = pid_of_key[key]
                 logging.warning("skipped %s: %s", pid, err)
                 self.skipped.append((pid, err))
             else:

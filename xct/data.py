@@ -373,13 +373,18 @@ def from_projector_frame(vol: np.ndarray) -> np.ndarray:
 
 
 def ct_example(
-    path, example_id: str, acquisition: geometry.Acquisition, num_views: int, render=None
+    path,
+    example_id: str,
+    acquisition: geometry.Acquisition,
+    num_views: int,
+    render=None,
+    series_uid: str | None = None,
 ) -> Example:
     """One CT file or DICOM folder, preprocessed and rendered as ``ct_folder`` does
     (``io.read_ct`` -> ``io.preprocess`` to the acquisition's cube -> ``io.
     to_projector_frame`` -> DRRs at the first ``num_views`` nested angles)."""
     render = render or drr_renderer(acquisition)
-    hu, grid = io.read_ct(path)
+    hu, grid = io.read_ct(path, series_uid=series_uid or None)
     io.check_ct_volume(path, grid)
     hu, lps_grid = io.preprocess(hu, grid, acquisition.resolution, acquisition.fov_mm)
     hu = io.to_projector_frame(hu)
@@ -396,19 +401,32 @@ def find_ct_sources(ct_dir) -> list[pathlib.Path]:
 
 
 def ct_dir_examples(
-    ct_dir, acquisition: geometry.Acquisition, num_views: int, skipped: list
+    ct_dir,
+    acquisition: geometry.Acquisition,
+    num_views: int,
+    skipped: list,
+    series_uids: dict | None = None,
 ) -> Iterator[Example]:
     """Examples of every readable CT under ``ct_dir``; unreadable ones are printed and
-    appended to ``skipped`` as ``(name, reason)``."""
+    appended to ``skipped`` as ``(name, reason)``. ``name`` is the path relative to
+    ``ct_dir`` (``/``-separated); ``series_uids`` maps such a name to the
+    SeriesInstanceUID to read from a DICOM folder with several CT series."""
     root = pathlib.Path(ct_dir).expanduser()
     sources = find_ct_sources(root)
     if not sources:
         raise ValueError(f"--eval_ct_dir: no CT volumes or DICOM series found in {root}")
+    series_uids = dict(series_uids or {})
+    names = {p.relative_to(root).as_posix(): p for p in sources}
+    unknown = sorted(set(series_uids) - set(names))
+    if unknown:
+        raise ValueError(
+            f"--eval_series_uids: no input {unknown[0]!r} under {root}; expected names "
+            "relative to --eval_ct_dir"
+        )
     render = drr_renderer(acquisition)
-    for p in sources:
-        name = str(p.relative_to(root))
+    for name, p in names.items():
         try:
-            yield ct_example(p, name, acquisition, num_views, render)
+            yield ct_example(p, name, acquisition, num_views, render, series_uids.get(name))
         except ValueError as e:
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             print(f"skipped {name}: {reason}", flush=True)

@@ -188,11 +188,13 @@ def evaluate(
     *,
     ct_dir=None,
     out_dir=None,
+    series_uids=None,
 ) -> dict:
     """Score ``config.eval.split`` (or every CT in ``ct_dir``); writes the outputs listed in
     the module docstring and returns the summary (also in ``metrics.json``).
 
-    ``exp``: an Experiment or the config to build one from.
+    ``exp``: an Experiment or the config to build one from. ``series_uids``: ``{input
+    name: SeriesInstanceUID}`` for DICOM folders of ``ct_dir`` with several CT series.
     """
     workdir = pathlib.Path(workdir).expanduser()
     skipped: list[tuple[str, str]] = []
@@ -206,7 +208,9 @@ def evaluate(
     members = restore_members(exp, workdir, which)
     if ct_dir:
         out_dir = pathlib.Path(out_dir or workdir / f"eval_{ct_dir.resolve().name}")
-        examples = data.ct_dir_examples(ct_dir, exp.acquisition, views, skipped)
+        examples = data.ct_dir_examples(
+            ct_dir, exp.acquisition, views, skipped, series_uids=series_uids
+        )
     else:
         out_dir = pathlib.Path(out_dir or workdir / "eval")
         examples = exp.data.examples(exp.eval.split, views)

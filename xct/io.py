@@ -112,9 +112,11 @@ def read_ct(
     Args:
       path: a folder of DICOM slices, a single DICOM file, or a NIfTI (``.nii``,
         ``.nii.gz``), MHA/MHD or NRRD volume.
-      series_uid: for a folder, the SeriesInstanceUID to read; by default the series with
-        the most slices. Slices are ordered by their position along the slice normal and
-        the DICOM rescale slope/intercept is applied.
+      series_uid: for a folder, the SeriesInstanceUID to read; by default its one CT
+        series (localizers and, beside a longer CT series, scouts of fewer than
+        ``MIN_SLICES`` slices are passed over; several CT series are refused with a list).
+        Slices are ordered by their position along the slice normal and the DICOM rescale
+        slope/intercept is applied; a gantry tilt or a damaged slice is refused.
       hu_offset: added to every value after reading, in HU; ``-1024`` reads files stored
         as HU+1024 (air at 0).
       check_hu: reject values that do not look like HU (see below). Turn off only for
@@ -127,9 +129,10 @@ def read_ct(
     Raises:
       CTReadError: (a ``ValueError``) for a missing, unreadable or truncated file; a DICOM
         modality other than CT; missing or duplicated slices or non-uniform slice spacing
-        in a series; NaN or infinite values; an empty or constant volume; or values that
-        are not HU (no voxel below -50: HU+1024 storage when the maximum exceeds 1500,
-        otherwise a label map or normalised intensities).
+        in a series; NaN or infinite values; an empty or constant volume; zero or negative
+        spacing; NIfTI-2; a DICOM RescaleType other than HU; or values that are not HU (no
+        voxel below -50, or, for files without DICOM tags vouching for HU, a histogram
+        unlike a CT's: see ``_hu_model_problems``; HU+1024 storage is named as such).
     """
     import SimpleITK as sitk
 
@@ -137,24 +140,27 @@ def read_ct(
     if not path.exists():
         raise CTReadError(f"{path}: file not found; expected {_VOLUME_KINDS}")
     if path.is_dir():
-        img = _read_dicom_series(path, series_uid)
+        img, tagged_ct = _read_dicom_series(path, series_uid)
     else:
         if series_uid is not None:
             raise CTReadError(
                 f"{path}: series_uid={series_uid!r} needs a DICOM series folder, got a file"
             )
-        img = _read_volume_file(path)
+        img, tagged_ct = _read_volume_file(path)
     hu = sitk.GetArrayFromImage(img).astype(np.float32, copy=False)
     try:
         grid = VolumeGrid.from_sitk(img)
     except ValueError as e:
         raise CTReadError(f"{path}: unusable geometry ({e})") from e
-    return _checked_hu(path, hu, hu_offset, check_hu), grid
+    return _checked_hu(path, hu, hu_offset, check_hu, histogram=not tagged_ct), grid
 
 
 def _reason(err: Exception) -> str:
-    """The informative last line of a SimpleITK exception."""
+    """The informative last line of a SimpleITK exception (GDCM's internal assertions,
+    "An invalid logic behavior occurred...", become a sentence)."""
     lines = [ln.strip() for ln in str(err).strip().splitlines() if ln.strip()]
+    if any("invalid logic behavior" in ln for ln in lines):
+        return "GDCM cannot parse its data elements (malformed or unsupported DICOM encoding)"
     return lines[-1] if lines else type(err).__name__
 
 
@@ -162,18 +168,29 @@ def _meta(reader, key: str) -> str:
     return reader.GetMetaData(key).strip(" \0") if reader.HasMetaDataKey(key) else ""
 
 
-def _check_modality(path: pathlib.Path, reader) -> None:
-    """Reject DICOM whose Modality (0008|0060), or SOP class when it is absent, is not CT."""
+def _check_modality(path: pathlib.Path, reader) -> bool:
+    """Reject DICOM whose Modality (0008|0060), or SOP class when it is absent, is not CT,
+    or whose RescaleType (0028|1054) names units other than HU.
+
+    Returns whether the tags vouch for HU: False for RescaleType 'US' ("unspecified"),
+    which SimpleITK's own DICOM writer puts on every CT it writes, so such values are
+    checked like those of a file without tags (``_hu_model_problems``)."""
+    rescale_type = _meta(reader, "0028|1054")
     modality = _meta(reader, "0008|0060")
     if modality:
         if modality.upper() != "CT":
             raise CTReadError(f"{path}: DICOM Modality (0008|0060) is {modality!r}; expected 'CT'")
-        return
+    if rescale_type and rescale_type.upper() not in ("HU", "US"):
+        raise CTReadError(
+            f"{path}: DICOM RescaleType (0028|1054) is {rescale_type!r}: the rescaled values "
+            "are not Hounsfield units; expected 'HU' (or no RescaleType) for a CT"
+        )
     sop_class = _meta(reader, "0008|0016")
-    if sop_class and sop_class not in _CT_SOP_CLASSES:
+    if not modality and sop_class and sop_class not in _CT_SOP_CLASSES:
         raise CTReadError(
             f"{path}: DICOM SOP class (0008|0016) {sop_class} is not a CT image; expected CT"
         )
+    return rescale_type.upper() != "US"
 
 
 def _check_shape(path: pathlib.Path, reader) -> None:
@@ -189,31 +206,172 @@ def _check_shape(path: pathlib.Path, reader) -> None:
 
 
 def _read_volume_file(path: pathlib.Path):
-    """A single file through SimpleITK, checked before and after its voxels are read."""
+    """A single file through SimpleITK, checked before and after its voxels are read.
+
+    Returns ``(image, tagged_ct)``: ``tagged_ct`` when DICOM tags say the file is CT in HU."""
     import SimpleITK as sitk
 
+    _check_header_file(path)
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     try:
         reader.ReadImageInformation()
     except RuntimeError as e:
+        if is_dicom_file(path):
+            modality = _sniff_dicom_modality(path)
+            if modality and modality.upper() != "CT":
+                raise CTReadError(
+                    f"{path}: DICOM Modality (0008|0060) is {modality!r}; expected 'CT'"
+                ) from e
+            raise CTReadError(
+                f"{path}: a DICOM file that cannot be read ({_reason(e)}); expected a CT image"
+            ) from e
         raise CTReadError(
             f"{path}: not a readable image ({_reason(e)}); expected {_VOLUME_KINDS}"
         ) from e
     _check_shape(path, reader)
     # ImageFileReader.GetImageIO() is empty unless set, so recognise DICOM by its tags and
     # NIfTI by its header bytes.
-    if reader.HasMetaDataKey("0008|0060") or reader.HasMetaDataKey("0008|0016"):
-        _check_modality(path, reader)
+    tagged_ct = reader.HasMetaDataKey("0008|0060") or reader.HasMetaDataKey("0008|0016")
+    if tagged_ct:
+        tagged_ct = _check_modality(path, reader)
     _check_nifti(path)
     reader.SetOutputPixelType(sitk.sitkFloat32)
     try:
-        return reader.Execute()
+        return reader.Execute(), tagged_ct
     except RuntimeError as e:
         raise CTReadError(
             f"{path}: the header is readable but the voxel data is not ({_reason(e)}); "
             "the file looks truncated or corrupt, expected a complete volume"
         ) from e
+
+
+def _sniff_dicom_modality(path: pathlib.Path) -> str:
+    """Modality (0008,0060) from the raw bytes of a DICOM file GDCM cannot parse, or ""."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(1 << 18)
+    except OSError:
+        return ""
+    for tag, order in ((b"\x08\x00\x60\x00", "little"), (b"\x00\x08\x00\x60", "big")):
+        i = data.find(tag, 132)
+        if i < 0:
+            continue
+        if data[i + 4 : i + 6] == b"CS":  # explicit VR: 2-byte length
+            n, start = int.from_bytes(data[i + 6 : i + 8], order), i + 8
+        else:  # implicit VR: 4-byte length
+            n, start = int.from_bytes(data[i + 4 : i + 8], order), i + 8
+        if 0 < n <= 16:
+            return data[start : start + n].decode("ascii", "replace").strip(" \0")
+    return ""
+
+
+def _text_header(path: pathlib.Path, stop: bytes) -> list[tuple[str, str]]:
+    """``(key, value)`` lines of a MetaImage/NRRD text header (up to ``stop`` or 64 KiB)."""
+    with open(path, "rb") as f:
+        head = f.read(1 << 16)
+    out = []
+    for raw in head.split(b"\n"):
+        if stop and raw.strip().startswith(stop) or (not stop and not raw.strip()):
+            break
+        line = raw.decode("latin-1").strip()
+        for sep in ("=", ":"):
+            if sep in line:
+                key, value = line.split(sep, 1)
+                out.append((key.strip().lower(), value.strip()))
+                break
+    return out
+
+
+def _bad_spacing(path: pathlib.Path, spacing, where: str) -> None:
+    spacing = [float(v) for v in spacing]
+    if not all(np.isfinite(v) and v > 0 for v in spacing):
+        raise CTReadError(
+            f"{path}: {where} gives voxel spacing {tuple(spacing)} mm; expected positive "
+            "spacing on every axis (a zero or negative spacing is not a usable geometry)"
+        )
+
+
+def _check_header_file(path: pathlib.Path) -> None:
+    """Checks of a volume file's header before SimpleITK reads it.
+
+    SimpleITK turns a NIfTI pixdim of 0 into an invented 1 mm and a negative one (also a
+    negative MetaImage ElementSpacing) into its absolute value; it cannot read NIfTI-2, and
+    says only "nifti_image_load failed" for a ``.hdr`` whose ``.img`` is missing.
+    """
+    name = path.name.lower()
+    if name.endswith((".hdr", ".hdr.gz")):
+        stem = path.name[: -len(".hdr.gz")] if name.endswith(".gz") else path.stem
+        images = [path.with_name(stem + s) for s in (".img", ".img.gz", ".IMG")]
+        if not any(q.exists() for q in images):
+            raise CTReadError(
+                f"{path}: the voxel file {stem}.img is missing; a .hdr/.img pair (NIfTI or "
+                "Analyze) needs both files side by side"
+            )
+    elif name.endswith((".img", ".img.gz")):
+        stem = path.name[: -len(".img.gz")] if name.endswith(".gz") else path.stem
+        if not path.with_name(stem + ".hdr").exists():
+            raise CTReadError(
+                f"{path}: the header file {stem}.hdr is missing; a .hdr/.img pair (NIfTI or "
+                "Analyze) needs both files side by side"
+            )
+        path = path.with_name(stem + ".hdr")
+    if name.endswith((".mha", ".mhd")):
+        for key, value in _text_header(path, b"ElementDataFile"):
+            if key == "elementspacing":
+                try:
+                    _bad_spacing(path, value.split(), "ElementSpacing")
+                except ValueError as e:
+                    if isinstance(e, CTReadError):
+                        raise
+                    raise CTReadError(f"{path}: unreadable ElementSpacing {value!r}") from e
+        return
+    if name.endswith((".nrrd", ".nhdr")):
+        for key, value in _text_header(path, b""):
+            if key == "space directions":
+                vectors = [v.strip("() ") for v in value.split(")") if v.strip()]
+                try:
+                    norms = [
+                        float(np.linalg.norm([float(x) for x in v.split(",")]))
+                        for v in vectors
+                        if v.lower() != "none"
+                    ]
+                except ValueError:
+                    continue
+                _bad_spacing(path, norms, "NRRD space directions")
+            elif key == "spacings":
+                try:
+                    values = [float(v) for v in value.split() if v.lower() != "nan"]
+                except ValueError:
+                    continue
+                _bad_spacing(path, values, "NRRD spacings")
+        return
+    info = _nifti_header(_nifti_head(path))
+    if info is None:
+        return
+    if info["version"] == 2:
+        raise CTReadError(
+            f"{path}: NIfTI-2 is not supported (SimpleITK reads NIfTI-1 only); expected a "
+            "NIfTI-1 file: convert it, e.g. with nibabel, nib.save(nib.Nifti1Image("
+            "img.get_fdata(), img.affine), 'ct.nii.gz')"
+        )
+    ndim = min(int(info["dims"][0]), 3)
+    _bad_spacing(path, info["pixdim"][1 : ndim + 1], "the NIfTI header's pixdim")
+
+
+def _nifti_head(path: pathlib.Path) -> bytes:
+    """The first 544 (decompressed) bytes of a file, for ``_nifti_header``."""
+    try:
+        with open(path, "rb") as f:
+            first = f.read(1 << 16)
+    except OSError:
+        return b""
+    if first[:2] == b"\x1f\x8b":
+        try:
+            return zlib.decompressobj(wbits=31).decompress(first, 544)
+        except zlib.error:
+            return b""
+    return first[:544]
 
 
 def _nifti_stream(path: pathlib.Path, gzipped: bool, keep: bool) -> tuple[int, bytes, bool]:
@@ -249,21 +407,29 @@ def _nifti_stream(path: pathlib.Path, gzipped: bool, keep: bool) -> tuple[int, b
 
 
 def _nifti_header(head: bytes) -> dict | None:
-    """Size fields of a single-file NIfTI-1/2 header, or None if ``head`` is not one."""
+    """Fields of a NIfTI-1/2 (single file or ``.hdr``) or Analyze 7.5 header, or None.
+
+    ``single`` is True for a single-file NIfTI (``n+1``/``n+2``), whose voxels follow the
+    header at ``vox_offset``; ``expected`` is then the least file length.
+    """
     if len(head) < 348:
         return None
     for order in ("<", ">"):
         sizeof_hdr = int(np.frombuffer(head[:4], f"{order}i4")[0])
-        if sizeof_hdr == 348 and head[344:347] == b"n+1":
+        if sizeof_hdr == 348 and head[344:347] in (b"n+1", b"ni1", b"\0\0\0"):
+            version, single = 1, head[344:347] == b"n+1"
             dims = np.frombuffer(head[40:56], f"{order}i2").astype(np.int64)
             datatype = int(np.frombuffer(head[70:72], f"{order}i2")[0])
             bitpix = int(np.frombuffer(head[72:74], f"{order}i2")[0])
+            pixdim = np.frombuffer(head[76:108], f"{order}f4").astype(np.float64)
             vox_offset = int(np.frombuffer(head[108:112], f"{order}f4")[0])
             break
-        if sizeof_hdr == 540 and len(head) >= 540 and head[4:7] == b"n+2":
+        if sizeof_hdr == 540 and len(head) >= 540 and head[4:7] in (b"n+2", b"ni2"):
+            version, single = 2, head[4:7] == b"n+2"
             datatype = int(np.frombuffer(head[12:14], f"{order}i2")[0])
             bitpix = int(np.frombuffer(head[14:16], f"{order}i2")[0])
             dims = np.frombuffer(head[16:80], f"{order}i8").astype(np.int64)
+            pixdim = np.frombuffer(head[104:168], f"{order}f8").astype(np.float64)
             vox_offset = int(np.frombuffer(head[168:176], f"{order}i8")[0])
             break
     else:
@@ -274,6 +440,10 @@ def _nifti_header(head: bytes) -> dict | None:
     voxels = int(np.prod(np.maximum(dims[1 : ndim + 1], 1)))
     float_dtype = {16: f"{order}f4", 64: f"{order}f8"}.get(datatype)
     return {
+        "version": version,
+        "single": single,
+        "dims": dims,
+        "pixdim": pixdim,
         "vox_offset": vox_offset,
         "voxels": voxels,
         "expected": vox_offset + voxels * bitpix // 8,
@@ -290,17 +460,9 @@ def _check_nifti(path: pathlib.Path) -> None:
     Files that are not NIfTI pass unchecked (other readers fail on truncation themselves).
     """
     with open(path, "rb") as f:
-        first = f.read(1 << 16)
-    gzipped = first[:2] == b"\x1f\x8b"
-    if gzipped:
-        try:
-            head = zlib.decompressobj(wbits=31).decompress(first, 544)
-        except zlib.error:
-            return  # not a gzip SimpleITK could read either; it reports the error
-    else:
-        head = first[:544]
-    info = _nifti_header(head)
-    if info is None:
+        gzipped = f.read(2) == b"\x1f\x8b"
+    info = _nifti_header(_nifti_head(path))
+    if info is None or not info["single"]:
         return
     keep = info["float_dtype"] is not None
     length, data, complete = _nifti_stream(path, gzipped, keep)
@@ -325,51 +487,138 @@ def _check_nifti(path: pathlib.Path) -> None:
             )
 
 
+def _series_summary(uid: str, files: list[str]) -> tuple[str, int, bool]:
+    """``(modality, slice count, is a localizer)`` of a series, from its first file."""
+    import SimpleITK as sitk
+
+    r = sitk.ImageFileReader()
+    r.SetFileName(files[0])
+    try:
+        r.ReadImageInformation()
+    except RuntimeError:
+        return "?", len(files), False
+    modality = _meta(r, "0008|0060").upper() or (
+        "CT" if _meta(r, "0008|0016") in _CT_SOP_CLASSES else "?"
+    )
+    return modality, len(files), "LOCALIZER" in _meta(r, "0008|0008").upper()
+
+
+def _choose_series(folder: pathlib.Path, series: dict[str, list[str]]) -> str:
+    """The SeriesInstanceUID to read when none is given: the one CT series that is not a
+    localizer (scouts of fewer than ``MIN_SLICES`` slices are passed over when a longer CT
+    series is there). Several CT series are refused with a list; without any CT series
+    the largest is chosen (and refused by its modality)."""
+    if len(series) == 1:
+        return next(iter(series))
+    info = {uid: _series_summary(uid, files) for uid, files in series.items()}
+    ct = [u for u, (m, _, localizer) in info.items() if m == "CT" and not localizer]
+    if len(ct) > 1 and any(info[u][1] >= MIN_SLICES for u in ct):
+        ct = [u for u in ct if info[u][1] >= MIN_SLICES]
+    if len(ct) == 1:
+        return ct[0]
+    if not ct:
+        return max(series, key=lambda u: len(series[u]))
+    listing = "; ".join(f"{u} ({info[u][0]}, {info[u][1]} slices)" for u in ct)
+    raise CTReadError(
+        f"{folder}: {len(ct)} CT series in one folder: {listing}; expected one, or choose "
+        "one: read_ct(folder, series_uid=UID), --series_uids=ID=UID (data_pipelines.build "
+        "ct_folder) or --eval_series_uids=NAME=UID (xct.main --mode=evaluate)"
+    )
+
+
+def _check_left_out(folder: pathlib.Path, series: dict[str, list[str]], uid: str) -> None:
+    """Name DICOM files of the folder that GDCM left out of every series because it could
+    not parse them (it drops them silently, so a damaged first or last slice would make a
+    shorter volume without an error)."""
+    import SimpleITK as sitk
+
+    listed = {pathlib.Path(f).name for files in series.values() for f in files}
+    for q in sorted(folder.iterdir()):
+        if not q.is_file() or q.name in listed or q.name.upper() == "DICOMDIR":
+            continue
+        if not (q.suffix.lower() == ".dcm" or is_dicom_file(q)):
+            continue
+        r = sitk.ImageFileReader()
+        r.SetFileName(str(q))
+        try:
+            r.ReadImageInformation()
+            if _meta(r, "0020|000e") != uid:
+                continue  # a readable DICOM of another kind (structure set, report, ...)
+            r.Execute()
+            reason = "GDCM did not list it with its series"
+        except RuntimeError as e:
+            reason = _reason(e)
+        raise CTReadError(
+            f"{folder}: slice {q.name} is damaged or unreadable ({reason}); expected every "
+            "DICOM file of the folder to be a readable slice"
+        )
+
+
 def _read_dicom_series(folder: pathlib.Path, series_uid: str | None):
-    """The chosen series of a DICOM folder after checking modality and slice positions."""
+    """The chosen series of a DICOM folder after checking modality and slice positions.
+
+    Returns ``(image, hu_tagged)``: ``hu_tagged`` unless a slice's RescaleType says the
+    units are unspecified ('US', as SimpleITK's own DICOM writer puts it).
+    """
     import SimpleITK as sitk
 
     ids = list(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
     if not ids:
+        _check_left_out(folder, {}, "")
         raise CTReadError(
             f"{folder}: no DICOM series found in this folder; expected DICOM slice files"
         )
+    series = {
+        uid: list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)) for uid in ids
+    }
     if series_uid is not None:
         if series_uid not in ids:
             raise CTReadError(
                 f"{folder}: no series with SeriesInstanceUID {series_uid!r}; found {ids}"
             )
-        files = list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series_uid))
     else:
-        candidates = [
-            list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)) for uid in ids
-        ]
-        files = max(candidates, key=len)
-    files = _ordered_slices(folder, files)
+        series_uid = _choose_series(folder, series)
+    _check_left_out(folder, series, series_uid)
+    files, hu_tagged = _ordered_slices(folder, series[series_uid])
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
     reader.SetOutputPixelType(sitk.sitkFloat32)
     try:
         img = reader.Execute()
     except RuntimeError as e:
+        for f in files:  # name the slice that fails on its own
+            try:
+                sitk.ReadImage(f, sitk.sitkFloat32)
+            except RuntimeError as e1:
+                raise CTReadError(
+                    f"{folder}: slice {pathlib.Path(f).name} is damaged or unreadable "
+                    f"({_reason(e1)}); expected readable CT slices"
+                ) from e
         raise CTReadError(
             f"{folder}: the DICOM series could not be read ({_reason(e)}); "
             "expected readable CT slices"
         ) from e
     if 0 in img.GetSize():
         raise CTReadError(f"{folder}: empty volume of size {img.GetSize()}; expected voxels")
-    return img
+    return img, hu_tagged
 
 
-def _ordered_slices(folder: pathlib.Path, files: list[str]) -> list[str]:
-    """Slice files sorted by position along the slice normal; raises on gaps or duplicates.
+#: Largest in-plane drift of slice positions, in pixels over the whole stack, that is
+#: taken as rounding in ImagePositionPatient rather than a gantry tilt or a shear.
+_MAX_INPLANE_DRIFT_PX = 0.5
+
+
+def _ordered_slices(folder: pathlib.Path, files: list[str]) -> tuple[list[str], bool]:
+    """Slice files sorted by position along the slice normal; raises on gaps or duplicates,
+    on a gantry tilt (positions not along the normal) and on non-CT slices.
 
     The position of a slice is its ImagePositionPatient (0020|0032) projected on the
-    normal of its ImageOrientationPatient (0020|0037).
+    normal of its ImageOrientationPatient (0020|0037). Returns ``(files, hu_tagged)``
+    (see ``_check_modality``).
     """
     import SimpleITK as sitk
 
-    positions, orientations = [], []
+    positions, orientations, hu_tagged, pixel_mm = [], [], True, 0.5
     for f in files:
         r = sitk.ImageFileReader()
         r.SetFileName(f)
@@ -377,9 +626,10 @@ def _ordered_slices(folder: pathlib.Path, files: list[str]) -> list[str]:
             r.ReadImageInformation()
         except RuntimeError as e:
             raise CTReadError(
-                f"{folder}: slice {pathlib.Path(f).name} unreadable ({_reason(e)})"
+                f"{folder}: slice {pathlib.Path(f).name} is damaged or unreadable "
+                f"({_reason(e)}); expected readable CT slices"
             ) from e
-        _check_modality(pathlib.Path(f), r)
+        hu_tagged &= _check_modality(pathlib.Path(f), r)
         try:
             ipp = [float(v) for v in _meta(r, "0020|0032").split("\\")]
             iop = [float(v) for v in _meta(r, "0020|0037").split("\\")]
@@ -387,7 +637,7 @@ def _ordered_slices(folder: pathlib.Path, files: list[str]) -> list[str]:
             ipp, iop = [], []
         if len(ipp) != 3 or len(iop) != 6:
             if len(files) == 1:
-                return files
+                return files, hu_tagged
             raise CTReadError(
                 f"{folder}: slice {pathlib.Path(f).name} lacks ImagePositionPatient "
                 "(0020|0032) or ImageOrientationPatient (0020|0037); expected both on every "
@@ -395,6 +645,11 @@ def _ordered_slices(folder: pathlib.Path, files: list[str]) -> list[str]:
             )
         positions.append(ipp)
         orientations.append(iop)
+        if len(positions) == 1:
+            try:
+                pixel_mm = min(float(v) for v in _meta(r, "0028|0030").split("\\")) or 0.5
+            except ValueError:
+                pass
     iop = np.asarray(orientations)
     if not np.allclose(iop, iop[0], atol=1e-4):
         raise CTReadError(
@@ -405,7 +660,7 @@ def _ordered_slices(folder: pathlib.Path, files: list[str]) -> list[str]:
     order = np.argsort(z, kind="stable")
     z, files = z[order], [files[i] for i in order]
     if len(files) < 2:
-        return files
+        return files, hu_tagged
     gaps = np.diff(z)
     names = [pathlib.Path(f).name for f in files]
     dup = np.flatnonzero(gaps < 1e-3)
@@ -415,6 +670,7 @@ def _ordered_slices(folder: pathlib.Path, files: list[str]) -> list[str]:
             f"{folder}: duplicated slice: {names[i]} and {names[i + 1]} are both at "
             f"{z[i]:.3f} mm along the slice normal; expected one slice per position"
         )
+    _check_no_tilt(folder, np.asarray(positions)[order], iop[0], z, pixel_mm)
     step = float(np.median(gaps))
     tol = max(0.01, 0.01 * step)
     bad = np.flatnonzero(np.abs(gaps - step) > tol)
@@ -432,11 +688,109 @@ def _ordered_slices(folder: pathlib.Path, files: list[str]) -> list[str]:
             f"{folder}: non-uniform slice spacing: {g:.3f} mm between {names[i]} and "
             f"{names[i + 1]}, elsewhere {step:.3f} mm; expected uniform slice spacing"
         )
-    return files
+    return files, hu_tagged
 
 
-def _checked_hu(path: pathlib.Path, hu: np.ndarray, hu_offset: float, check_hu: bool):
-    """``hu + hu_offset`` after checking it is non-empty, finite and plausibly HU."""
+def _check_no_tilt(folder, positions, iop, z, pixel_mm: float) -> None:
+    """Refuse slices whose positions move in-plane from slice to slice (a gantry tilt, or a
+    sheared stack): SimpleITK would stack them as if they did not, shifting the anatomy."""
+    inplane = (positions - positions[0]) @ np.stack([iop[:3], iop[3:]], axis=1)  # [n, 2] mm
+    drift = float(np.abs(inplane).max())
+    if drift <= _MAX_INPLANE_DRIFT_PX * pixel_mm:
+        return
+    dz = z - z[0]
+    slope = np.linalg.lstsq(dz[:, None], inplane, rcond=None)[0][0]  # in-plane mm per mm
+    residual = float(np.abs(inplane - dz[:, None] * slope[None]).max())
+    if residual <= _MAX_INPLANE_DRIFT_PX * pixel_mm:
+        angle = float(np.degrees(np.arctan(np.hypot(*slope))))
+        raise CTReadError(
+            f"{folder}: gantry tilt of {angle:.2f} degrees is not supported: slice positions "
+            f"(0020|0032) move {drift:.2f} mm in-plane over the stack; expected slices "
+            "stacked along their normal (resample the series to an untilted grid first)"
+        )
+    raise CTReadError(
+        f"{folder}: slice positions (0020|0032) wander {drift:.2f} mm in-plane across the "
+        "stack; expected slices stacked along their normal"
+    )
+
+
+#: Histogram model of a CT in HU, for files without a modality tag (NIfTI, MHA, NRRD).
+#: Voxels below ``_PAD_BELOW_HU`` are the scanner's "no data" outside the reconstruction
+#: circle (-1024, -2048, -3024) and are left out; of the rest, those above ``_AIR_BELOW_HU``
+#: are tissue (lung parenchyma, fat, soft tissue, bone, contrast, metal).
+_PAD_BELOW_HU = -1200.0
+_AIR_BELOW_HU = -850.0
+_SOFT_HU = (-200.0, 300.0)  # fat, water, soft tissue, contrast-enhanced blood
+_MIN_SOFT_FRACTION = 0.2  # of tissue voxels; every shared real CT has more than 0.5
+_TISSUE_MEDIAN_HU = (-300.0, 500.0)  # the shared real CTs: -103..49
+_MAX_ABOVE_3100_FRACTION = 0.02  # beyond the 12-bit scanner range: metal only, a few voxels
+_OFFSET_ADVICE = (
+    "read it with xct.io.read_ct(path, hu_offset=-1024) to shift it to HU (or convert the "
+    "file to HU)"
+)
+_CHECK_HU_ADVICE = "or read it with xct.io.read_ct(path, check_hu=False) if it is known to be HU"
+
+
+def _hu_model_problems(hu: np.ndarray) -> list[str]:
+    """What in the histogram of ``hu`` does not look like a CT in HU (empty when it does).
+
+    Air is not required: tight crops (a heart, a spine) hold little or none, and a crop
+    inside the lungs has parenchyma at -900..-700 HU but no voxel near -1000. The tissue
+    must be mostly fat/soft tissue (``_SOFT_HU``) with its median in ``_TISSUE_MEDIAN_HU``,
+    and almost nothing above 3100 HU. An MR or PET volume (values of hundreds to tens of
+    thousands, no air peak) fails the tissue tests.
+    """
+    v = hu.ravel()
+    if v.size > 4_000_000:  # a regular subsample is enough for fractions and medians
+        v = v[:: v.size // 2_000_000]
+    scanned = v[v >= _PAD_BELOW_HU]
+    if scanned.size < max(1, 0.01 * v.size):
+        return [f"{100 - 100 * scanned.size / v.size:.1f}% of voxels are below -1200 HU"]
+    problems = []
+    tissue = scanned[scanned > _AIR_BELOW_HU]
+    if tissue.size < 0.01 * scanned.size:
+        problems.append("no tissue: almost every voxel is air")
+        return problems
+    soft = float(np.mean((tissue >= _SOFT_HU[0]) & (tissue <= _SOFT_HU[1])))
+    median = float(np.median(tissue))
+    high = float(np.mean(scanned > 3100.0))
+    if soft < _MIN_SOFT_FRACTION:
+        problems.append(
+            f"{100 * soft:.1f}% of non-air voxels in the fat/soft-tissue range "
+            f"[{_SOFT_HU[0]:g}, {_SOFT_HU[1]:g}] (expected at least {100 * _MIN_SOFT_FRACTION:g}%)"
+        )
+    if not _TISSUE_MEDIAN_HU[0] <= median <= _TISSUE_MEDIAN_HU[1]:
+        problems.append(
+            f"median of non-air voxels {median:.0f} (expected {_TISSUE_MEDIAN_HU[0]:g} to "
+            f"{_TISSUE_MEDIAN_HU[1]:g})"
+        )
+    if high > _MAX_ABOVE_3100_FRACTION:
+        problems.append(f"{100 * high:.1f}% of voxels above 3100 (expected almost none)")
+    return problems
+
+
+def _looks_like_hu_plus_1024(hu: np.ndarray) -> bool:
+    """``hu - 1024`` passes the histogram model and has air: at least 2% of its voxels in
+    [-1100, -900] HU (so an MR whose values happen to centre near 1000 is not taken for
+    HU+1024)."""
+    shifted = hu - np.float32(1024.0)
+    if _hu_model_problems(shifted):
+        return False
+    return bool(np.mean((shifted >= -1100.0) & (shifted <= -900.0)) >= 0.02)
+
+
+def _checked_hu(
+    path: pathlib.Path,
+    hu: np.ndarray,
+    hu_offset: float,
+    check_hu: bool,
+    histogram: bool = True,
+):
+    """``hu + hu_offset`` after checking it is non-empty, finite and plausibly HU.
+
+    ``histogram``: also apply the histogram model (``_hu_model_problems``) to the shifted
+    values; off for DICOM whose Modality tag already says CT.
+    """
     if hu.size == 0:
         raise CTReadError(f"{path}: empty volume of shape {hu.shape} (z, y, x); expected voxels")
     bad = int(np.count_nonzero(~np.isfinite(hu)))
@@ -454,18 +808,28 @@ def _checked_hu(path: pathlib.Path, hu: np.ndarray, hu_offset: float, check_hu: 
     if not check_hu:
         return hu
     shifted = f" after hu_offset={hu_offset:g}" if hu_offset else ""
-    if lo >= -50.0 and hi > 1500.0:
+    if lo >= -50.0 and hi > 1500.0 and (not histogram or _looks_like_hu_plus_1024(hu)):
         raise CTReadError(
             f"{path}: values span [{lo:g}, {hi:g}]{shifted}; minimum {lo:g} with no air "
-            "(about -1000 HU) looks like HU+1024 storage, not HU; read it with "
-            "hu_offset=-1024 to shift it to HU"
+            f"(about -1000 HU) looks like HU+1024 storage, not HU; {_OFFSET_ADVICE}"
         )
     if lo >= -50.0:
         raise CTReadError(
             f"{path}: values span [{lo:g}, {hi:g}]{shifted}, none below -50: no air or fat, "
-            "so not HU (a label map, mask or normalised intensities?); expected HU, or pass "
-            "check_hu=False for a scan known to be HU"
+            "so not HU (a label map, mask, MR or normalised intensities?); expected HU, "
+            + _CHECK_HU_ADVICE
         )
+    if histogram:
+        problems = _hu_model_problems(hu)
+        if problems:
+            if _looks_like_hu_plus_1024(hu):
+                guess = f"looks like HU+1024 storage; {_OFFSET_ADVICE}"
+            else:
+                guess = f"an MR, PET or other non-CT image? expected CT in HU, {_CHECK_HU_ADVICE}"
+            raise CTReadError(
+                f"{path}: values span [{lo:g}, {hi:g}]{shifted} but do not look like CT in "
+                f"HU: {'; '.join(problems)}; {guess}"
+            )
     return hu
 
 
@@ -758,3 +1122,47 @@ def to_projector_frame(hu_lps: np.ndarray) -> np.ndarray:
     isotropic, as after ``preprocess``).
     """
     return np.ascontiguousarray(np.flip(np.transpose(np.asarray(hu_lps), (1, 0, 2)), axis=1))
+
+
+def body_fov_mm(mask: np.ndarray, grid: VolumeGrid, margin_mm: float = 0.0) -> float:
+    """The side (mm) of the smallest axial square that holds the body mask: the larger of
+    the body's left-right and front-back extents, plus ``2 * margin_mm``.
+
+    ``mask`` is a ``body_mask`` on ``grid`` in canonical LPS orientation (axis 0 is z). An
+    empty mask is an error.
+    """
+    mask = np.asarray(mask, bool)
+    if not mask.any():
+        raise ValueError(
+            "body mask is empty: no voxel above the body threshold (an all-air volume?)"
+        )
+    sz, sy, sx = grid.spacing_mm
+    ys = np.flatnonzero(mask.any(axis=(0, 2)))
+    xs = np.flatnonzero(mask.any(axis=(0, 1)))
+    return float(max((ys[-1] - ys[0] + 1) * sy, (xs[-1] - xs[0] + 1) * sx) + 2.0 * margin_mm)
+
+
+def preprocess_body_cube(
+    hu: np.ndarray,
+    grid: VolumeGrid,
+    n: int,
+    *,
+    margin_mm: float = 0.0,
+    fill_hu: float = -1000.0,
+) -> tuple[np.ndarray, VolumeGrid, float]:
+    """``preprocess`` with the field of view the body fills: ``(hu [n]^3, grid, fov_mm)``.
+
+    As ``preprocess`` (LPS, clip, couch removed, cube centred on the body's bounding box,
+    resized to ``n^3``), with the cube's side ``body_fov_mm`` of the body mask: the body
+    spans the cube from side to side in the axial plane (left-right or front-back,
+    whichever is larger); along the patient's long axis the cube holds as much of the scan
+    as fits, with air beyond the scan's ends.
+    """
+    hu, grid = canonical_orientation(hu, grid)
+    hu = np.clip(hu, *HU_CLIP)
+    mask = body_mask(hu, grid)
+    fov = body_fov_mm(mask, grid, margin_mm)
+    hu, grid = remove_couch(hu, grid, fill_hu, mask=mask)
+    hu, grid = crop_or_pad_cube(hu, grid, fov, fill_hu, mask=mask)
+    hu, grid = resize(hu, grid, n, fill_hu=fill_hu)
+    return hu, grid, float(n * grid.spacing_mm[0])  # the cube's side: whole voxels of the scan

@@ -37,6 +37,12 @@ flags.DEFINE_string(
     "of other workdirs) whose predictions are averaged",
 )
 flags.DEFINE_string("eval_ct_dir", None, "evaluate: folder of CT volumes to render and score")
+flags.DEFINE_list(
+    "eval_series_uids",
+    [],
+    "evaluate: NAME=UID,... the SeriesInstanceUID to read from a DICOM folder of --eval_ct_dir "
+    "holding several CT series (NAME: its path relative to --eval_ct_dir)",
+)
 flags.DEFINE_string("eval_dir", None, "evaluate: output folder (default WORKDIR/eval[_CTDIR])")
 flags.DEFINE_list("xrays", [], "predict: X-ray files (.npy line integrals, .png, .dcm)")
 flags.DEFINE_list("angles_deg", [], "predict: gantry angle of each X-ray, degrees")
@@ -73,6 +79,7 @@ def main(argv) -> int:
                 FLAGS.checkpoint,
                 ct_dir=FLAGS.eval_ct_dir,
                 out_dir=FLAGS.eval_dir,
+                series_uids=_series_uids(FLAGS.eval_series_uids),
             )
             print(_summary(result))
         else:
@@ -91,6 +98,17 @@ def main(argv) -> int:
         print(f"error: {msg}", file=sys.stderr)
         return 1
     return 0
+
+
+def _series_uids(items: list[str]) -> dict[str, str]:
+    """``NAME=UID`` items as a dict; ``ValueError`` (one line, exit 1) on a malformed one."""
+    out = {}
+    for item in items:
+        name, _, uid = item.rpartition("=")
+        if not name or not uid:
+            raise ValueError(f"--eval_series_uids: expected NAME=UID, got {item!r}")
+        out[name] = uid
+    return out
 
 
 def _train(config, workdir) -> dict:
