@@ -42,6 +42,7 @@ import numpy as np
 
 from xct import projector
 from xct.geometry import Geometry, VolumeGrid
+from xct.recon import priors
 from xct.recon.fdk import check_drr, check_grid
 
 # Row / column sums below this (mm) count as "the ray misses the volume" / "no ray sees the
@@ -113,6 +114,7 @@ def sirt(
     *,
     relaxation: float = 1.0,
     nonnegative: bool = False,
+    constraints: priors.Constraints | None = None,
     method: str = "joseph",
 ) -> tuple[jax.Array, jax.Array]:
     """SIRT: ``x += relaxation * C A^T R (b - A x)``, then ``max(x, 0)`` if ``nonnegative``.
@@ -124,6 +126,8 @@ def sirt(
       x0: ``[nz, ny, nx]`` starting volume (attenuation per mm); zeros if ``None``.
       relaxation: step ``lam`` in (0, 2).
       nonnegative: project onto ``x >= 0`` after every update.
+      constraints: ``recon.priors.Constraints`` (support and bounds) projected onto
+        after every update (and applied to ``x0``).
       method: projector discretisation (``projector.METHODS``).
 
     Returns:
@@ -131,9 +135,12 @@ def sirt(
     """
     b, grid, num_iters, x = _check_common(drr, geom, grid, num_iters, x0, method)
     lam = _check_relaxation(relaxation)
+    constraints = priors.check(constraints, grid)
     fwd, bwd = _ops(grid, method)
     row_inv = _safe_inverse(fwd(jnp.ones(grid.shape, b.dtype), geom))
     col_inv = _safe_inverse(bwd(jnp.ones_like(b), geom))
+    if constraints is not None:
+        x = constraints.project(x)
     r = b - fwd(x, geom)
     hist = jnp.zeros((num_iters + 1,), b.dtype).at[0].set(_norm(r))
 
@@ -142,6 +149,8 @@ def sirt(
         x = x + lam * col_inv * bwd(row_inv * r, geom)
         if nonnegative:
             x = jnp.maximum(x, 0.0)
+        if constraints is not None:
+            x = constraints.project(x)
         r = b - fwd(x, geom)
         return x, r, hist.at[k + 1].set(_norm(r))
 
@@ -258,15 +267,26 @@ def cgls(
     num_iters: int,
     x0: jax.typing.ArrayLike | None = None,
     *,
+    constraints: priors.Constraints | None = None,
     method: str = "joseph",
 ) -> tuple[jax.Array, jax.Array]:
     """CGLS on ``min ||A x - b||^2`` from ``x0``; one ``A`` and one ``A^T`` per iteration.
 
     The residual is updated recursively (``r -= alpha A p``), as in the textbook method;
-    ``residuals`` are its norms. Arguments and return value as ``sirt``.
+    ``residuals`` are its norms. With ``constraints``, the unknowns are restricted to its
+    support (CGLS on ``A S``, ``S`` the support mask, from ``S x0``); CGLS has no bound
+    constraints, so its bounds are applied once, to the result. Arguments and return value
+    as ``sirt``.
     """
     b, grid, num_iters, x = _check_common(drr, geom, grid, num_iters, x0, method)
-    fwd, bwd = _ops(grid, method)
+    constraints = priors.check(constraints, grid)
+    fwd0, bwd0 = _ops(grid, method)
+    if constraints is None:
+        fwd, bwd = fwd0, bwd0
+    else:
+        fwd = lambda v, g: fwd0(constraints.mask(v), g)  # noqa: E731
+        bwd = lambda y, g: constraints.mask(bwd0(y, g))  # noqa: E731
+        x = constraints.mask(x)
     r = b - fwd(x, geom)
     s = bwd(r, geom)
     gamma = jnp.sum(s * s)
@@ -286,6 +306,8 @@ def cgls(
         return x, r, p, gamma_new, hist.at[k + 1].set(_norm(r))
 
     x, _, _, _, hist = jax.lax.fori_loop(0, num_iters, body, (x, r, s, gamma, hist))
+    if constraints is not None:
+        x = constraints.project(x)
     return x, hist
 
 
@@ -328,6 +350,9 @@ def tv(
     *,
     tv_weight: float = 1e-2,
     nonnegative: bool = True,
+    constraints: priors.Constraints | None = None,
+    x_prior: jax.typing.ArrayLike | None = None,
+    prior_weight: float = 0.0,
     method: str = "joseph",
 ) -> tuple[jax.Array, jax.Array]:
     """TV-regularised least squares by preconditioned Chambolle-Pock.
@@ -344,8 +369,14 @@ def tv(
     ``tau = 1 / (A^T 1 + sum_axes 2 / h)`` (Pock & Chambolle 2011, alpha = 1), ``h`` the
     voxel spacing in mm. One ``A`` and one ``A^T`` per iteration (``A xbar`` comes from
     linearity). ``tv_weight`` may be traced (one compilation serves several weights);
-    ``tv_weight = 0`` is plain (preconditioned) least squares. Arguments and return value
-    as ``sirt``.
+    ``tv_weight = 0`` is plain (preconditioned) least squares.
+
+    ``constraints`` (``recon.priors.Constraints``: support and value bounds) join ``P``.
+    ``x_prior`` with ``prior_weight`` (``mu``: per voxel, in the data term's units) adds
+    ``prior_weight / 2 * ||x - x_prior||^2``, a pull towards a prior volume (a registered
+    template); its proximal step is closed-form,
+    ``x = P((v + tau * prior_weight * x_prior) / (1 + tau * prior_weight))``. Arguments and
+    return value as ``sirt``.
     """
     b, grid, num_iters, x = _check_common(drr, geom, grid, num_iters, x0, method)
     if not isinstance(tv_weight, jax.core.Tracer) and not (
@@ -356,6 +387,15 @@ def tv(
     ):
         raise ValueError(f"tv_weight: expected a finite number >= 0, got {tv_weight!r}")
     lam = jnp.asarray(tv_weight, b.dtype)
+    constraints = priors.check(constraints, grid)
+    if x_prior is not None:
+        x_prior = jnp.asarray(x_prior, b.dtype)
+        if x_prior.shape != tuple(grid.shape):
+            raise ValueError(
+                f"x_prior: shape {tuple(x_prior.shape)} does not match the grid's "
+                f"[z, y, x] {tuple(grid.shape)}"
+            )
+    mu_p = jnp.asarray(prior_weight if x_prior is not None else 0.0, b.dtype)
     fwd, bwd = _ops(grid, method)
     h = grid.spacing_mm
     sigma = _safe_inverse(fwd(jnp.ones(grid.shape, b.dtype), geom))
@@ -363,7 +403,13 @@ def tv(
     tau = 1.0 / (bwd(jnp.ones_like(b), geom) + sum(2.0 / s for s in h))
 
     def project(v):
-        return jnp.maximum(v, 0.0) if nonnegative else v
+        v = jnp.maximum(v, 0.0) if nonnegative else v
+        return v if constraints is None else constraints.project(v)
+
+    def prox(v):
+        if x_prior is None:
+            return project(v)
+        return project((v + tau * mu_p * x_prior) / (1.0 + tau * mu_p))
 
     x = project(x)
     ax = fwd(x, geom)
@@ -378,7 +424,7 @@ def tv(
         # project each voxel's dual gradient onto the ball of radius tv_weight
         mag = jnp.sqrt(jnp.sum(z * z, axis=0, keepdims=True))
         z = jnp.where(mag > lam, z * (lam / jnp.where(mag > lam, mag, 1.0)), z)
-        x_new = project(x - tau * (bwd(y, geom) + gradient_adjoint(z, h)))
+        x_new = prox(x - tau * (bwd(y, geom) + gradient_adjoint(z, h)))
         ax_new = fwd(x_new, geom)
         return (
             x_new,

@@ -42,6 +42,7 @@ import optax
 from xct import physics
 from xct.geometry import Geometry, VolumeGrid
 from xct.projector import forward_project
+from xct.recon import priors
 
 UNITS = ("hu", "mu_per_mm")
 
@@ -151,6 +152,7 @@ def refine(
     tv_eps: float = 1e-2,
     optimizer: optax.GradientTransformation | None = None,
     mu_water_per_mm: float = physics.MU_WATER_PER_MM,
+    constraints: priors.Constraints | None = None,
     method: str = "joseph",
 ) -> RefineResult:
     """Refine a predicted volume so that its DRRs match the measured ones.
@@ -177,6 +179,9 @@ def refine(
       optimizer: an optax transformation to use instead of ``optax.adam(learning_rate)``,
         e.g. ``optax.sgd(step)`` for projected gradient descent.
       mu_water_per_mm: water attenuation used for ``units="hu"`` and for ``x``.
+      constraints: ``recon.priors.Constraints`` (support and bounds, in ``mu`` per mm)
+        projected onto after every step instead of ``x >= 0`` alone (and applied to the
+        start).
       method: projector discretisation (``projector.METHODS``), static.
 
     Returns:
@@ -204,6 +209,13 @@ def refine(
     if d.shape != expected:
         raise ValueError(f"drr: shape {d.shape} does not match [views, rows, cols] {expected}")
     opt = optax.adam(learning_rate) if optimizer is None else optimizer
+    constraints = priors.check(constraints, grid)
+
+    def project(x):
+        x = jnp.maximum(x, 0.0)
+        if constraints is None:
+            return x
+        return constraints.project(x * mu_water_per_mm) / mu_water_per_mm
 
     def objective(x):
         return refine_objective(
@@ -220,13 +232,14 @@ def refine(
         )
 
     value_and_grad = jax.value_and_grad(objective, has_aux=True)
+    x_start = x_pred if constraints is None else project(x_pred)
 
     def step(carry, _):
         x, state = carry
         (loss, data), g = value_and_grad(x)
         updates, state = opt.update(g, state, x)
-        x = jnp.maximum(optax.apply_updates(x, updates), 0.0)
+        x = project(optax.apply_updates(x, updates))
         return (x, state), (loss, data)
 
-    (x, _), (loss, data) = jax.lax.scan(step, (x_pred, opt.init(x_pred)), length=num_iters)
+    (x, _), (loss, data) = jax.lax.scan(step, (x_start, opt.init(x_start)), length=num_iters)
     return RefineResult(from_relative(x, units, mu_water_per_mm), loss, data)
