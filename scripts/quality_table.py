@@ -91,12 +91,22 @@ import numpy as np
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DEFAULT_CT_DIR = ROOT.parent / "shared" / "data" / "ct"
 CLASSICAL = ("fdk", "sirt", "cgls", "tv")
+PRIOR = ("sirt_support", "cgls_support", "tv_support")
+TEMPLATE = ("template", "template_tv")
+METHODS = (*CLASSICAL, *PRIOR, *TEMPLATE)
 NETWORK = ("network", "network+refine", "network+fdk", "network+sirt")
+# Methods with a weight chosen per volume among candidates (leave one out, see `select`).
+SWEPT = ("tv", "tv_support", "template_tv")
 METHOD_LABELS = {
     "fdk": "FDK (Hann)",
     "sirt": "SIRT",
     "cgls": "CGLS",
     "tv": "TV (Chambolle-Pock)",
+    "sirt_support": "SIRT + X-ray priors",
+    "cgls_support": "CGLS + X-ray priors",
+    "tv_support": "TV + X-ray priors (tv_support)",
+    "template": "template (registered real CT)",
+    "template_tv": "TV from template (template_tv)",
     "network": "network",
     "network+refine": "network + refinement",
     "network+fdk": "network + FDK correction",
@@ -113,8 +123,21 @@ SCORE_COLUMNS = (
     ("x2ct_psnr_3d", "x2ct", "psnr_3d"),
     ("x2ct_mae_hu", "x2ct", "mae_hu"),
     ("x2ct_cosine", "x2ct", "cosine_similarity"),
+    ("psnr_body", "primary", "psnr_mask"),
+    ("ssim_body", "primary", "ssim_mask"),
+    ("mae_hu_body", "primary", "mae_hu_mask"),
+    ("rmse_hu_body", "primary", "rmse_hu_mask"),
+    ("x2ct_psnr_body", "x2ct_body", "psnr"),
+    ("x2ct_ssim_body", "x2ct_body", "ssim"),
 )
 X2CT_CELLS = ("x2ct_psnr", "x2ct_ssim")
+# (title, definition, (PSNR column, SSIM column)) of the report's tables.
+TABLES = (
+    ("whole volume — primary", ("psnr", "ssim")),
+    ("whole volume — x2ct", X2CT_CELLS),
+    ("inside the body — primary", ("psnr_body", "ssim_body")),
+    ("inside the body — x2ct", ("x2ct_psnr_body", "x2ct_ssim_body")),
+)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -122,12 +145,43 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--resolution", type=int, default=64, help="voxels per side (and pixels)")
     p.add_argument("--phantoms", type=int, default=4, help="synthetic test phantoms (0: none)")
     p.add_argument("--views", type=int, nargs="+", default=[2, 4, 8, 16, 64])
-    p.add_argument("--methods", nargs="+", default=list(CLASSICAL), choices=CLASSICAL)
+    p.add_argument("--methods", nargs="+", default=list(CLASSICAL), choices=METHODS)
     p.add_argument("--iters", type=int, default=50, help="iterations of every iterative method")
     p.add_argument("--sirt_iters", type=int, default=None, help="default: --iters")
     p.add_argument("--cgls_iters", type=int, default=None, help="default: --iters")
     p.add_argument("--tv_iters", type=int, default=None, help="default: --iters")
-    p.add_argument("--tv_weight", type=float, default=0.1, help="TV weight, mm^2")
+    p.add_argument(
+        "--tv_weight",
+        type=float,
+        nargs="+",
+        default=[0.1],
+        help="TV weight(s), mm^2; with several, each volume gets the one best on the others",
+    )
+    p.add_argument(
+        "--prior_weight",
+        type=float,
+        nargs="+",
+        default=[1.0],
+        help="template_tv: weight(s) of the pull towards the registered template, mm",
+    )
+    p.add_argument(
+        "--template",
+        nargs="+",
+        default=[],
+        help="template CT file(s) for template / template_tv (never the CT being scored)",
+    )
+    p.add_argument(
+        "--real_fov",
+        default="body",
+        help="real CTs' cube: 'body' (the side the body fills, per CT) or a side in mm",
+    )
+    p.add_argument("--air_tol", type=float, default=None, help="priors: air line integral")
+    p.add_argument(
+        "--chests",
+        default="*chest*",
+        help="glob of the --ct_dir names that are chests (their own table; the others: "
+        "'other real CTs')",
+    )
     p.add_argument("--arc_deg", type=float, default=None, help="default: the datasets' arc")
     p.add_argument("--photons", type=float, default=None, help="Poisson noise; default none")
     p.add_argument("--seed", type=int, default=0, help="noise key")
@@ -149,6 +203,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in ("sirt", "cgls", "tv"):
         if getattr(args, f"{name}_iters") is None:
             setattr(args, f"{name}_iters", args.iters)
+    if any(w < 0 for w in args.tv_weight + args.prior_weight):
+        p.error("--tv_weight, --prior_weight: non-negative weights")
+    if args.real_fov != "body":
+        try:
+            args.real_fov = float(args.real_fov)
+        except ValueError:
+            p.error(f"--real_fov: 'body' or a length in mm, got {args.real_fov!r}")
+        if not args.real_fov > 0:
+            p.error("--real_fov: a positive length in mm")
+    if set(args.methods) & set(TEMPLATE) and not args.template:
+        p.error("--methods template / template_tv need --template FILE [FILE ...]")
+    for f in args.template:
+        if not pathlib.Path(f).exists():
+            p.error(f"--template: {f} does not exist")
     args.views = sorted(set(args.views))
     return args
 
@@ -160,8 +228,15 @@ def parse_args(argv=None) -> argparse.Namespace:
 @dataclasses.dataclass
 class Volume:
     id: str
-    kind: str  # "synthetic" or "real"
+    kind: str  # "synthetic", "chest" (a real chest, --chests) or "real" (another real CT)
     hu: np.ndarray  # [r, r, r] HU, projector frame, as the dataset stores it (int16 values)
+    fov_mm: float = 400.0  # side of the cube
+    body: np.ndarray | None = None  # [r, r, r] bool body mask (io.body_mask of hu)
+    source: str | None = None  # the file it was read from (leave-one-out of templates)
+
+    @property
+    def body_fraction(self) -> float:
+        return float(np.mean(self.body))
 
 
 def as_stored(hu: np.ndarray) -> np.ndarray:
@@ -170,6 +245,14 @@ def as_stored(hu: np.ndarray) -> np.ndarray:
     from xct import physics
 
     return np.clip(np.round(hu), physics.HU_MIN, physics.HU_MAX).astype(np.int16).astype(np.float32)
+
+
+def _with_body(vol: Volume) -> Volume:
+    from xct import geometry, io
+
+    grid = geometry.VolumeGrid.centered(vol.hu.shape, vol.fov_mm / vol.hu.shape[0])
+    vol.body = io.body_mask(vol.hu, grid)
+    return vol
 
 
 def synthetic_volumes(count: int, resolution: int, fov_mm: float):
@@ -183,30 +266,74 @@ def synthetic_volumes(count: int, resolution: int, fov_mm: float):
     for i in range(count):
         seed = synthetic_chest._SEED_OFFSETS["test"] + i
         hu, _ = phantoms.chest_phantom(seed, grid, nodules=dataset.nodules, couch=dataset.couch)
-        yield Volume(f"chest-{seed:07d}", "synthetic", as_stored(hu))
+        yield _with_body(Volume(f"chest-{seed:07d}", "synthetic", as_stored(hu), fov_mm))
 
 
-def real_volumes(ct_dir, resolution: int, fov_mm: float, skipped: list):
-    """Every CT under ``ct_dir`` that ``ct_folder`` accepts, made as
-    ``ct_folder.make_ct_example`` makes it (without its DRRs); ``(name, reason)`` of the
-    others is appended to ``skipped``."""
-    from data_pipelines import ct_folder
+def read_cube(path, resolution: int, fov) -> tuple[np.ndarray, float]:
+    """One CT file or DICOM folder as the table's cube: ``(HU [r]^3 projector frame, side mm)``.
+
+    ``fov="body"``: ``io.preprocess_body_cube`` (couch removed, the cube's side the body's
+    larger axial extent, centred on the body); a number: ``io.preprocess`` to that side,
+    as ``ct_folder`` makes datasets. ``ValueError`` names the file and the reason.
+    """
     from xct import io
+
+    hu, grid = io.read_ct(path)
+    io.check_ct_volume(path, grid)
+    if fov == "body":
+        hu, _, side = io.preprocess_body_cube(hu, grid, resolution)
+    else:
+        hu, _ = io.preprocess(hu, grid, resolution, float(fov))
+        side = float(fov)
+    return as_stored(io.to_projector_frame(hu)), side
+
+
+def real_volumes(ct_dir, resolution: int, fov, skipped: list, chests: str = "*chest*"):
+    """Every CT under ``ct_dir`` that ``ct_folder`` accepts, made as ``read_cube`` makes it;
+    ``(name, reason)`` of the others is appended to ``skipped``. Those whose name matches
+    the glob ``chests`` are of kind ``"chest"``, the others ``"real"``."""
+    import fnmatch
+
+    from data_pipelines import ct_folder
 
     root = pathlib.Path(ct_dir)
     for path in ct_folder.find_sources(root):
         name = str(path.relative_to(root))
         try:
-            hu, grid = io.read_ct(path)
-            io.check_ct_volume(path, grid)
-            hu, _ = io.preprocess(hu, grid, resolution, fov_mm)
+            hu, side = read_cube(path, resolution, fov)
         except ValueError as e:
             reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
             reason = reason.removeprefix(f"{path}: ")
             print(f"skipped {name}: {reason}", file=sys.stderr, flush=True)
             skipped.append((name, reason))
             continue
-        yield Volume(name, "real", as_stored(io.to_projector_frame(hu)))
+        kind = "chest" if fnmatch.fnmatch(name, chests) else "real"
+        yield _with_body(Volume(name, kind, hu, side, source=str(path.resolve())))
+
+
+def template_volumes(paths, resolution: int) -> list[Volume]:
+    """The ``--template`` files as body-filled cubes (``read_cube(path, r, "body")``).
+
+    Each is placed on the grid of the volume it is registered to (its own side scaled to
+    that volume's), and the registration's global scale takes up the difference."""
+    out = []
+    for f in paths:
+        try:
+            hu, side = read_cube(pathlib.Path(f), resolution, "body")
+        except ValueError as e:
+            raise ValueError(f"--template {f}: {e}") from None
+        out.append(
+            _with_body(
+                Volume(
+                    pathlib.Path(f).name,
+                    "template",
+                    hu,
+                    side,
+                    source=str(pathlib.Path(f).resolve()),
+                )
+            )
+        )
+    return out
 
 
 # ---------------------------------------------------------------------------------------
@@ -229,35 +356,108 @@ def _fdk_hann(drr, geom, grid, arc_deg):
     return recon.fdk(drr, geom, grid, window="hann", short_scan=None if arc_deg <= 180 else False)
 
 
-def classical_solvers(grid, args, arc_deg: float) -> dict:
-    """``method -> jitted (drr, geom) -> (HU volume, relative residual or nan)``."""
-    import jax
-    import jax.numpy as jnp
+def candidates(args, method: str) -> list[dict]:
+    """The weights ``method`` is run with (one empty entry for methods without weights)."""
+    if method in ("tv", "tv_support"):
+        return [{"tv_weight": w} for w in args.tv_weight]
+    if method == "template_tv":
+        return [
+            {"tv_weight": w, "prior_weight": pw} for w in args.tv_weight for pw in args.prior_weight
+        ]
+    return [{}]
 
-    from xct import recon
 
-    def rel(res, drr):
-        return res[-1] / jnp.maximum(jnp.sqrt(jnp.sum(drr * drr)), 1e-12)
+class Solvers:
+    """The classical, prior and template methods on one grid: each a jitted function of
+    ``(drr, geom, ...)`` returning attenuation per mm; ``run`` dispatches by name."""
 
-    def fdk(drr, geom):
-        return _clip_to_hu(_fdk_hann(drr, geom, grid, arc_deg)), jnp.nan
+    def __init__(self, grid, args, arc_deg: float):
+        import jax
+        import jax.numpy as jnp
 
-    def sirt(drr, geom):
-        x, res = recon.sirt(drr, geom, grid, args.sirt_iters, nonnegative=True)
-        return _clip_to_hu(x), rel(res, drr)
+        from xct import physics, projector, recon
+        from xct.recon import priors, template
 
-    def cgls(drr, geom):
-        x, res = recon.cgls(drr, geom, grid, args.cgls_iters)
-        return _clip_to_hu(x), rel(res, drr)
+        self.grid, self.args = grid, args
+        upper = float(physics.hu_to_mu(physics.HU_MAX))
+        self.upper = upper
 
-    def tv(drr, geom):
-        x, res = recon.tv(
-            drr, geom, grid, args.tv_iters, tv_weight=args.tv_weight, nonnegative=True
+        def cons(support):
+            return None if support is None else priors.Constraints(support, 0.0, upper)
+
+        self._fdk = jax.jit(lambda drr, geom: _fdk_hann(drr, geom, grid, arc_deg))
+        self._sirt = jax.jit(
+            lambda drr, geom, support: recon.sirt(
+                drr, geom, grid, args.sirt_iters, nonnegative=True, constraints=cons(support)
+            )[0]
         )
-        return _clip_to_hu(x), rel(res, drr)
+        self._cgls = jax.jit(
+            lambda drr, geom, support: recon.cgls(
+                drr, geom, grid, args.cgls_iters, constraints=cons(support)
+            )[0]
+        )
+        self._tv = jax.jit(
+            lambda drr, geom, weight, support, x_prior, prior_weight: recon.tv(
+                drr,
+                geom,
+                grid,
+                args.tv_iters,
+                x0=x_prior,
+                tv_weight=weight,
+                nonnegative=True,
+                constraints=cons(support),
+                x_prior=x_prior,
+                prior_weight=prior_weight,
+            )[0]
+        )
+        self._register = jax.jit(lambda t, drr, geom: template.register(t, drr, geom, grid))
+        self._mismatch = jax.jit(
+            lambda mu, drr, geom: jnp.sqrt(
+                jnp.sum(jnp.square(projector.forward_project(mu, grid, geom) - drr))
+                / jnp.maximum(jnp.sum(drr * drr), 1e-24)
+            )
+        )
 
-    fns = {"fdk": fdk, "sirt": sirt, "cgls": cgls, "tv": tv}
-    return {m: jax.jit(fns[m]) for m in args.methods}
+    def support(self, drr, geom):
+        from xct.recon import priors
+
+        kw = {} if self.args.air_tol is None else {"air_tol": self.args.air_tol}
+        return priors.visual_hull(drr, geom, self.grid, **kw)
+
+    def register(self, templates: list, drr, geom):
+        """``(name, mu, mismatch of each)`` of the best-matching template after registration."""
+        import jax.numpy as jnp
+
+        from xct import physics
+
+        results = []
+        for t in templates:
+            mu = jnp.maximum(physics.hu_to_mu(jnp.asarray(t.hu)), 0.0)
+            reg = self._register(mu, drr, geom)
+            results.append((t.id, reg.volume, float(reg.mismatch)))
+        best = min(results, key=lambda r: r[2])
+        return best[0], best[1], {name: m for name, _, m in results}
+
+    def mismatch(self, mu, drr, geom) -> float:
+        return float(self._mismatch(mu, drr, geom))
+
+    def run(self, method: str, drr, geom, params: dict, support=None, prior=None):
+        """Attenuation per mm of ``method`` (``support``: the views' hull; ``prior``: the
+        registered template)."""
+        if method == "fdk":
+            return self._fdk(drr, geom)
+        if method in ("sirt", "sirt_support"):
+            return self._sirt(drr, geom, support if method == "sirt_support" else None)
+        if method in ("cgls", "cgls_support"):
+            return self._cgls(drr, geom, support if method == "cgls_support" else None)
+        if method in ("tv", "tv_support"):
+            s = support if method == "tv_support" else None
+            return self._tv(drr, geom, params["tv_weight"], s, None, 0.0)
+        if method == "template":
+            return prior
+        if method == "template_tv":
+            return self._tv(drr, geom, params["tv_weight"], support, prior, params["prior_weight"])
+        raise ValueError(f"unknown method {method!r}")
 
 
 def _load_config(spec: str):
@@ -288,30 +488,34 @@ def _restore_network(config, workdir: str, which: str):
     return exp, jax.device_get(member.params), int(member.step)
 
 
-def network_solvers(config, args, grid, spec) -> tuple[dict, dict]:
+def network_solvers(config, args, arc_deg: float) -> tuple[dict, dict]:
     """``(method -> fn, info)`` for the network rows, or ``({}, info)`` with the reason
     they are left out. Each fn takes ``(drr, geom, angles_deg)`` and returns
-    ``(HU volume, relative residual or nan)``."""
+    ``(HU volume, relative residual or nan)`` on the config's grid; only volumes whose cube
+    has the config's side (``info["fov_mm"]``) get network rows."""
     import jax
     import jax.numpy as jnp
 
+    from data_pipelines import common
     from xct import physics, projector, recon, steps
     from xct.experiment import acquisition_from_config
     from xct.recon import refine
 
     acq = acquisition_from_config(config)
+    grid = acq.grid()
     info = {
         "config": args.config,
         "workdir": args.checkpoint_workdir,
         "resolution": acq.resolution,
+        "fov_mm": acq.fov_mm,
     }
     mismatch = []
     if acq.resolution != args.resolution:
         mismatch.append(f"resolution {acq.resolution} (table: {args.resolution})")
-    if abs(acq.fov_mm - spec.fov_mm) > 1e-6:
-        mismatch.append(f"fov_mm {acq.fov_mm} (table: {spec.fov_mm})")
-    if (acq.sod_mm, acq.sdd_mm) != (spec.acquisition.sod_mm, spec.acquisition.sdd_mm):
+    if (acq.sod_mm, acq.sdd_mm) != (common.SOD_MM, common.SDD_MM):
         mismatch.append(f"sod/sdd {acq.sod_mm}/{acq.sdd_mm} mm")
+    if abs(acq.arc_deg - arc_deg) > 1e-6:
+        mismatch.append(f"arc {acq.arc_deg} degrees (table: {arc_deg})")
     if mismatch:
         info["skipped"] = "network rows left out: the checkpoint's " + ", ".join(mismatch)
         return {}, info
@@ -349,7 +553,7 @@ def network_solvers(config, args, grid, spec) -> tuple[dict, dict]:
     @jax.jit
     def _fdk_correction(mu, drr, geom):
         resid = drr - projector.forward_project(mu, grid, geom)
-        return _clip_to_hu(mu + _fdk_hann(resid, geom, grid, spec.arc_deg))
+        return _clip_to_hu(mu + _fdk_hann(resid, geom, grid, arc_deg))
 
     def network_fdk(drr, geom, angles_deg):
         return _fdk_correction(net_mu(drr, angles_deg), drr, geom), jnp.nan
@@ -382,17 +586,38 @@ def _scorer():
     from xct import metrics
 
     @jax.jit
-    def score(pred_hu, true_hu):
+    def score(pred_hu, true_hu, body):
         return {
-            "primary": metrics.volume_metrics(pred_hu[None], true_hu[None]),
+            "primary": metrics.volume_metrics(pred_hu[None], true_hu[None], body[None]),
             "x2ct": metrics.x2ct_metrics(pred_hu[None], true_hu[None]),
         }
 
-    return score
+    @jax.jit
+    def x2ct(pred_hu, true_hu):
+        return metrics.x2ct_metrics(pred_hu[None], true_hu[None])
+
+    return score, x2ct
 
 
-def score_volume(pred_hu, true_hu) -> dict:
-    out = _scorer()(pred_hu, true_hu)
+def body_box(body: np.ndarray) -> tuple[slice, ...]:
+    """The bounding box of the body mask, at least 7 voxels per side (x2ct's SSIM window)."""
+    box = []
+    for k in range(3):
+        idx = np.flatnonzero(body.any(axis=tuple({0, 1, 2} - {k})))
+        lo, hi = (int(idx[0]), int(idx[-1]) + 1) if idx.size else (0, body.shape[k])
+        while hi - lo < 7:
+            lo, hi = max(0, lo - 1), min(body.shape[k], hi + 1)
+        box.append(slice(lo, hi))
+    return tuple(box)
+
+
+def score_volume(pred_hu, true_hu, body) -> dict:
+    """Every ``SCORE_COLUMNS`` value: whole volume, and inside the body (primary: masked by
+    ``body``; x2ct: on the body's bounding box, as it takes no mask)."""
+    score, x2ct = _scorer()
+    out = dict(score(pred_hu, true_hu, body))
+    box = body_box(np.asarray(body))
+    out["x2ct_body"] = x2ct(pred_hu[box], true_hu[box])
     return {col: float(out[d][k][0]) for col, d, k in SCORE_COLUMNS}
 
 
@@ -423,7 +648,9 @@ def summarise(rows: list[dict], kind: str, columns: tuple[str, str]) -> dict:
     }
 
 
-def markdown_table(summary: dict, methods: list[str], views: list[int], psnr_digits=2) -> str:
+def markdown_table(
+    summary: dict, methods: list[str], views: list[int], psnr_digits=2, single: bool = False
+) -> str:
     lines = [
         "| method | " + " | ".join(f"{v} views" for v in views) + " |",
         "|---|" + "---|" * len(views),
@@ -433,7 +660,7 @@ def markdown_table(summary: dict, methods: list[str], views: list[int], psnr_dig
         for v in views:
             if (m, v) in summary:
                 p, s, _ = summary[(m, v)]
-                cells.append(f"{p:.{psnr_digits}f} / {s:.3f}")
+                cells.append(f"{p:.{psnr_digits}f}" if single else f"{p:.{psnr_digits}f} / {s:.3f}")
             else:
                 cells.append("–")
         if any(c != "–" for c in cells):
@@ -441,14 +668,19 @@ def markdown_table(summary: dict, methods: list[str], views: list[int], psnr_dig
     return "\n".join(lines)
 
 
+def _fmt_params(params: dict) -> str:
+    return ", ".join(f"{k}={v:g}" for k, v in params.items())
+
+
 def write_report(out: pathlib.Path, result: dict) -> str:
     from xct import metrics
 
     r = result["setup"]["resolution"]
     rows = result["rows"]
-    methods = [m for m in (*CLASSICAL, *NETWORK) if any(x["method"] == m for x in rows)]
+    methods = [m for m in (*METHODS, *NETWORK) if any(x["method"] == m for x in rows)]
     views = result["setup"]["views"]
     s = result["setup"]
+    tw = ", ".join(f"{w:g}" for w in s["tv_weight"])
     md = [
         f"## Few-view reconstruction quality, {r}³ (`scripts/quality_table.py`)",
         "",
@@ -456,20 +688,58 @@ def write_report(out: pathlib.Path, result: dict) -> str:
         f"Command: `{result['command']}`",
         "",
         (
-            f"Set-up: cone beam, sod/sdd {s['sod_mm']:.0f}/{s['sdd_mm']:.0f} mm, {r}³ CT of "
-            f"{s['fov_mm'] / r:.2f} mm voxels ({s['fov_mm']:.0f} mm cube), {r}² detector of "
-            f"{s['pixel_mm']:.2f} mm pixels; views: first V of nested_view_angles("
-            f"{max(views)}) over {s['arc_deg']:.0f}°; DRRs physics.render_drrs (mono), "
+            f"Set-up: cone beam, sod/sdd {s['sod_mm']:.0f}/{s['sdd_mm']:.0f} mm, {r}³ CT cube, "
+            f"{r}² detector sized to the cube's inscribed cylinder; views: first V of "
+            f"nested_view_angles({max(views)}) over {s['arc_deg']:.0f}°; DRRs "
+            "physics.render_drrs (mono), "
             + (f"Poisson noise {s['photons']:g} photons/pixel" if s["photons"] else "noise-free")
             + ". FDK: Hann window, no Parker weighting"
             + (", half-scan view weights" if s["arc_deg"] <= 180 else "")
             + f". Iterations: SIRT {s['sirt_iters']}, CGLS {s['cgls_iters']}, TV "
-            f"{s['tv_iters']} (TV weight {s['tv_weight']:g} mm²); SIRT and TV nonnegative; "
-            "every output clipped at μ ≥ 0 (HU ≥ −1000). Cells: mean PSNR (dB) / SSIM; "
-            "x2ct PSNR counts an error-free slice as 100 dB, so volumes padded with air into "
-            "the cube (the thin real scans) score high in it."
+            f"{s['tv_iters']}; SIRT and TV nonnegative; every output clipped at μ ≥ 0 "
+            "(HU ≥ −1000). Cells: mean PSNR (dB) / SSIM."
+        ),
+        "",
+        (
+            f"Cubes: phantoms {s['fov_mm']:.0f} mm; real CTs "
+            + (
+                "each its own side, the body's larger axial extent (couch removed, centred "
+                "on the body, air beyond the scan's ends)"
+                if s["real_fov"] == "body"
+                else f"{s['real_fov']:.0f} mm (as ct_folder makes datasets)"
+            )
+            + ". Inside the body: primary metrics restricted to the body mask "
+            "(io.body_mask of the ground truth; SSIM windows see the whole volume), x2ct "
+            "metrics on the body's bounding box."
+        ),
+        "",
+        (
+            f"Weights: TV weight among [{tw}] mm²"
+            + (
+                ", template_tv's prior weight among ["
+                + ", ".join(f"{w:g}" for w in s["prior_weight"])
+                + "] mm"
+                if "template_tv" in s["methods"]
+                else ""
+            )
+            + "; with several candidates each volume is scored with the candidate whose mean "
+            "PSNR is best on the other volumes of its kind (leave one out; a kind with one "
+            "volume takes the first candidate)."
         ),
     ]
+    if any(m in s["methods"] for m in (*PRIOR, *TEMPLATE)):
+        md += [
+            "",
+            (
+                "X-ray priors (`xct.recon.priors`): support = the views' visual hull (air "
+                f"line integral ≤ {s['air_tol']:g}, each voxel's footprint plus a pixel), "
+                "bounds 0 ≤ μ ≤ μ(3071 HU). Template (`xct.recon.template`): "
+                "the --template CT, never the volume scored, registered to the views through "
+                "the projector (pose and scale, then smooth displacement fields and a smooth "
+                "gain; Adam, coarse to fine); with several, the best DRR match. template_tv: "
+                "TV with the priors from the registered template, pulled towards it."
+            ),
+        ]
     if result.get("network"):
         n = result["network"]
         if "skipped" in n:
@@ -479,7 +749,8 @@ def write_report(out: pathlib.Path, result: dict) -> str:
                 "",
                 (
                     f"Network: `{n['config']}`, checkpoint `{n['workdir']}` step {n['step']} "
-                    f"(trained on {n['trained_views']} views); refinement "
+                    f"(trained on {n['trained_views']} views, {n['fov_mm']:.0f} mm cube: "
+                    "scored on volumes of that side only); refinement "
                     f"{s['refine_iters']} Adam steps (recon.refine defaults); "
                     f"SIRT from network {s['sirt_iters']} iterations."
                 ),
@@ -490,24 +761,77 @@ def write_report(out: pathlib.Path, result: dict) -> str:
     groups = [
         (
             "synthetic",
-            f"{n_syn} synthetic chest phantom{'s' * (n_syn != 1)} (test split, seeds {seeds})",
+            f"{n_syn} synthetic chest phantom{'s' * (n_syn != 1)} (test split, seeds {seeds}; "
+            "phantom numbers)",
         ),
-        ("real", f"{len(result['real_ids'])} real CTs (`{ct_dir}`)"),
+        ("chest", f"{len(result['chest_ids'])} real chests (`{ct_dir}`, `{s['chests']}`)"),
+        (
+            "real",
+            f"{len(result['real_ids'])} other real CTs (`{ct_dir}`; cropped scans of other "
+            "regions, not chests)",
+        ),
     ]
     for kind, title in groups:
         if not any(x["kind"] == kind for x in rows):
             continue
-        for definition, cols in (("primary", ("psnr", "ssim")), ("x2ct", X2CT_CELLS)):
+        for name, cols in TABLES:
             md += [
                 "",
-                f"### {title} — {definition}",
+                f"### {title} — {name}",
                 "",
                 markdown_table(summarise(rows, kind, cols), methods, views),
             ]
+        md += [
+            "",
+            f"DRR consistency ({kind}): mean relative residual ||A x − b|| / ||b|| of each "
+            "output (clipped at μ ≥ 0) against the measured views:",
+            "",
+            markdown_table(
+                summarise(rows, kind, ("drr_mismatch", "drr_mismatch")),
+                methods,
+                views,
+                psnr_digits=4,
+                single=True,
+            ),
+        ]
     md += ["", "Definitions:"]
     md += [f"- **{k}**: {v}" for k, v in metrics.DEFINITIONS.items()]
-    if result["real_ids"]:
-        md += ["", "Real CTs scored: " + ", ".join(f"`{i}`" for i in result["real_ids"]) + "."]
+    vols = result["volumes"]
+    if vols:
+        md += ["", "| volume | kind | cube side (mm) | body fraction |", "|---|---|---|---|"]
+        md += [
+            f"| `{v['id']}` | {v['kind']} | {v['fov_mm']:.0f} | {v['body_fraction']:.3f} |"
+            for v in vols
+        ]
+    chosen: dict = {}
+    for r_ in rows:
+        if r_["params"]:
+            cell = chosen.setdefault((r_["kind"], r_["method"], r_["views"]), {})
+            cell.setdefault(r_["params"], []).append(r_["volume"])
+    if chosen:
+        md += ["", "Weights chosen (leave one out), per kind, method and views:"]
+        for (kind, m, v), by in chosen.items():
+            md.append(
+                f"- {kind} {m} {v}v: "
+                + "; ".join(
+                    f"{p} ({len(vs)} of {sum(map(len, by.values()))})" for p, vs in by.items()
+                )
+            )
+    if result.get("templates_used"):
+        md += [
+            "",
+            "Templates registered (relative DRR mismatch after registration): "
+            + "; ".join(
+                f"`{t['volume']}` {t['views']}v ← `{t['template']}` "
+                f"({t['mismatch'][t['template']]:.3f})"
+                for t in result["templates_used"]
+            ),
+        ]
+    if result.get("template_skipped"):
+        md += ["", "Template rows left out:"]
+        md += [
+            f"- `{t['volume']}` {t['views']}v: {t['reason']}" for t in result["template_skipped"]
+        ]
     if result["skipped"]:
         md += ["", "Skipped (as ct_folder would):"]
         md += [f"- `{name}`: {reason}" for name, reason in result["skipped"]]
@@ -550,9 +874,9 @@ def write_figure(path: pathlib.Path, result: dict) -> None:
     import matplotlib.pyplot as plt
 
     rows = result["rows"]
-    kinds = [k for k in ("synthetic", "real") if any(r["kind"] == k for r in rows)]
+    kinds = [k for k in ("synthetic", "chest", "real") if any(r["kind"] == k for r in rows)]
     fig, axes = plt.subplots(1, len(kinds), figsize=(5 * len(kinds), 3.6), squeeze=False)
-    methods = [m for m in (*CLASSICAL, *NETWORK) if any(x["method"] == m for x in rows)]
+    methods = [m for m in (*METHODS, *NETWORK) if any(x["method"] == m for x in rows)]
     for ax, kind in zip(axes[0], kinds, strict=True):
         summary = summarise(rows, kind, ("psnr", "ssim"))
         for m in methods:
@@ -576,6 +900,31 @@ def write_figure(path: pathlib.Path, result: dict) -> None:
 # Main
 
 
+def select(rows: list[dict]) -> list[dict]:
+    """One row per (method, views, volume): for a method run with several weights, the
+    candidate whose mean primary PSNR over the *other* volumes of the same kind is best
+    (leave one out); a kind with one volume takes the first candidate."""
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault((r["method"], r["views"], r["kind"]), []).append(r)
+    chosen = []
+    for rs in groups.values():
+        params = list(dict.fromkeys(r["params"] for r in rs))
+        volumes = list(dict.fromkeys(r["volume"] for r in rs))
+        by = {(r["params"], r["volume"]): r for r in rs}
+        for vol in volumes:
+            others = [v for v in volumes if v != vol]
+            if len(params) == 1 or not others:
+                best = params[0]
+            else:
+                best = max(
+                    params,
+                    key=lambda p: np.mean([by[(p, o)]["psnr"] for o in others if (p, o) in by]),
+                )
+            chosen.append(by[(best, vol)])
+    return chosen
+
+
 def run(args: argparse.Namespace, command: str) -> dict:
     """Reconstruct and score everything ``args`` asks for; write the outputs; the result."""
     import jax
@@ -584,6 +933,7 @@ def run(args: argparse.Namespace, command: str) -> dict:
 
     from data_pipelines import common
     from xct import geometry, metrics, physics
+    from xct.recon import priors, template
 
     t0 = time.perf_counter()
     out = pathlib.Path(args.out)
@@ -591,68 +941,131 @@ def run(args: argparse.Namespace, command: str) -> dict:
     r = args.resolution
     fov_mm = 400.0  # the datasets' field of view (SyntheticChestConfig, CTFolderConfig)
     arc = common.ViewSpec(r, 1, fov_mm).arc_deg if args.arc_deg is None else args.arc_deg
-    spec = common.ViewSpec(r, max(args.views), fov_mm, arc)
-    grid = spec.grid()
-    angles = spec.angles_deg()  # nested: every prefix is a well-spread subset
-
-    def geom_of(v):
-        return geometry.circular_cone_beam(
-            angles[:v],
-            sod_mm=common.SOD_MM,
-            sdd_mm=common.SDD_MM,
-            det_shape=(r, r),
-            pixel_mm=spec.pixel_mm,
-        )
-
-    geoms = {v: geom_of(v) for v in args.views}
-    angles_v = {v: jnp.asarray(angles[:v]) for v in args.views}
-    solvers = classical_solvers(grid, args, arc)
+    angles = geometry.nested_view_angles(max(args.views), arc)  # every prefix well spread
+    angles_v = {v: jnp.asarray(angles[:v], jnp.float32) for v in args.views}
     net_fns, net_info = {}, None
     if args.checkpoint_workdir:
-        net_fns, net_info = network_solvers(_load_config(args.config), args, grid, spec)
+        net_fns, net_info = network_solvers(_load_config(args.config), args, arc)
         if "skipped" in net_info:
             print(net_info["skipped"], file=sys.stderr, flush=True)
-
-    @functools.partial(jax.jit, static_argnames="photons")
-    def render(hu, key, photons):
-        return physics.render_drrs(hu, grid, geoms[max(args.views)], key, photons=photons)
 
     skipped: list[tuple[str, str]] = []
     volumes = list(synthetic_volumes(args.phantoms, r, fov_mm))
     ct_dir = pathlib.Path(args.ct_dir)
     if not args.no_real:
         if ct_dir.is_dir():
-            volumes += list(real_volumes(ct_dir, r, fov_mm, skipped))
+            found = list(real_volumes(ct_dir, r, args.real_fov, skipped, args.chests))
+            if not found and args.phantoms == 0:
+                raise ValueError(
+                    f"--ct_dir {ct_dir}: "
+                    + (
+                        f"none of its {len(skipped)} inputs is a CT that ct_folder accepts "
+                        "(reasons above)"
+                        if skipped
+                        else "no CT volumes or DICOM series found (an empty folder?)"
+                    )
+                )
+            volumes += found
         else:
             print(f"no real CTs: {ct_dir} is not a folder", file=sys.stderr, flush=True)
     if not volumes:
         raise ValueError("nothing to score: --phantoms=0 and no real CTs")
+    templates = template_volumes(args.template, r) if set(args.methods) & set(TEMPLATE) else []
 
-    jobs = [(m, v) for v in args.views for m in solvers]
+    solvers_by_fov: dict = {}
+    vmax = max(args.views)
+
+    def setup_for(fov):
+        if fov not in solvers_by_fov:
+            acq = geometry.Acquisition(resolution=r, fov_mm=fov, arc_deg=arc)
+            grid = acq.grid()
+            geoms = {v: acq.orbit(angles[:v]) for v in args.views}
+            render = jax.jit(
+                lambda hu, key, photons, grid=grid, g=geoms[vmax]: physics.render_drrs(
+                    hu, grid, g, key, photons=photons
+                ),
+                static_argnames="photons",
+            )
+            solvers_by_fov[fov] = (grid, geoms, Solvers(grid, args, arc), render)
+        return solvers_by_fov[fov]
+
+    jobs = [m for m in METHODS if m in args.methods]
+    per_volume_jobs = sum(len(candidates(args, m)) for m in jobs) * len(args.views)
     if net_fns:
-        jobs += [(m, v) for v in net_info["views"] for m in net_fns]
+        per_volume_jobs += len(net_fns) * len(net_info["views"])
     rows = []
+    templates_used, template_skipped = [], []
     base_key = jax.random.key(args.seed)
-    bar = tqdm(total=len(volumes) * len(jobs), desc=f"quality {r}^3", unit="recon")
+    bar = tqdm(total=len(volumes) * per_volume_jobs, desc=f"quality {r}^3", unit="recon")
     for i, vol in enumerate(volumes):
+        grid, geoms, solvers, render = setup_for(vol.fov_mm)
         drr_all = render(vol.hu, jax.random.fold_in(base_key, i), args.photons)
-        for method, v in jobs:
-            bar.set_postfix_str(f"{vol.id[:24]} {method} {v}v")
-            drr = drr_all[:v]
-            t = time.perf_counter()
-            if method in solvers:
-                pred, resid = solvers[method](drr, geoms[v])
-            else:
-                pred, resid = net_fns[method](drr, geoms[v], angles_v[v])
-            pred = jax.block_until_ready(pred)
-            seconds = time.perf_counter() - t
-            row = {"method": method, "views": v, "kind": vol.kind, "volume": vol.id}
-            row.update(score_volume(pred, vol.hu))
-            row["rel_residual"] = float(resid)
-            row["seconds"] = seconds
-            rows.append(row)
-            bar.update(1)
+        for v in args.views:
+            drr, geom = drr_all[:v], geoms[v]
+            support = prior = None
+            reg_seconds = 0.0
+            if set(jobs) & {*PRIOR, "template_tv"}:
+                support = solvers.support(drr, geom)
+            if set(jobs) & set(TEMPLATE):
+                usable, why = [], []
+                for t in templates:
+                    if t.source == vol.source:
+                        continue  # leave one out: never the CT being scored
+                    try:
+                        template.check_template_size(t.id, t.fov_mm, vol.fov_mm)
+                        usable.append(t)
+                    except ValueError as e:
+                        why.append(str(e))
+                if not usable:
+                    why = why or [f"no --template but {vol.id} itself"]
+                else:
+                    bar.set_postfix_str(f"{vol.id[:24]} registering {v}v")
+                    t = time.perf_counter()
+                    name, prior, mism = solvers.register(usable, drr, geom)
+                    reg_seconds = time.perf_counter() - t
+                    templates_used.append(
+                        {"volume": vol.id, "views": v, "template": name, "mismatch": mism}
+                    )
+                    try:
+                        template.check_match(name, mism[name])
+                    except ValueError as e:
+                        why, prior = [str(e)], None
+                if prior is None:
+                    template_skipped.append({"volume": vol.id, "views": v, "reason": why[0]})
+                    print(f"{vol.id} {v}v: template rows left out: {why[0]}", file=sys.stderr)
+                    bar.update(sum(len(candidates(args, m)) for m in jobs if m in TEMPLATE))
+            for method in jobs:
+                if method in TEMPLATE and prior is None:
+                    continue
+                for params in candidates(args, method):
+                    bar.set_postfix_str(f"{vol.id[:24]} {method} {v}v {_fmt_params(params)}")
+                    t = time.perf_counter()
+                    mu = jax.block_until_ready(
+                        solvers.run(method, drr, geom, params, support=support, prior=prior)
+                    )
+                    seconds = time.perf_counter() - t
+                    if method in TEMPLATE:
+                        seconds += reg_seconds  # the registration is part of its cost
+                    mu = jnp.maximum(mu, 0.0)
+                    rows.append(_row(method, v, vol, mu, drr, geom, solvers, seconds, params))
+                    bar.update(1)
+        if net_fns and abs(vol.fov_mm - net_info["fov_mm"]) < 1e-6:
+            for v in net_info["views"]:
+                drr, geom = drr_all[:v], geoms[v]
+                for method, fn in net_fns.items():
+                    t = time.perf_counter()
+                    pred, _ = fn(drr, geom, angles_v[v])
+                    pred = jax.block_until_ready(pred)
+                    mu = jnp.maximum(physics.hu_to_mu(pred), 0.0)
+                    rows.append(
+                        _row(method, v, vol, mu, drr, geom, solvers, time.perf_counter() - t, {})
+                    )
+                    bar.update(1)
+        elif net_fns:
+            bar.update(len(net_fns) * len(net_info["views"]))
     bar.close()
+    sweep = rows
+    rows = select(rows)
 
     result = {
         "machine": machine_line(),
@@ -662,9 +1075,10 @@ def run(args: argparse.Namespace, command: str) -> dict:
         "setup": {
             "resolution": r,
             "fov_mm": fov_mm,
+            "real_fov": args.real_fov,
+            "chests": args.chests,
             "sod_mm": common.SOD_MM,
             "sdd_mm": common.SDD_MM,
-            "pixel_mm": spec.pixel_mm,
             "arc_deg": arc,
             "angles_deg": [float(a) for a in angles],
             "views": args.views,
@@ -676,20 +1090,46 @@ def run(args: argparse.Namespace, command: str) -> dict:
             "cgls_iters": args.cgls_iters,
             "tv_iters": args.tv_iters,
             "tv_weight": args.tv_weight,
+            "prior_weight": args.prior_weight,
+            "air_tol": priors.DEFAULT_AIR_TOL if args.air_tol is None else args.air_tol,
+            "templates": args.template,
             "refine_iters": args.refine_iters,
         },
         "definitions": metrics.DEFINITIONS,
         "network": net_info,
+        "volumes": [
+            {"id": v.id, "kind": v.kind, "fov_mm": v.fov_mm, "body_fraction": v.body_fraction}
+            for v in volumes
+        ],
         "real_ids": [v.id for v in volumes if v.kind == "real"],
+        "chest_ids": [v.id for v in volumes if v.kind == "chest"],
+        "templates_used": templates_used,
+        "template_skipped": template_skipped,
         "skipped": skipped,
         "rows": rows,
     }
     write_csv(out / f"per_volume_{r}.csv", rows)
+    if len(sweep) != len(rows):
+        write_csv(out / f"sweep_{r}.csv", sweep)
     write_figure(out / f"psnr_vs_views_{r}.png", result)
     result["markdown"] = write_report(out, result)
     with open(out / f"results_{r}.json", "w", encoding="utf-8") as f:
         json.dump(summary_json(result), f, indent=1)
     return result
+
+
+def _row(method, views, vol: Volume, mu, drr, geom, solvers: Solvers, seconds, params) -> dict:
+    from xct import physics
+
+    pred = physics.mu_to_hu(mu)
+    row = {"method": method, "views": views, "kind": vol.kind, "volume": vol.id}
+    row.update(score_volume(pred, vol.hu, vol.body))
+    row["drr_mismatch"] = solvers.mismatch(mu, drr, geom)
+    row["seconds"] = seconds
+    row["fov_mm"] = vol.fov_mm
+    row["body_fraction"] = vol.body_fraction
+    row["params"] = _fmt_params(params)
+    return row
 
 
 def main(argv=None) -> int:

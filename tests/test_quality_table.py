@@ -34,3 +34,86 @@ def test_quality_table_smoke(tmp_path, capsys):
     md = capsys.readouterr().out
     assert md == (out / "quality_16.md").read_text(encoding="utf-8") + "\n"
     assert "| SIRT |" in md and "— x2ct" in md and "Command: `python -m scripts.quality_table" in md
+
+
+def test_quality_table_priors_and_templates_leave_one_out(tmp_path):
+    """Two 'chests' (phantoms written as NIfTI) in --ct_dir, both given as --template: each
+    is reconstructed with the other as template, never itself; weights are chosen on the
+    other chest; the body-filled cube and the inside-body columns are reported."""
+    import numpy as np
+
+    from xct import geometry, io, phantoms
+
+    ct_dir = tmp_path / "cts"
+    ct_dir.mkdir()
+    grid = geometry.VolumeGrid.centered((40, 48, 48), 8.0)
+    files = []
+    for seed in (1, 2):
+        hu, _ = phantoms.chest_phantom(seed, grid)
+        files.append(str(io.write_ct(ct_dir / f"chest_{seed}.nii.gz", np.asarray(hu), grid)))
+    out = tmp_path / "q"
+    argv = [
+        "--resolution=16",
+        "--phantoms=0",
+        "--views",
+        "2",
+        "--iters=3",
+        f"--ct_dir={ct_dir}",
+        "--methods",
+        "tv",
+        "tv_support",
+        "template",
+        "template_tv",
+        "--tv_weight",
+        "0.01",
+        "0.1",
+        "--prior_weight",
+        "1",
+        "--template",
+        *files,
+        f"--out={out}",
+    ]
+    assert quality_table.main(argv) == 0
+    with open(out / "per_volume_16.csv", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    assert {(r["method"], r["volume"]) for r in rows} == {
+        (m, f"chest_{s}.nii.gz")
+        for m in ("tv", "tv_support", "template", "template_tv")
+        for s in (1, 2)
+    }
+    for r in rows:
+        assert r["kind"] == "chest"
+        assert math.isfinite(float(r["psnr_body"])) and math.isfinite(float(r["x2ct_psnr_body"]))
+        assert 0.0 < float(r["body_fraction"]) < 1.0
+        assert float(r["fov_mm"]) < 400.0  # the body fills the cube, not a 400 mm default
+    with open(out / "sweep_16.csv", encoding="utf-8") as f:
+        sweep = list(csv.DictReader(f))
+    assert len(sweep) == 2 * (2 + 2 + 1 + 2)  # two weights for the swept methods
+    summary = json.loads((out / "results_16.json").read_text(encoding="utf-8"))
+    used = {t["volume"]: t["template"] for t in summary["templates_used"]}
+    assert used == {"chest_1.nii.gz": "chest_2.nii.gz", "chest_2.nii.gz": "chest_1.nii.gz"}
+    # leave one out: each chest's TV weight is the one best on the other chest
+    by = {(r["volume"], r["params"]): float(r["psnr"]) for r in sweep if r["method"] == "tv"}
+    for r in rows:
+        if r["method"] == "tv":
+            other = "chest_2.nii.gz" if r["volume"] == "chest_1.nii.gz" else "chest_1.nii.gz"
+            best = max(("tv_weight=0.01", "tv_weight=0.1"), key=lambda p: by[(other, p)])
+            assert r["params"] == best
+
+
+def test_quality_table_bad_inputs(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    argv = ["--resolution=16", "--phantoms=0", f"--ct_dir={empty}", f"--out={tmp_path / 'q'}"]
+    assert quality_table.main(argv) == 1
+    assert "no CT volumes or DICOM series found" in capsys.readouterr().err
+    try:
+        quality_table.parse_args(["--methods", "template", f"--out={tmp_path}"])
+        raise AssertionError("--methods template without --template was accepted")
+    except SystemExit as e:
+        assert e.code == 2
+    try:
+        quality_table.parse_args(["--template", str(tmp_path / "none.nii.gz"), f"--out={tmp_path}"])
+        raise AssertionError("a missing --template was accepted")
+    except SystemExit as e:
+        assert e.code == 2
