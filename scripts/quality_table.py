@@ -194,6 +194,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="real CTs' cube: 'body' (the side the body fills, per CT) or a side in mm",
     )
     p.add_argument("--air_tol", type=float, default=None, help="priors: air line integral")
+    p.add_argument("--include", default="*", help="glob: only the --ct_dir names matching it")
     p.add_argument(
         "--chests",
         default="*chest*",
@@ -306,17 +307,22 @@ def read_cube(path, resolution: int, fov) -> tuple[np.ndarray, float]:
     return as_stored(io.to_projector_frame(hu)), side
 
 
-def real_volumes(ct_dir, resolution: int, fov, skipped: list, chests: str = "*chest*"):
+def real_volumes(
+    ct_dir, resolution: int, fov, skipped: list, chests: str = "*chest*", include: str = "*"
+):
     """Every CT under ``ct_dir`` that ``ct_folder`` accepts, made as ``read_cube`` makes it;
     ``(name, reason)`` of the others is appended to ``skipped``. Those whose name matches
-    the glob ``chests`` are of kind ``"chest"``, the others ``"real"``."""
+    the glob ``chests`` are of kind ``"chest"``, the others ``"real"``; names that do not
+    match ``include`` are passed over."""
     import fnmatch
 
     from data_pipelines import ct_folder
 
     root = pathlib.Path(ct_dir)
     for path in ct_folder.find_sources(root):
-        name = str(path.relative_to(root))
+        name = path.relative_to(root).as_posix()
+        if not fnmatch.fnmatch(name, include):
+            continue
         try:
             hu, side = read_cube(path, resolution, fov)
         except ValueError as e:
@@ -972,7 +978,7 @@ def run(args: argparse.Namespace, command: str) -> dict:
     ct_dir = pathlib.Path(args.ct_dir)
     if not args.no_real:
         if ct_dir.is_dir():
-            found = list(real_volumes(ct_dir, r, args.real_fov, skipped, args.chests))
+            found = list(real_volumes(ct_dir, r, args.real_fov, skipped, args.chests, args.include))
             if not found and args.phantoms == 0:
                 raise ValueError(
                     f"--ct_dir {ct_dir}: "
@@ -1095,6 +1101,7 @@ def run(args: argparse.Namespace, command: str) -> dict:
             "fov_mm": fov_mm,
             "real_fov": args.real_fov,
             "chests": args.chests,
+            "include": args.include,
             "sod_mm": common.SOD_MM,
             "sdd_mm": common.SDD_MM,
             "arc_deg": arc,
