@@ -937,14 +937,11 @@ def select(rows: list[dict]) -> list[dict]:
         volumes = list(dict.fromkeys(r["volume"] for r in rs))
         by = {(r["params"], r["volume"]): r for r in rs}
         for vol in volumes:
-            others = [v for v in volumes if v != vol]
+            others = [v for v in volumes if v != vol and all((p, v) in by for p in params)]
             if len(params) == 1 or not others:
                 best = params[0]
             else:
-                best = max(
-                    params,
-                    key=lambda p: np.mean([by[(p, o)]["psnr"] for o in others if (p, o) in by]),
-                )
+                best = max(params, key=lambda p: np.mean([by[(p, o)]["psnr"] for o in others]))
             chosen.append(by[(best, vol)])
     return chosen
 
