@@ -102,3 +102,32 @@ def test_template_tv_on_a_real_chest(tmp_path):
     assert s["template"].endswith("chest_4dct_phase00_2mm.nii.gz")
     assert s["drr_mismatch"] < 0.05
     assert max(s["template_mismatch"].values()) < 0.3
+
+
+def test_template_with_zero_spacing_is_refused(tmp_path, capsys):
+    """A template file whose header gives a zero voxel size: an error naming it and why."""
+    import struct
+
+    acq = geometry.Acquisition(resolution=16, fov_mm=400.0)
+    hu, _ = phantoms.chest_phantom(1, acq.grid())
+    xrays = _views(tmp_path, np.asarray(hu), 400.0, [0.0, 90.0])
+    path = tmp_path / "tmpl.nii"
+    io.write_ct(path, np.asarray(hu), acq.grid())
+    raw = bytearray(path.read_bytes())
+    raw[80:84] = struct.pack("<f", 0.0)  # pixdim[1]
+    path.write_bytes(bytes(raw))
+    argv = [
+        "--xrays",
+        *xrays,
+        "--angles_deg",
+        "0",
+        "90",
+        "--resolution=16",
+        "--method=template",
+        "--template",
+        str(path),
+        f"--out={tmp_path / 'o'}",
+    ]
+    assert reconstruct.main(argv) == 1
+    err = capsys.readouterr().err
+    assert "--template" in err and "tmpl.nii" in err and "spacing" in err
