@@ -47,6 +47,14 @@ def get_config(arg: str | None = None) -> ConfigDict:
     c.data.curriculum_steps = 0  # source="render": deformation/noise ramp up over these steps
     # ... and phantoms go from simple to full complexity (xct.phantoms.chest_phantom)
     c.data.complexity_curriculum = True
+    # source="render": real CTs mixed into the phantoms, a new patient each step (random pose,
+    # anisotropic scale, smooth deformation and contrast; xct.data.RenderSource)
+    c.data.real_ct_dir = ""  # folder of CTs (read and preprocessed as ct_folder does)
+    c.data.real_fraction = 0.0  # share of the examples made from real CTs
+    c.data.real_exclude = ()  # globs of names never read (the held-out CTs)
+    c.data.real_scale = 0.15  # anisotropic scale up to +-15 %
+    c.data.real_rotation_deg = 5.0  # rotation standard deviation per axis
+    c.data.real_hu_gain = 0.1  # smooth contrast variation (log gain std)
 
     c.model = ConfigDict()
     c.model.name = "unet"  # "unet" or "baseline" (xct.models.get_model)

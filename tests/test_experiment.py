@@ -25,6 +25,7 @@ STRINGS = {
     "data.source": "render",
     "data.dataset": "synthetic_chest/res64_views8",
     "data.data_dir": "/nonexistent/elsewhere",
+    "data.real_ct_dir": "/nonexistent/cts",
     "data.view_selection": "random",
     "model.name": "baseline",
     "model.lifting": "expand",
@@ -45,6 +46,7 @@ SPECIAL = {
     "data.split_sizes": {"train": 3},
     "data.batch_size": 8,
     "eval.report_ids": ("chest.nii.gz",),
+    "data.real_exclude": ("chest_*",),
 }
 RENDER_ONLY = (
     "pool_size",
@@ -53,6 +55,12 @@ RENDER_ONLY = (
     "photons",
     "curriculum_steps",
     "complexity_curriculum",
+    "real_ct_dir",
+    "real_fraction",
+    "real_exclude",
+    "real_scale",
+    "real_rotation_deg",
+    "real_hu_gain",
 )
 TFDS_ONLY = (
     "dataset",

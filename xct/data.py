@@ -258,9 +258,73 @@ class RenderSource:
     curriculum_steps: int = 0
     complexity_curriculum: bool = True
     has_validation: bool = False
+    # Real CTs mixed into the phantoms (``real_fraction`` of the examples), each a new
+    # patient every step: random pose (``real_rotation_deg``), anisotropic scale (up to
+    # ``real_scale``), smooth displacement (``elastic_mm``, at least 10 mm) and smooth
+    # contrast (``real_hu_gain``) through ``recon.template.warp``; then flips and noise as
+    # the phantoms. CTs whose name (path relative to ``real_ct_dir``) matches a glob of
+    # ``real_exclude`` are never read: list the held-out ones there.
+    real_ct_dir: str = ""
+    real_fraction: float = 0.0
+    real_exclude: tuple[str, ...] = ()
+    real_scale: float = 0.15
+    real_rotation_deg: float = 5.0
+    real_hu_gain: float = 0.1
+
+    def __post_init__(self):
+        if not 0.0 <= float(self.real_fraction) <= 1.0:
+            raise ValueError(
+                f"config.data.real_fraction: expected a fraction in [0, 1], got "
+                f"{self.real_fraction!r}"
+            )
+        if self.real_fraction > 0 and not self.real_ct_dir:
+            raise ValueError(
+                "config.data.real_fraction > 0 needs config.data.real_ct_dir (a folder of CTs)"
+            )
+        if self.real_ct_dir and not pathlib.Path(self.real_ct_dir).expanduser().is_dir():
+            raise ValueError(f"config.data.real_ct_dir: {self.real_ct_dir} is not a folder")
+        for name in ("real_scale", "real_rotation_deg", "real_hu_gain"):
+            if not float(getattr(self, name)) >= 0:
+                raise ValueError(f"config.data.{name}: expected >= 0, got {getattr(self, name)!r}")
 
     def prepare(self) -> None:
         return None
+
+    def real_sources(self) -> list[tuple[str, pathlib.Path]]:
+        """``(name, path)`` of the CTs under ``real_ct_dir`` not excluded by ``real_exclude``."""
+        import fnmatch
+
+        if not self.real_ct_dir or not self.real_fraction:
+            return []
+        root = pathlib.Path(self.real_ct_dir).expanduser()
+        out = []
+        for path in find_ct_sources(root):
+            name = path.relative_to(root).as_posix()
+            if not any(fnmatch.fnmatch(name, g) for g in self.real_exclude):
+                out.append((name, path))
+        return out
+
+    def real_pool(self) -> tuple[np.ndarray, list[str]]:
+        """The readable real CTs (HU ``[R, r, r, r]``, projector frame, ``ct_folder``'s
+        preprocessing) and their names; unreadable ones are printed and left out. No real CT
+        left is an error."""
+        acq, vols, names = self.acquisition, [], []
+        for name, path in self.real_sources():
+            try:
+                hu, grid = io.read_ct(path)
+                io.check_ct_volume(path, grid)
+                hu, _ = io.preprocess(hu, grid, acq.resolution, acq.fov_mm)
+            except ValueError as e:
+                print(f"real_ct_dir: skipped {name}: {str(e).splitlines()[0]}", flush=True)
+                continue
+            vols.append(io.to_projector_frame(hu).astype(np.float32))
+            names.append(name)
+        if not vols:
+            raise ValueError(
+                f"config.data.real_ct_dir: no readable CT in {self.real_ct_dir} after "
+                f"real_exclude={list(self.real_exclude)}"
+            )
+        return np.stack(vols), names
 
     def pool(self, by_complexity: bool) -> np.ndarray:
         """Phantoms (HU ``[P, r, r, r]``); with ``by_complexity``, phantom ``i`` of ``P`` has
@@ -284,7 +348,12 @@ class RenderSource:
         ordered by complexity) it also draws phantoms only from the easiest
         ``ceil(strength * P)`` of the pool.
         """
-        pool = jax.device_put(self.pool(by_complexity), sharding.replicated(mesh))
+        pool = self.pool(by_complexity)
+        if self.real_fraction > 0:
+            real, names = self.real_pool()
+            print(f"real CTs in the training pool: {', '.join(names)}", flush=True)
+            pool = (pool, real)
+        pool = jax.device_put(pool, sharding.replicated(mesh))
         out_shardings = {
             "ct": sharding.batch_sharding(mesh, 4, volume=True, rules=rules),
             "drr": sharding.batch_sharding(mesh, 4, rules=rules),
@@ -303,17 +372,50 @@ class RenderSource:
         return None
 
 
+def augment_real(key, hu: jax.Array, src: RenderSource, strength=1.0) -> jax.Array:
+    """A new patient from a real CT ``hu [r, r, r]`` (projector frame): random rotation,
+    anisotropic scale, smooth displacement and smooth contrast (``recon.template.warp`` on
+    ``HU + 1000``, air outside)."""
+    from xct.recon import template
+
+    k = jax.random.split(key, 4)
+    sched = template.Schedule()
+    init = sched.init(hu.dtype)
+    rot = jnp.deg2rad(src.real_rotation_deg) / template._ROT_RAD
+    scale = jnp.log1p(src.real_scale) / template._LOG_SCALE
+    disp = max(src.elastic_mm, 10.0) / template._DISP_MM
+    gain = src.real_hu_gain / template._LOG_GAIN
+    params = init._replace(
+        rotvec=strength * rot * jax.random.normal(k[0], (3,)),
+        log_scale=strength * scale * jax.random.uniform(k[1], (3,), minval=-1.0, maxval=1.0),
+        coarse=strength * disp * jax.random.normal(k[2], init.coarse.shape),
+        log_gain=strength * gain * jax.random.normal(k[3], init.log_gain.shape),
+    )
+    return template.warp(hu + 1000.0, params, src.acquisition.grid()) - 1000.0
+
+
 def _render(src: RenderSource, by_complexity: bool, key, pool, strength=1.0) -> dict:
-    k_pick, k_render = jax.random.split(key)
-    n, b = pool.shape[0], src.batch_size
+    k_pick, k_render, k_real, k_aug = jax.random.split(key, 4)
+    phantoms = pool[0] if isinstance(pool, tuple) else pool
+    n, b = phantoms.shape[0], src.batch_size
     if by_complexity:  # the easiest ceil(strength * n), with replacement
         available = jnp.clip(jnp.ceil(strength * n), 1, n).astype(jnp.int32)
         idx = jax.random.randint(k_pick, (b,), 0, available)
     else:
         idx = jax.random.choice(k_pick, n, (b,), replace=n < b)
+    cts = phantoms[idx]
+    if isinstance(pool, tuple):  # real CTs mixed in
+        real = pool[1]
+        k_which, k_idx = jax.random.split(k_real)
+        use_real = jax.random.bernoulli(k_which, src.real_fraction, (b,))
+        ridx = jax.random.randint(k_idx, (b,), 0, real.shape[0])
+        made = jax.vmap(lambda k, hu: augment_real(k, hu, src, strength))(
+            jax.random.split(k_aug, b), real[ridx]
+        )
+        cts = jnp.where(use_real[:, None, None, None], made, cts)
     return input_pipeline.render_batch(
         k_render,
-        pool[idx],
+        cts,
         src.acquisition,
         num_views=src.num_views,
         flip=src.flip,

@@ -301,6 +301,12 @@ def make_data_source(config, acq: geometry.Acquisition) -> data.DataSource:
             photons=float(d.photons),
             curriculum_steps=int(d.get("curriculum_steps", 0)),
             complexity_curriculum=bool(d.get("complexity_curriculum", True)),
+            real_ct_dir=str(d.get("real_ct_dir", "")),
+            real_fraction=float(d.get("real_fraction", 0.0)),
+            real_exclude=tuple(str(g) for g in d.get("real_exclude", ())),
+            real_scale=float(d.get("real_scale", 0.15)),
+            real_rotation_deg=float(d.get("real_rotation_deg", 5.0)),
+            real_hu_gain=float(d.get("real_hu_gain", 0.1)),
             **common,
         )
     raise ValueError(f"config.data.source: expected 'tfds' or 'render', got {d.source!r}")
