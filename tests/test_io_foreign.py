@@ -135,6 +135,9 @@ def test_mr_like_volume_refused(tmp_path):
     sitk.WriteImage(sitk.GetImageFromArray(mr), str(path))
     with pytest.raises(io.CTReadError, match=r"t1\.nii\.gz: .*do not look like CT in HU: .*MR"):
         io.read_ct(path)
+    # following the HU+1024 advice cannot turn it into a CT: no air or lung peak
+    with pytest.raises(io.CTReadError, match=r"t1\.nii\.gz: .*no air or lung peak"):
+        io.read_ct(path, hu_offset=-1024)
     assert io.read_ct(path, check_hu=False)[0].shape == (16, 16, 16)
 
 

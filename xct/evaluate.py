@@ -276,10 +276,16 @@ def _write_csv(path: pathlib.Path, rows: list[dict]) -> None:
 
 
 def load_xray(path, size: int) -> np.ndarray:
-    """One X-ray as line integrals ``[size, size]``.
+    """One X-ray as line integrals ``[size, size]`` (uncalibrated for .png / .dcm).
 
-    ``.npy``: already line integrals. ``.png`` / ``.dcm``: detector intensities (bright =
-    more photons), converted with ``-log(I / I_air)``, ``I_air`` the 99.9th percentile.
+    ``.npy``: already line integrals. ``.png``: detector intensities, so it must be
+    *bone-dark* (bright = more photons: lungs and air bright, bone dark); it is converted
+    with ``-log(I / I_air)``, ``I_air`` the 99.9th percentile. A radiograph exported the
+    way it is displayed (bone white) comes out inverted: convert it first. ``.dcm``:
+    read with ``xct.radiograph.read_radiograph`` (MONOCHROME1/2, rescale and the
+    modality/body-part checks), whose attenuation-like image is reflected into bone-dark
+    intensities and converted like a PNG, so the polarity is right either way; the
+    intensity calibration to line integrals is not done here.
     """
     p = pathlib.Path(path)
     if not p.exists():
@@ -290,7 +296,13 @@ def load_xray(path, size: int) -> np.ndarray:
     elif suffix in (".png", ".dcm", ".dicom"):
         import SimpleITK as sitk
 
-        arr = sitk.GetArrayFromImage(sitk.ReadImage(str(p))).astype(np.float32)
+        if suffix == ".png":
+            arr = sitk.GetArrayFromImage(sitk.ReadImage(str(p))).astype(np.float32)
+        else:  # SimpleITK alone inverts MONOCHROME1: bone bright, read as many photons
+            from xct import radiograph
+
+            att = radiograph.read_radiograph(p).image
+            arr = att.max() + max(float(att.min()), 1.0) - att  # positive, air brightest
         arr = arr.reshape(arr.shape[-2:]) if arr.ndim > 2 and arr.shape[0] == 1 else arr
         if arr.ndim == 3:  # RGB(A) PNG
             arr = arr[..., :3].mean(-1)

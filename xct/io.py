@@ -724,6 +724,12 @@ _SOFT_HU = (-200.0, 300.0)  # fat, water, soft tissue, contrast-enhanced blood
 _MIN_SOFT_FRACTION = 0.2  # of tissue voxels; every shared real CT has more than 0.5
 _TISSUE_MEDIAN_HU = (-300.0, 500.0)  # the shared real CTs: -103..49
 _MAX_ABOVE_3100_FRACTION = 0.02  # beyond the 12-bit scanner range: metal only, a few voxels
+# Air outside the body or lung parenchyma, and the valley between it and fat: a CT has a
+# peak of air/lung that holds more voxels than the valley; a smooth unimodal intensity
+# distribution (MR, PET, an MR shifted by an offset) has its tail there instead.
+_AIR_LUNG_HU = (-1100.0, -750.0)
+_VALLEY_HU = (-650.0, -250.0)
+_MIN_AIR_LUNG_FRACTION = 0.01
 _OFFSET_ADVICE = (
     "read it with xct.io.read_ct(path, hu_offset=-1024) to shift it to HU (or convert the "
     "file to HU)"
@@ -734,11 +740,14 @@ _CHECK_HU_ADVICE = "or read it with xct.io.read_ct(path, check_hu=False) if it i
 def _hu_model_problems(hu: np.ndarray) -> list[str]:
     """What in the histogram of ``hu`` does not look like a CT in HU (empty when it does).
 
-    Air is not required: tight crops (a heart, a spine) hold little or none, and a crop
-    inside the lungs has parenchyma at -900..-700 HU but no voxel near -1000. The tissue
-    must be mostly fat/soft tissue (``_SOFT_HU``) with its median in ``_TISSUE_MEDIAN_HU``,
-    and almost nothing above 3100 HU. An MR or PET volume (values of hundreds to tens of
-    thousands, no air peak) fails the tissue tests.
+    Air near -1000 is not required (a heart crop holds lung parenchyma at -900..-700 HU but
+    no voxel near -1000), but some air or lung is (``_AIR_LUNG_HU``, at least 1% of the
+    scanned voxels) and it must outnumber the valley between lung and fat
+    (``_VALLEY_HU``): a CT's histogram has an air/lung peak, a unimodal one (an MR, also
+    one shifted by ``hu_offset=-1024``) only a tail. The tissue must be mostly fat/soft
+    tissue (``_SOFT_HU``) with its median in ``_TISSUE_MEDIAN_HU``, and almost nothing
+    above 3100 HU. A crop with no air and no lung (a spine, a liver) is refused: read it
+    with ``check_hu=False``.
     """
     v = hu.ravel()
     if v.size > 4_000_000:  # a regular subsample is enough for fractions and medians
@@ -766,6 +775,15 @@ def _hu_model_problems(hu: np.ndarray) -> list[str]:
         )
     if high > _MAX_ABOVE_3100_FRACTION:
         problems.append(f"{100 * high:.1f}% of voxels above 3100 (expected almost none)")
+    air = float(np.mean((scanned >= _AIR_LUNG_HU[0]) & (scanned <= _AIR_LUNG_HU[1])))
+    valley = float(np.mean((scanned > _VALLEY_HU[0]) & (scanned < _VALLEY_HU[1])))
+    if air < _MIN_AIR_LUNG_FRACTION or air < valley:
+        problems.append(
+            f"no air or lung peak: {100 * air:.1f}% of voxels in [{_AIR_LUNG_HU[0]:g}, "
+            f"{_AIR_LUNG_HU[1]:g}] HU against {100 * valley:.1f}% in the valley "
+            f"({_VALLEY_HU[0]:g}, {_VALLEY_HU[1]:g}) (expected at least "
+            f"{100 * _MIN_AIR_LUNG_FRACTION:g}% and more than the valley)"
+        )
     return problems
 
 
