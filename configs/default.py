@@ -55,6 +55,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
     c.data.real_scale = 0.15  # anisotropic scale up to +-15 %
     c.data.real_rotation_deg = 5.0  # rotation standard deviation per axis
     c.data.real_hu_gain = 0.1  # smooth contrast variation (log gain std)
+    c.data.phantom_version = 1  # source="render": 2 adds arms, scapulae, clavicles, breasts, ...
 
     c.model = ConfigDict()
     c.model.name = "unet"  # "unet" or "baseline" (xct.models.get_model)

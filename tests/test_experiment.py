@@ -61,6 +61,7 @@ RENDER_ONLY = (
     "real_scale",
     "real_rotation_deg",
     "real_hu_gain",
+    "phantom_version",
 )
 TFDS_ONLY = (
     "dataset",

@@ -21,7 +21,7 @@ def chest64(grid64):
 
 def test_labels_dict():
     assert L["background"] == 0
-    assert len(set(L.values())) == len(L) == 12
+    assert len(set(L.values())) == len(L) == 17
     for name in ("fat", "muscle", "lung", "vessel", "heart", "aorta", "vertebra", "rib"):
         assert name in L
     assert {"sternum", "nodule", "couch"} <= set(L)
@@ -168,3 +168,28 @@ def test_params_anatomy_independent_of_grid_and_complexity(grid_small, grid64):
     assert len(full.vessels) > 8  # several roots a side, each a branching tree
     with pytest.raises(ValueError, match="complexity"):
         phantoms.draw_chest_params(3, grid64, complexity=-0.1)
+
+
+def test_version_2_adds_anatomy_to_the_same_draws():
+    """Version 2 keeps every draw of version 1 and adds arms, shoulder girdle, breasts,
+    contrast and finer lung texture; version 1 is unchanged."""
+    grid = geometry.VolumeGrid.centered((48, 48, 48), 10.0)
+    for seed in range(6):
+        v1 = phantoms.draw_chest_params(seed, grid)
+        v2 = phantoms.draw_chest_params(seed, grid, version=2)
+        assert v1.extras is None and v2.extras is not None
+        assert repr(v1._replace(extras=None)) == repr(v2._replace(extras=None))
+    seen = set()
+    for seed in range(6):
+        extras = phantoms.draw_chest_params(seed, grid, version=2).extras
+        hu, labels = phantoms.chest_phantom(seed, grid, version=2)
+        present = set(np.unique(labels).tolist())
+        assert {L["scapula"], L["clavicle"]} <= present
+        assert (L["arm"] in present) == extras.arms_down
+        assert (L["breast"] in present) == (extras.breast_axes_mm is not None)
+        if extras.contrast_hu is not None:
+            assert np.median(hu[labels == L["heart"]]) > 140.0
+        seen |= {extras.arms_down, extras.contrast_hu is not None}
+    assert seen == {True, False}
+    with pytest.raises(ValueError, match="version"):
+        phantoms.chest_phantom(0, grid, version=3)

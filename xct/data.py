@@ -270,8 +270,13 @@ class RenderSource:
     real_scale: float = 0.15
     real_rotation_deg: float = 5.0
     real_hu_gain: float = 0.1
+    phantom_version: int = 1  # xct.phantoms.chest_phantom's version (2: arms, scapulae, ...)
 
     def __post_init__(self):
+        if self.phantom_version not in (1, 2):
+            raise ValueError(
+                f"config.data.phantom_version: expected 1 or 2, got {self.phantom_version!r}"
+            )
         if not 0.0 <= float(self.real_fraction) <= 1.0:
             raise ValueError(
                 f"config.data.real_fraction: expected a fraction in [0, 1], got "
@@ -335,7 +340,10 @@ class RenderSource:
         return np.stack(
             [
                 phantoms.chest_phantom(
-                    self.seed * 100_003 + i, grid, complexity=(i + 1) / n if by_complexity else 1.0
+                    self.seed * 100_003 + i,
+                    grid,
+                    complexity=(i + 1) / n if by_complexity else 1.0,
+                    version=self.phantom_version,
                 )[0]
                 for i in range(n)
             ]

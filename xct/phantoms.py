@@ -210,6 +210,12 @@ CHEST_LABELS = {
     "sternum": 9,
     "nodule": 10,
     "couch": 11,
+    # version 2 anatomy
+    "arm": 12,
+    "humerus": 13,
+    "scapula": 14,
+    "clavicle": 15,
+    "breast": 16,
 }
 
 _HU = {
@@ -226,6 +232,9 @@ _HU = {
     "sternum": 500.0,
     "disc": 80.0,
     "couch": 200.0,
+    "scapula": 700.0,
+    "clavicle": 800.0,
+    "breast": -60.0,
 }
 
 
@@ -474,6 +483,19 @@ class Nodule(NamedTuple):
     hu: float
 
 
+class ChestExtras(NamedTuple):
+    """Version 2 anatomy (``chest_phantom(..., version=2)``), drawn after everything else."""
+
+    arms_down: bool  # arms beside the body (else raised out of the field of view)
+    arm_radius_mm: float
+    arm_gap_mm: float  # skin-to-skin gap between the body and an arm
+    scapula_half_mm: np.ndarray  # [2] half width (x) and half height (y) of each scapula
+    clavicle_radius_mm: float
+    breast_axes_mm: np.ndarray | None  # [3] semi-axes of each breast, or None
+    contrast_hu: float | None  # blood pool HU with IV contrast (heart, aorta), or None
+    texture_amplitude: float  # extra fine lung texture (HU), a 1/f-like second octave
+
+
 class ChestParams(NamedTuple):
     """Everything that varies between chest phantoms; ``paint_chest`` turns it into volumes."""
 
@@ -485,6 +507,7 @@ class ChestParams(NamedTuple):
     nodules: tuple[Nodule, ...]  # empty without nodules or below complexity 0.5
     couch: bool  # paint the patient couch
     complexity: float  # in [0, 1]; see ``chest_phantom``
+    extras: ChestExtras | None = None  # version 2 anatomy, None for version 1
 
 
 def _draw_body(rng: np.random.Generator) -> ChestBody:
@@ -608,6 +631,23 @@ def _draw_nodules(
     return tuple(placed)
 
 
+def _draw_extras(rng: np.random.Generator, b: ChestBody) -> ChestExtras:
+    s = b.scale
+    breast = None
+    if rng.uniform() < 0.4:
+        breast = np.array([rng.uniform(45, 65), rng.uniform(45, 60), rng.uniform(30, 55)]) * s
+    return ChestExtras(
+        arms_down=bool(rng.uniform() < 0.5),
+        arm_radius_mm=rng.uniform(40.0, 55.0) * s,
+        arm_gap_mm=rng.uniform(5.0, 30.0),
+        scapula_half_mm=np.array([rng.uniform(45.0, 60.0), rng.uniform(65.0, 85.0)]) * s,
+        clavicle_radius_mm=rng.uniform(5.5, 7.5) * s,
+        breast_axes_mm=breast,
+        contrast_hu=float(rng.uniform(150.0, 350.0)) if rng.uniform() < 0.4 else None,
+        texture_amplitude=float(rng.uniform(15.0, 40.0)),
+    )
+
+
 def _check_complexity(complexity) -> float:
     if not 0.0 <= float(complexity) <= 1.0:
         raise ValueError(f"complexity: expected a value in [0, 1], got {complexity!r}")
@@ -615,7 +655,12 @@ def _check_complexity(complexity) -> float:
 
 
 def _draw_chest_params(
-    rng: np.random.Generator, frame: _Frame, nodules: bool, couch: bool, complexity: float
+    rng: np.random.Generator,
+    frame: _Frame,
+    nodules: bool,
+    couch: bool,
+    complexity: float,
+    version: int = 1,
 ) -> ChestParams:
     body = _draw_body(rng)
     lungs = _draw_lungs(rng, body)
@@ -624,7 +669,15 @@ def _draw_chest_params(
     aorta = _draw_aorta(rng, body, heart)
     # the nodules are the last draws: skipping them changes nothing above
     drawn = _draw_nodules(rng, body, lungs, frame) if nodules and complexity >= 0.5 else ()
-    return ChestParams(body, lungs, vessels, heart, aorta, drawn, bool(couch), complexity)
+    # version 2's draws come after all of version 1's: its anatomy is version 1's plus more
+    extras = _draw_extras(rng, body) if version == 2 else None
+    return ChestParams(body, lungs, vessels, heart, aorta, drawn, bool(couch), complexity, extras)
+
+
+def _check_version(version) -> int:
+    if version not in (1, 2):
+        raise ValueError(f"version: expected 1 or 2, got {version!r}")
+    return int(version)
 
 
 def draw_chest_params(
@@ -634,6 +687,7 @@ def draw_chest_params(
     nodules: bool = True,
     couch: bool = False,
     complexity: float = 1.0,
+    version: int = 1,
 ) -> ChestParams:
     """The random draws of ``chest_phantom(key_or_seed, grid, ...)``, in the same order.
 
@@ -643,7 +697,10 @@ def draw_chest_params(
     ...)`` bit for bit.
     """
     complexity = _check_complexity(complexity)
-    return _draw_chest_params(_rng(key_or_seed), _Frame.of(grid), nodules, couch, complexity)
+    version = _check_version(version)
+    return _draw_chest_params(
+        _rng(key_or_seed), _Frame.of(grid), nodules, couch, complexity, version
+    )
 
 
 # ---- painting: each function paints one structure from the parameters ---------------------
@@ -730,7 +787,7 @@ def _paint_vessels(
         )
 
 
-def _paint_heart(cv: _Canvas, heart: ChestHeart) -> None:
+def _paint_heart(cv: _Canvas, heart: ChestHeart, hu: float = _HU["heart"]) -> None:
     c, axes, tilt = heart.centre_xyz_mm, heart.semi_axes_mm, heart.tilt_rad
     sl = cv.box(c - axes.max(), c + axes.max())
     if sl is None:
@@ -739,10 +796,12 @@ def _paint_heart(cv: _Canvas, heart: ChestHeart) -> None:
     u = np.cos(tilt) * (x - c[0]) + np.sin(tilt) * (y - c[1])
     v = -np.sin(tilt) * (x - c[0]) + np.cos(tilt) * (y - c[1])
     d = _ellipsoid_dist(u, v, z, (0.0, 0.0, c[2]), axes)
-    cv.paint(sl, d, _HU["heart"], CHEST_LABELS["heart"])
+    cv.paint(sl, d, hu, CHEST_LABELS["heart"])
 
 
-def _paint_aorta(cv: _Canvas, b: ChestBody, heart: ChestHeart, aorta: ChestAorta) -> None:
+def _paint_aorta(
+    cv: _Canvas, b: ChestBody, heart: ChestHeart, aorta: ChestAorta, hu: float = _HU["aorta"]
+) -> None:
     """A tube up from the heart, over it in a half-circle arch, and down left of the spine."""
     s, sy = b.scale, b.scale_y
     heart_c, heart_axes = heart.centre_xyz_mm, heart.semi_axes_mm
@@ -769,7 +828,7 @@ def _paint_aorta(cv: _Canvas, b: ChestBody, heart: ChestHeart, aorta: ChestAorta
             ],
         ]
     )
-    _tube(cv, path, aorta.radius_mm, _HU["aorta"], CHEST_LABELS["aorta"])
+    _tube(cv, path, aorta.radius_mm, hu, CHEST_LABELS["aorta"])
 
 
 def _paint_vertebra(cv: _Canvas, b: ChestBody, yk: float) -> float | None:
@@ -889,15 +948,86 @@ def _paint_couch(cv: _Canvas, b: ChestBody) -> None:
     cv.paint(sl, d, _HU["couch"], CHEST_LABELS["couch"])
 
 
+def _paint_arms(cv: _Canvas, b: ChestBody, e: ChestExtras) -> None:
+    """Arms hanging beside the body: fat, muscle and the humerus, shoulder to below."""
+    s = b.scale
+    r = e.arm_radius_mm
+    for side in (-1.0, 1.0):
+        cx = side * (b.half_width_mm + e.arm_gap_mm + r)
+        top = b.y_shoulder_mm + 15.0 * b.scale_y
+        path = np.array([[cx * 0.92, top, 10.0], [cx, top + 60.0, 12.0], [cx, b.y_bottom_mm, 18.0]])
+        _tube(cv, path, r, _HU["fat"], CHEST_LABELS["arm"])
+        _tube(cv, path, r - 8.0 * s, _HU["muscle"], CHEST_LABELS["arm"])
+        _tube(cv, path, 11.0 * s, _HU["cortical"], CHEST_LABELS["humerus"])
+        _tube(cv, path, 6.5 * s, _HU["cancellous"], CHEST_LABELS["humerus"])
+
+
+def _paint_shoulder_girdle(cv: _Canvas, b: ChestBody, lungs: ChestLungs, e: ChestExtras) -> None:
+    """Scapulae (thin plates on the back of the rib cage) and clavicles (S-shaped tubes
+    from the top of the sternum to the shoulders)."""
+    s, sy = b.scale, b.scale_y
+    hw, hh = e.scapula_half_mm
+    z_back = lungs.cavity_half_depth_mm + 22.0 * s
+    for side in (-1.0, 1.0):
+        c = np.array([side * 0.5 * b.half_width_mm, b.y_shoulder_mm + 20.0 * sy + hh, z_back])
+        sl = cv.box(c - [hw, hh, 20.0], c + [hw, hh, 20.0])
+        if sl is not None:
+            x, y, z = cv.coords(sl)
+            u, v = (x - c[0]) / hw, (y - c[1]) / hh
+            # a triangle-ish blade: narrower towards the tip (large y)
+            q = np.sqrt(u**2 / np.clip(1.05 - 0.5 * (v + 1.0) / 2.0, 0.3, 1.0) + v**2)
+            surface = c[2] - 12.0 * s * (1.0 - u**2)  # follows the curve of the back
+            d = np.maximum((q - 1.0) * min(hw, hh), np.abs(z - surface) - 3.0 * s)
+            cv.paint(sl, d, _HU["scapula"], CHEST_LABELS["scapula"])
+        z_front = -(b.half_depth_mm - b.fat_mm - 8.0 * s)
+        y0 = b.y_shoulder_mm + 22.0 * sy
+        clavicle = np.array(
+            [
+                [side * 22.0 * s, y0, z_front],
+                [side * 0.35 * b.half_width_mm, y0 - 6.0 * sy, z_front - 4.0 * s],
+                [side * 0.65 * b.half_width_mm, y0 - 10.0 * sy, z_front + 10.0 * s],
+                [side * 0.85 * b.half_width_mm, y0 - 4.0 * sy, 0.3 * z_front],
+            ]
+        )
+        _tube(cv, clavicle, e.clavicle_radius_mm, _HU["clavicle"], CHEST_LABELS["clavicle"])
+
+
+def _paint_breasts(cv: _Canvas, b: ChestBody, lungs: ChestLungs, e: ChestExtras) -> None:
+    """Two ellipsoids of fatty and glandular tissue on the front of the chest."""
+    ax = e.breast_axes_mm
+    y = lungs.y_dome_right_mm - 40.0 * b.scale_y
+    for side in (-1.0, 1.0):
+        c = np.array([side * 0.45 * b.half_width_mm, y, -b.half_depth_mm + 0.3 * ax[2]])
+        sl = cv.box(c - ax, c + ax)
+        if sl is None:
+            continue
+        x, yy, z = cv.coords(sl)
+        d = _ellipsoid_dist(x, yy, z, c, ax)
+        glandular = _smoothstep(-d / (0.5 * ax.min()))  # denser towards the centre
+        cv.paint(sl, d, _HU["breast"] + 80.0 * glandular, CHEST_LABELS["breast"])
+
+
 def _paint_chest(cv: _Canvas, p: ChestParams) -> tuple[np.ndarray, np.ndarray]:
+    e = p.extras
     _paint_body(cv, p.body)
+    if e is not None and e.breast_axes_mm is not None:
+        _paint_breasts(cv, p.body, p.lungs, e)
+    if e is not None and e.arms_down:
+        _paint_arms(cv, p.body, e)
     lung_occ = _paint_lungs(cv, p.body, p.lungs, p.complexity)
+    if e is not None:  # a second, finer octave of parenchymal texture
+        lung_rng = np.random.default_rng(p.lungs.texture_seed + 1)
+        fine = _smooth_noise(lung_rng, cv.x, cv.y, cv.z, 6.0, e.texture_amplitude * p.complexity)
+        cv.hu += lung_occ * fine
     _paint_vessels(cv, p.vessels, lung_occ, p.complexity)
-    _paint_heart(cv, p.heart)
-    _paint_aorta(cv, p.body, p.heart, p.aorta)
+    blood = e.contrast_hu if e is not None and e.contrast_hu is not None else None
+    _paint_heart(cv, p.heart, *(() if blood is None else (blood,)))
+    _paint_aorta(cv, p.body, p.heart, p.aorta, *(() if blood is None else (blood,)))
     rib_levels = _paint_spine(cv, p.body)
     _paint_ribs(cv, p.body, p.lungs, rib_levels)
     _paint_sternum(cv, p.body, p.lungs)
+    if e is not None:
+        _paint_shoulder_girdle(cv, p.body, p.lungs, e)
     for nodule in p.nodules:
         _paint_nodule(cv, nodule)
     if p.couch:
@@ -916,7 +1046,13 @@ def paint_chest(params: ChestParams, grid) -> tuple[np.ndarray, np.ndarray]:
 
 
 def chest_phantom(
-    key_or_seed, grid, *, nodules: bool = True, couch: bool = False, complexity: float = 1.0
+    key_or_seed,
+    grid,
+    *,
+    nodules: bool = True,
+    couch: bool = False,
+    complexity: float = 1.0,
+    version: int = 1,
 ) -> tuple[np.ndarray, np.ndarray]:
     """A seeded, procedural chest CT in HU with an anatomical label map.
 
@@ -932,6 +1068,10 @@ def chest_phantom(
         values keep the same anatomy (same random draws) but drop vessels thinner than
         ``3 (1 - complexity)`` mm, scale the lung texture by ``complexity`` and omit
         nodules below 0.5. At 0: body, lungs, heart, aorta, bones and the main vessels.
+      version: 1 (the anatomy below) or 2: the same draws and anatomy plus arms beside the
+        body (half the phantoms; the others have them raised out of the field), humeri,
+        scapulae, clavicles, breasts (40 %), IV contrast in heart and aorta (40 %,
+        +150..+350 HU) and a second, finer octave of lung texture (``ChestExtras``).
 
     Returns:
       ``(hu, labels)``: ``[nz, ny, nx]`` float32 HU in about ``[-1000, 1000]`` and uint8
@@ -948,6 +1088,7 @@ def chest_phantom(
     Same as ``paint_chest(draw_chest_params(key_or_seed, grid, ...), grid)``.
     """
     complexity = _check_complexity(complexity)
+    version = _check_version(version)
     cv = _Canvas(grid)  # built once: its frame also serves the nodule draws
-    params = _draw_chest_params(_rng(key_or_seed), cv.frame, nodules, couch, complexity)
+    params = _draw_chest_params(_rng(key_or_seed), cv.frame, nodules, couch, complexity, version)
     return _paint_chest(cv, params)
