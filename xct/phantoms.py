@@ -494,6 +494,8 @@ class ChestExtras(NamedTuple):
     breast_axes_mm: np.ndarray | None  # [3] semi-axes of each breast, or None
     contrast_hu: float | None  # blood pool HU with IV contrast (heart, aorta), or None
     texture_amplitude: float  # extra fine lung texture (HU), a 1/f-like second octave
+    extra_fat_mm: float = 0.0  # added to the subcutaneous fat (real chests hold more fat)
+    pericardial_fat_mm: float = 0.0  # fat around the heart
 
 
 class ChestParams(NamedTuple):
@@ -645,6 +647,8 @@ def _draw_extras(rng: np.random.Generator, b: ChestBody) -> ChestExtras:
         breast_axes_mm=breast,
         contrast_hu=float(rng.uniform(150.0, 350.0)) if rng.uniform() < 0.4 else None,
         texture_amplitude=float(rng.uniform(15.0, 40.0)),
+        extra_fat_mm=float(rng.uniform(5.0, 25.0) * s),
+        pericardial_fat_mm=float(rng.uniform(4.0, 12.0) * s),
     )
 
 
@@ -742,13 +746,14 @@ def _lung_dist(b: ChestBody, lungs: ChestLungs, x, y, z, side):
     return np.maximum(d, y_apex - y)
 
 
-def _paint_body(cv: _Canvas, b: ChestBody) -> None:
-    """Fat out to the skin, muscle inside it."""
+def _paint_body(cv: _Canvas, b: ChestBody, extra_fat_mm: float = 0.0) -> None:
+    """Fat out to the skin, muscle inside it (``extra_fat_mm`` more fat, version 2)."""
     lo = (-b.half_width_mm, b.y_top_mm, -b.half_depth_mm)
     sl = cv.box(lo, (b.half_width_mm, b.y_bottom_mm, b.half_depth_mm + 5.0))
     x, y, z = cv.coords(sl)
     cv.paint(sl, _body_dist(b, x, y, z, 0.0), _HU["fat"], CHEST_LABELS["fat"])
-    cv.paint(sl, _body_dist(b, x, y, z, b.fat_mm), _HU["muscle"], CHEST_LABELS["muscle"])
+    inset = b.fat_mm + extra_fat_mm
+    cv.paint(sl, _body_dist(b, x, y, z, inset), _HU["muscle"], CHEST_LABELS["muscle"])
 
 
 def _paint_lungs(cv: _Canvas, b: ChestBody, lungs: ChestLungs, complexity: float) -> np.ndarray:
@@ -787,7 +792,9 @@ def _paint_vessels(
         )
 
 
-def _paint_heart(cv: _Canvas, heart: ChestHeart, hu: float = _HU["heart"]) -> None:
+def _paint_heart(
+    cv: _Canvas, heart: ChestHeart, hu: float = _HU["heart"], label: int = CHEST_LABELS["heart"]
+) -> None:
     c, axes, tilt = heart.centre_xyz_mm, heart.semi_axes_mm, heart.tilt_rad
     sl = cv.box(c - axes.max(), c + axes.max())
     if sl is None:
@@ -796,7 +803,7 @@ def _paint_heart(cv: _Canvas, heart: ChestHeart, hu: float = _HU["heart"]) -> No
     u = np.cos(tilt) * (x - c[0]) + np.sin(tilt) * (y - c[1])
     v = -np.sin(tilt) * (x - c[0]) + np.cos(tilt) * (y - c[1])
     d = _ellipsoid_dist(u, v, z, (0.0, 0.0, c[2]), axes)
-    cv.paint(sl, d, hu, CHEST_LABELS["heart"])
+    cv.paint(sl, d, hu, label)
 
 
 def _paint_aorta(
@@ -1009,7 +1016,7 @@ def _paint_breasts(cv: _Canvas, b: ChestBody, lungs: ChestLungs, e: ChestExtras)
 
 def _paint_chest(cv: _Canvas, p: ChestParams) -> tuple[np.ndarray, np.ndarray]:
     e = p.extras
-    _paint_body(cv, p.body)
+    _paint_body(cv, p.body, 0.0 if e is None else e.extra_fat_mm)
     if e is not None and e.breast_axes_mm is not None:
         _paint_breasts(cv, p.body, p.lungs, e)
     if e is not None and e.arms_down:
@@ -1020,6 +1027,9 @@ def _paint_chest(cv: _Canvas, p: ChestParams) -> tuple[np.ndarray, np.ndarray]:
         fine = _smooth_noise(lung_rng, cv.x, cv.y, cv.z, 6.0, e.texture_amplitude * p.complexity)
         cv.hu += lung_occ * fine
     _paint_vessels(cv, p.vessels, lung_occ, p.complexity)
+    if e is not None:  # pericardial fat: the heart grown by a fat layer, painted first
+        grown = p.heart._replace(semi_axes_mm=p.heart.semi_axes_mm + e.pericardial_fat_mm)
+        _paint_heart(cv, grown, _HU["fat"], CHEST_LABELS["fat"])
     blood = e.contrast_hu if e is not None and e.contrast_hu is not None else None
     _paint_heart(cv, p.heart, *(() if blood is None else (blood,)))
     _paint_aorta(cv, p.body, p.heart, p.aorta, *(() if blood is None else (blood,)))
