@@ -1,0 +1,246 @@
+"""A clinical radiograph brought into a model's geometry and units through the projector.
+
+A radiograph is not a DRR: its values went through a detector response and processing (a
+log-like curve, gamma, edge enhancement), and the patient's pose, position and the image
+scale are only partly known. ``calibrate`` registers DRRs of a template CT (another patient,
+or the model's own prediction) to the radiograph and estimates, jointly, by Optax's Adam:
+
+* the template's pose: rotation (``rotvec``) and translation about the isocentre, in the
+  warp convention of ``recon.template`` (the template is resampled at ``R p + t``);
+* the image scale: radiograph pixels per model detector pixel (from the tags when the pixel
+  size and distances are known, else estimated, starting from the ratio of the body's
+  widths in the radiograph and in the template's DRR);
+* a monotone map from radiograph values to line integrals: piecewise linear on ``knots``
+  equal intervals of the radiograph's robust range (1st to 99.5th percentile), increments
+  kept positive by a softplus.
+
+The mismatch is a Huber loss (robust to markers and text) over the model detector pixels the
+radiograph covers, collimation borders excluded (``collimation_mask``: rows and columns at
+the image's edges that are flat and at an extreme value). ``Calibration.line_integrals`` is
+the radiograph resampled onto the model's detector and mapped to line integrals: what a
+model trained on DRRs, or ``xct.reconstruct``, takes.
+
+One view cannot tell a shift along the beam from a change of magnification: with an
+unknown pixel size the depth shift is held at 0 and the image scale absorbs it.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from xct import projector
+from xct.geometry import Acquisition
+from xct.recon import template as _template
+
+
+class Calibration(NamedTuple):
+    """What ``calibrate`` returns (numbers as Python floats / NumPy arrays)."""
+
+    line_integrals: np.ndarray  # [r, r] the radiograph on the model's detector, calibrated
+    valid: np.ndarray  # [r, r] bool: covered by the radiograph, not collimated
+    rotation_deg: np.ndarray  # [3] (z, y, x) rotation vector of the template's pose, degrees
+    translation_mm: np.ndarray  # [3] (z, y, x) of the template's pose, mm
+    image_scale: float  # radiograph pixels (as given) per model detector pixel
+    pixel_mm: float | None  # the radiograph's pixel at its detector, if distances are known
+    map_values: np.ndarray  # [knots + 1] line integral at each knot of the value map
+    map_range: tuple[float, float]  # radiograph values of the first and last knot
+    mismatch: float  # relative DRR mismatch over the valid pixels
+    loss: np.ndarray  # per Adam step
+
+
+def collimation_mask(image: np.ndarray, flat_std: float = 0.01) -> np.ndarray:
+    """``[H, W]`` bool, False on collimation borders: whole rows / columns from each edge
+    inwards whose values barely vary (std below ``flat_std`` of the image's range) and sit
+    near the image's maximum: unexposed, in the attenuation-like polarity. Flat lines at the
+    minimum are direct exposure (air), which is kept: it anchors the value map at zero."""
+    img = np.asarray(image, np.float64)
+    lo, hi = np.percentile(img, [0.5, 99.5])
+    span = max(hi - lo, 1e-12)
+    mask = np.ones(img.shape, bool)
+
+    def flat(line):
+        m = float(np.mean(line))
+        return np.std(line) < flat_std * span and m >= hi - 0.05 * span
+
+    for _ in range(4):  # rows judged on the columns left, columns on the rows left
+        before = mask.sum()
+        for axis in (0, 1):
+            n = img.shape[axis]
+            keep = mask.any(axis=axis)  # the other axis's lines still valid
+            for order in (range(n), range(n - 1, -1, -1)):
+                for i in order:
+                    line = img[i, keep] if axis == 0 else img[keep, i]
+                    if line.size == 0 or not flat(line):
+                        break
+                    if axis == 0:
+                        mask[i] = False
+                    else:
+                        mask[:, i] = False
+        if mask.sum() == before:
+            break
+    return mask
+
+
+def _downsample(img: np.ndarray, factor: int) -> np.ndarray:
+    if factor <= 1:
+        return img
+    h, w = (s // factor * factor for s in img.shape)
+    return img[:h, :w].reshape(h // factor, factor, w // factor, factor).mean(axis=(1, 3))
+
+
+def _width(profile: np.ndarray) -> float:
+    """Width (samples) of the part of a 1-D profile above 20 % of its range."""
+    p = np.asarray(profile, np.float64)
+    t = p.min() + 0.2 * (p.max() - p.min())
+    idx = np.flatnonzero(p > t)
+    return float(idx[-1] - idx[0] + 1) if idx.size else float(p.size)
+
+
+class _Params(NamedTuple):
+    rotvec: jax.Array  # [3] units of 0.1 rad
+    shift: jax.Array  # [3] units of 20 mm
+    log_scale: jax.Array  # [] image scale, log, relative to the initial scale
+    map_raw: jax.Array  # [knots] softplus^-1 of the increments
+    map_offset: jax.Array  # []
+
+
+def calibrate(
+    image: np.ndarray,
+    template_mu: jax.typing.ArrayLike,
+    acq: Acquisition,
+    angle_deg: float,
+    *,
+    pixel_mm: float | None = None,
+    sdd_mm: float | None = None,
+    sod_mm: float | None = None,
+    knots: int = 8,
+    steps: int = 300,
+    learning_rate: float = 0.03,
+    huber: float = 0.1,
+) -> Calibration:
+    """Fit pose, image scale and value map of one radiograph (see the module docstring).
+
+    Args:
+      image: ``[H, W]`` the radiograph, attenuation-like (``xct.radiograph.read_radiograph``:
+        higher = more attenuation), oriented as xct's detector at ``angle_deg``.
+      template_mu: ``[r, r, r]`` attenuation per mm of a template CT on ``acq.grid()``.
+      acq: the model's acquisition (grid, detector, distances).
+      angle_deg: the view's nominal gantry angle.
+      pixel_mm, sdd_mm, sod_mm: the radiograph's pixel (at its detector) and distances; with
+        all three the image scale starts from them, else from the body widths.
+    """
+    img = np.asarray(image, np.float32)
+    if img.ndim != 2:
+        raise ValueError(f"image: expected a 2-D radiograph, got shape {img.shape}")
+    r = acq.resolution
+    t_mu = jnp.asarray(template_mu, jnp.float32)
+    if t_mu.shape != (r, r, r):
+        raise ValueError(f"template_mu: expected shape {(r, r, r)}, got {tuple(t_mu.shape)}")
+    grid, geom = acq.grid(), acq.orbit(np.asarray([angle_deg], np.float32))
+    drr0 = np.asarray(projector.forward_project(t_mu, grid, geom))[0]
+    # work on a copy of the radiograph about 4 samples per model pixel across
+    factor = max(1, int(min(img.shape) // (4 * r)))
+    work = _downsample(img, factor)
+    valid_src = _downsample(collimation_mask(img).astype(np.float32), factor) > 0.99
+    lo, hi = (float(v) for v in np.percentile(work[valid_src], [1.0, 99.5]))
+    norm = np.clip((work - lo) / max(hi - lo, 1e-12), 0.0, 1.0).astype(np.float32)
+    # initial scale: from the tags, else the ratio of body widths (radiograph / DRR)
+    m_model = acq.sdd_mm / acq.sod_mm
+    if pixel_mm and sdd_mm and sod_mm:
+        scale0 = (acq.detector_pixel_mm / m_model) / (pixel_mm * factor / (sdd_mm / sod_mm))
+        pixel_est = None
+    else:
+        cols = np.where(valid_src, norm, 0.0).mean(axis=0)
+        scale0 = _width(cols) / max(_width(drr0.mean(axis=0)), 1.0)
+        pixel_est = None
+    h, w = norm.shape
+    centre_src = np.array([(h - 1) / 2.0, (w - 1) / 2.0], np.float32)
+    uv = (np.stack(np.meshgrid(np.arange(r), np.arange(r), indexing="ij")) - (r - 1) / 2.0).astype(
+        np.float32
+    )
+    norm_j, valid_j = jnp.asarray(norm), jnp.asarray(valid_src.astype(np.float32))
+    fix_depth = not (pixel_mm and sdd_mm and sod_mm)
+    # the beam direction at this angle, in (z, y, x) of the volume: depth shifts are held
+    beam = np.array([np.cos(np.deg2rad(angle_deg)), 0.0, np.sin(np.deg2rad(angle_deg))])
+    beam_j = jnp.asarray(beam, jnp.float32)
+    sched = _template.Schedule()
+    base = sched.init()
+    step_drr = float(np.percentile(drr0, 99.5)) / knots
+
+    def sample(p: _Params):
+        k = scale0 * jnp.exp(p.log_scale)
+        coords = centre_src[:, None, None] + k * jnp.asarray(uv)
+        vals = jax.scipy.ndimage.map_coordinates(norm_j, list(coords), order=1, mode="nearest")
+        cover = jax.scipy.ndimage.map_coordinates(valid_j, list(coords), order=0, mode="constant")
+        inside = (coords[0] >= 0) & (coords[0] <= h - 1) & (coords[1] >= 0) & (coords[1] <= w - 1)
+        return vals, cover * inside
+
+    def value_map(p: _Params, t):
+        inc = jax.nn.softplus(p.map_raw)
+        edges = (jnp.arange(knots, dtype=jnp.float32) / knots).reshape(1, 1, knots)
+        ramps = jnp.clip(t[..., None] - edges, 0.0, 1.0 / knots)
+        return p.map_offset + jnp.sum(inc.reshape(1, 1, knots) * ramps, -1)
+
+    def shift_of(p: _Params):
+        s = p.shift
+        return s - jnp.dot(s, beam_j) * beam_j if fix_depth else s
+
+    def drr_of(p: _Params):
+        wp = base._replace(rotvec=p.rotvec, shift=shift_of(p))
+        return projector.forward_project(_template.warp(t_mu, wp, grid), grid, geom)[0]
+
+    def objective(p: _Params):
+        vals, valid = sample(p)
+        pred = value_map(p, vals)
+        resid = pred - drr_of(p)
+        loss = jnp.sum(valid * optax.huber_loss(resid, delta=huber)) / jnp.maximum(valid.sum(), 1)
+        return loss
+
+    init = _Params(
+        rotvec=jnp.zeros(3),
+        shift=jnp.zeros(3),
+        log_scale=jnp.zeros(()),
+        map_raw=jnp.full((knots,), np.log(np.expm1(step_drr * knots)), jnp.float32),
+        map_offset=jnp.zeros(()),
+    )
+    opt = optax.adam(learning_rate)
+
+    @jax.jit
+    def run(p):
+        def step(carry, _):
+            p, s = carry
+            loss, g = jax.value_and_grad(objective)(p)
+            u, s = opt.update(g, s, p)
+            return (optax.apply_updates(p, u), s), loss
+
+        (p, _), losses = jax.lax.scan(step, (p, opt.init(p)), length=steps)
+        return p, losses
+
+    p, losses = run(init)
+    vals, valid = sample(p)
+    li = np.asarray(value_map(p, vals))
+    drr = np.asarray(drr_of(p))
+    v = np.asarray(valid) > 0.5
+    mismatch = float(np.sqrt(np.sum((li - drr)[v] ** 2) / max(np.sum(drr[v] ** 2), 1e-12)))
+    k = float(scale0 * np.exp(float(p.log_scale)))
+    if pixel_mm is None and sdd_mm and sod_mm:  # the pixel the fitted scale implies
+        pixel_est = (acq.detector_pixel_mm / m_model) * (sdd_mm / sod_mm) / (k * factor)
+    inc = np.asarray(jax.nn.softplus(p.map_raw))
+    values = float(p.map_offset) + np.concatenate([[0.0], np.cumsum(inc / knots)])
+    return Calibration(
+        line_integrals=np.where(v, li, 0.0).astype(np.float32),
+        valid=v,
+        rotation_deg=np.rad2deg(np.asarray(p.rotvec) * _template._ROT_RAD),
+        translation_mm=np.asarray(shift_of(p)) * _template._SHIFT_MM,
+        image_scale=k * factor,
+        pixel_mm=pixel_mm if pixel_mm else pixel_est,
+        map_values=values,
+        map_range=(lo, hi),
+        mismatch=mismatch,
+        loss=np.asarray(losses),
+    )
