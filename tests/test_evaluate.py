@@ -327,3 +327,37 @@ def test_a_checkpoint_of_another_config_names_the_differing_fields(run, tmp_path
     c.model.base_features = 2
     with pytest.raises(ValueError, match=r"model\.base_features: 2 \(this config\) != 4"):
         evaluate.restore_members(Experiment.from_config(c), other, "last")
+
+
+@pytest.mark.parametrize("with_template", [True, False])
+def test_predict_from_a_cr_radiograph_writes_ct_sidecar_and_report(run, tmp_path, with_template):
+    """A CR DICOM (MONOCHROME1, PixelSpacing 0\\0) through --mode=predict's path: read,
+    calibrated against a template CT (or the model's own prediction), predicted; the NIfTI,
+    the JSON sidecar and the HTML report are written."""
+    import json
+
+    from test_radiograph import _write_dicom
+
+    from xct import projector
+
+    exp, workdir = run
+    acq = exp.acquisition
+    hu, _ = phantoms.chest_phantom(4, acq.grid())
+    drr = np.asarray(projector.forward_project(physics.hu_to_mu(hu), acq.grid(), acq.orbit([0.0])))[
+        0
+    ]
+    shown = np.kron(1.5 * np.maximum(drr, 0) ** 0.8, np.ones((3, 3)))  # a processed, finer image
+    stored = np.round(4095 - 4095 * shown / shown.max()).astype(np.uint16)  # MONOCHROME1
+    dcm = _write_dicom(tmp_path / "pa.dcm", stored, pi="MONOCHROME1", PixelSpacing=[0, 0])
+    template = None
+    if with_template:
+        template = io.write_ct(tmp_path / "template.nii.gz", np.asarray(hu), acq.grid())
+    out = tmp_path / "ct.nii.gz"
+    path = evaluate.predict(exp, workdir, [dcm], [], out, "best", template=template)
+    assert path.exists()
+    sidecar = json.loads((tmp_path / "ct.json").read_text())
+    (view,) = sidecar["views"]
+    assert view["angle_deg"] == 0.0 and view["pixel_mm"] is None
+    assert len(view["rotation_deg"]) == 3 and view["image_scale_px_per_model_px"] > 1.0
+    assert np.all(np.diff(view["value_map"]["line_integrals"]) > 0)
+    assert "data:image/png;base64" in (tmp_path / "ct.html").read_text()

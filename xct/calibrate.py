@@ -122,6 +122,7 @@ def calibrate(
     steps: int = 300,
     learning_rate: float = 0.03,
     huber: float = 0.1,
+    pose_weight: float = 1e-2,
 ) -> Calibration:
     """Fit pose, image scale and value map of one radiograph (see the module docstring).
 
@@ -133,6 +134,11 @@ def calibrate(
       angle_deg: the view's nominal gantry angle.
       pixel_mm, sdd_mm, sod_mm: the radiograph's pixel (at its detector) and distances; with
         all three the image scale starts from them, else from the body widths.
+      steps: Adam steps: the first half fits image scale, translation and value map with
+        the pose's rotation held at 0, the second half everything.
+      pose_weight: weight of the squared excess of each rotation component over 0.05 rad
+        (about 3 degrees) and of each translation over 50 mm: the pose stays near the
+        nominal view unless the image insists (a radiograph is taken square on).
     """
     img = np.asarray(image, np.float32)
     if img.ndim != 2:
@@ -199,7 +205,11 @@ def calibrate(
         pred = value_map(p, vals)
         resid = pred - drr_of(p)
         loss = jnp.sum(valid * optax.huber_loss(resid, delta=huber)) / jnp.maximum(valid.sum(), 1)
-        return loss
+        # free within about 3 degrees and 50 mm of the nominal view, penalised beyond
+        excess_rot = jax.nn.relu(jnp.abs(p.rotvec) - 0.5)
+        excess_shift = jax.nn.relu(jnp.abs(p.shift) - 2.5)
+        pose = jnp.sum(excess_rot * excess_rot) + jnp.sum(excess_shift * excess_shift)
+        return loss + pose_weight * pose
 
     init = _Params(
         rotvec=jnp.zeros(3),
@@ -212,14 +222,20 @@ def calibrate(
 
     @jax.jit
     def run(p):
-        def step(carry, _):
-            p, s = carry
-            loss, g = jax.value_and_grad(objective)(p)
-            u, s = opt.update(g, s, p)
-            return (optax.apply_updates(p, u), s), loss
+        def stage(p, rotate, n):
+            def step(carry, _):
+                p, s = carry
+                loss, g = jax.value_and_grad(objective)(p)
+                g = g._replace(rotvec=g.rotvec * rotate)
+                u, s = opt.update(g, s, p)
+                return (optax.apply_updates(p, u), s), loss
 
-        (p, _), losses = jax.lax.scan(step, (p, opt.init(p)), length=steps)
-        return p, losses
+            (p, _), losses = jax.lax.scan(step, (p, opt.init(p)), length=n)
+            return p, losses
+
+        p, first = stage(p, 0.0, steps // 2)
+        p, second = stage(p, 1.0, steps - steps // 2)
+        return p, jnp.concatenate([first, second])
 
     p, losses = run(init)
     vals, valid = sample(p)

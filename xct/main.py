@@ -45,7 +45,22 @@ flags.DEFINE_list(
 )
 flags.DEFINE_string("eval_dir", None, "evaluate: output folder (default WORKDIR/eval[_CTDIR])")
 flags.DEFINE_list("xrays", [], "predict: X-ray files (.npy line integrals, .png, .dcm)")
-flags.DEFINE_list("angles_deg", [], "predict: gantry angle of each X-ray, degrees")
+flags.DEFINE_list(
+    "angles_deg",
+    [],
+    "predict: gantry angle of each X-ray, degrees (DICOM radiographs: from ViewPosition, "
+    "PA 0, AP 180, LL -90, RL 90, unless given)",
+)
+flags.DEFINE_string(
+    "template",
+    None,
+    "predict: a template CT file for calibrating radiographs (default: the model's own prediction)",
+)
+flags.DEFINE_bool(
+    "calibrate",
+    True,
+    "predict: calibrate DICOM radiographs (pose, scale, value map; xct.calibrate) first",
+)
 flags.DEFINE_string("output", "prediction.nii.gz", "predict: output NIfTI path")
 flags.DEFINE_bool("compilation_cache", True, "keep compiled programs on disk between runs")
 flags.DEFINE_string(
@@ -91,6 +106,8 @@ def main(argv) -> int:
                 angles,
                 FLAGS.output,
                 FLAGS.checkpoint,
+                template=FLAGS.template,
+                calibrate=FLAGS.calibrate,
             )
             print(f"wrote {path}")
     except (ValueError, KeyError, FileNotFoundError, FloatingPointError) as e:
