@@ -355,9 +355,9 @@ def test_predict_from_a_cr_radiograph_writes_ct_sidecar_and_report(run, tmp_path
     out = tmp_path / "ct.nii.gz"
     path = evaluate.predict(exp, workdir, [dcm], [], out, "best", template=template)
     assert path.exists()
-    sidecar = json.loads((tmp_path / "ct.json").read_text())
+    sidecar = json.loads((tmp_path / "ct.json").read_text(encoding="utf-8"))
     (view,) = sidecar["views"]
     assert view["angle_deg"] == 0.0 and view["pixel_mm"] is None
     assert len(view["rotation_deg"]) == 3 and view["image_scale_px_per_model_px"] > 1.0
     assert np.all(np.diff(view["value_map"]["line_integrals"]) > 0)
-    assert "data:image/png;base64" in (tmp_path / "ct.html").read_text()
+    assert "data:image/png;base64" in (tmp_path / "ct.html").read_text(encoding="utf-8")

@@ -48,7 +48,7 @@ def test_help_exits_zero():
 
 def test_readme_tour_runs():
     """The README's first Python snippet (the short tour), as written."""
-    text = (ROOT / "README.md").read_text()
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
     block = re.findall(r"```python\n(.*?)```", text, re.S)[0]
     scope: dict = {}
     exec(compile(block, "README.md", "exec"), scope)  # noqa: S102 - our own README

@@ -21,10 +21,10 @@ def test_w1_of_a_shift_is_the_shift():
 def test_tiny_run(tmp_path):
     argv = ["--phantoms=1", "--resolution=16", "--versions", "1", "2", f"--out={tmp_path}"]
     assert phantom_realism.main(argv) == 0
-    rows = json.loads((tmp_path / "realism.json").read_text())["rows"]
+    rows = json.loads((tmp_path / "realism.json").read_text(encoding="utf-8"))["rows"]
     assert {r["version"] for r in rows} == {1, 2}
     assert all(r["hu_w1"] > 0 and r["drr_w1"] > 0 for r in rows)
-    assert "phantoms v2" in (tmp_path / "realism.md").read_text()
+    assert "phantoms v2" in (tmp_path / "realism.md").read_text(encoding="utf-8")
 
 
 def test_no_chest_is_an_error(tmp_path, capsys):

@@ -30,12 +30,12 @@ def test_tv_support_from_npy(tmp_path):
     out = tmp_path / "out"
     argv = ["--xrays", *xrays, "--angles_deg", "0", "90", "--resolution=16", "--iters=20"]
     assert reconstruct.main([*argv, "--method=tv_support", f"--out={out}"]) == 0
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
     assert summary["drr_mismatch"] < 0.1 and 0 < summary["support_fraction"] < 1
     img = sitk.ReadImage(str(out / "reconstruction.nii.gz"))
     assert img.GetSize() == (16, 16, 16)
     assert np.allclose(img.GetSpacing(), 25.0)
-    assert "data:image/png;base64" in (out / "report.html").read_text()
+    assert "data:image/png;base64" in (out / "report.html").read_text(encoding="utf-8")
 
 
 def test_bad_inputs(tmp_path, capsys):
