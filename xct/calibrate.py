@@ -86,13 +86,6 @@ def collimation_mask(image: np.ndarray, flat_std: float = 0.01) -> np.ndarray:
     return mask
 
 
-def _downsample(img: np.ndarray, factor: int) -> np.ndarray:
-    if factor <= 1:
-        return img
-    h, w = (s // factor * factor for s in img.shape)
-    return img[:h, :w].reshape(h // factor, factor, w // factor, factor).mean(axis=(1, 3))
-
-
 def _width(profile: np.ndarray) -> float:
     """Width (samples) of the part of a 1-D profile above 20 % of its range."""
     p = np.asarray(profile, np.float64)
@@ -151,8 +144,11 @@ def calibrate(
     drr0 = np.asarray(projector.forward_project(t_mu, grid, geom))[0]
     # work on a copy of the radiograph about 4 samples per model pixel across
     factor = max(1, int(min(img.shape) // (4 * r)))
-    work = _downsample(img, factor)
-    valid_src = _downsample(collimation_mask(img).astype(np.float32), factor) > 0.99
+    work = np.asarray(_template.block_mean(jnp.asarray(img), factor, 2))
+    valid_src = (
+        np.asarray(_template.block_mean(jnp.asarray(collimation_mask(img), jnp.float32), factor, 2))
+        > 0.99
+    )
     lo, hi = (float(v) for v in np.percentile(work[valid_src], [1.0, 99.5]))
     norm = np.clip((work - lo) / max(hi - lo, 1e-12), 0.0, 1.0).astype(np.float32)
     # initial scale: from the tags, else the ratio of body widths (radiograph / DRR)

@@ -26,10 +26,8 @@ measured: relative DRR mismatch, template mismatches, timings).
 from __future__ import annotations
 
 import argparse
-import base64
 import datetime
 import html
-import io as _io
 import json
 import pathlib
 import sys
@@ -80,14 +78,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def _png(fig) -> str:
-    buf = _io.BytesIO()
-    fig.savefig(buf, format="png", dpi=80, bbox_inches="tight")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
-
-
 def _report(out: pathlib.Path, hu_lps: np.ndarray, drr, reproj, summary: dict, loss) -> None:
     from matplotlib.figure import Figure
+
+    from xct.report import _png
 
     figs = []
     fig = Figure(figsize=(10, 3.6), layout="constrained")

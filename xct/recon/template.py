@@ -171,8 +171,8 @@ def _binned(grid: VolumeGrid, geom: Geometry, level: int) -> tuple[VolumeGrid, G
     return small, g
 
 
-def _bin(x: jax.Array, level: int, axes: int) -> jax.Array:
-    """Mean over ``level``-sized blocks of the last ``axes`` axes (sizes divisible)."""
+def block_mean(x: jax.Array, level: int, axes: int) -> jax.Array:
+    """Mean over ``level``-sized blocks of the last ``axes`` axes (a remainder is dropped)."""
     if level == 1:
         return x
     lead = x.shape[: x.ndim - axes]
@@ -238,8 +238,8 @@ def register(
             if n % level:
                 raise ValueError(f"grid: {grid.shape} is not divisible by pyramid level {level}")
         g_l, geom_l = _binned(grid, geom, level)
-        t_l = _bin(template, level, 3)
-        b_l = _bin(drr, level, 2)
+        t_l = block_mean(template, level, 3)
+        b_l = block_mean(drr, level, 2)
         norm = jnp.maximum(jnp.mean(b_l * b_l), 1e-12)
         active = WarpParams(*[jnp.asarray(1.0 if f in parts else 0.0) for f in WarpParams._fields])
 
