@@ -23,10 +23,15 @@ def _views(tmp_path, hu, fov_mm, angles):
     return paths
 
 
-def test_tv_support_from_npy(tmp_path):
+def _phantom_views(tmp_path):
+    """A 16^3 phantom and its PA and lateral views saved as .npy: ``(acq, hu, paths)``."""
     acq = geometry.Acquisition(resolution=16, fov_mm=400.0)
     hu, _ = phantoms.chest_phantom(1, acq.grid())
-    xrays = _views(tmp_path, np.asarray(hu), 400.0, [0.0, 90.0])
+    return acq, hu, _views(tmp_path, np.asarray(hu), 400.0, [0.0, 90.0])
+
+
+def test_tv_support_from_npy(tmp_path):
+    acq, hu, xrays = _phantom_views(tmp_path)
     out = tmp_path / "out"
     argv = ["--xrays", *xrays, "--angles_deg", "0", "90", "--resolution=16", "--iters=20"]
     assert reconstruct.main([*argv, "--method=tv_support", f"--out={out}"]) == 0
@@ -52,9 +57,7 @@ def test_bad_inputs(tmp_path, capsys):
 
 def test_template_of_another_region_is_refused(tmp_path, capsys):
     """A head-sized template for a chest field of view: a clear error naming it."""
-    acq = geometry.Acquisition(resolution=16, fov_mm=400.0)
-    hu, _ = phantoms.chest_phantom(1, acq.grid())
-    xrays = _views(tmp_path, np.asarray(hu), 400.0, [0.0, 90.0])
+    acq, hu, xrays = _phantom_views(tmp_path)
     small = geometry.VolumeGrid.centered((24, 24, 24), 8.0)  # a 190 mm "head"
     head, _ = phantoms.chest_phantom(2, small)
     io.write_ct(tmp_path / "head.nii.gz", np.asarray(head), small)
@@ -108,9 +111,7 @@ def test_template_with_zero_spacing_is_refused(tmp_path, capsys):
     """A template file whose header gives a zero voxel size: an error naming it and why."""
     import struct
 
-    acq = geometry.Acquisition(resolution=16, fov_mm=400.0)
-    hu, _ = phantoms.chest_phantom(1, acq.grid())
-    xrays = _views(tmp_path, np.asarray(hu), 400.0, [0.0, 90.0])
+    acq, hu, xrays = _phantom_views(tmp_path)
     path = tmp_path / "tmpl.nii"
     io.write_ct(path, np.asarray(hu), acq.grid())
     raw = bytearray(path.read_bytes())
