@@ -9,7 +9,11 @@ compile seconds, the median step time after one warm-up step (volumes/s), the co
 program's memory analysis (arguments + outputs + temporaries, bytes XLA plans for one
 step) and, on CPU, the process peak RSS; on accelerators, the device's peak bytes in use.
 The peer in the same run is the baseline model (``--peer=baseline64``) at the same shapes,
-so the ratio shows what the U-Net's skips and attention cost. Prints one JSON line each.
+so the ratio shows what the U-Net's skips and attention cost; ``--conv_peer`` instead
+measures the same config with XLA's own 3D convolutions (``XCT_CONV3D=xla``), the version
+before ``xct.models.conv``. Prints one JSON line each.
+
+    python -m scripts.bench_train --config=unet64 --batch=2 --steps=3 --conv_peer
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import argparse
 import datetime
 import importlib
 import json
+import os
 import platform
 import resource
 import statistics
@@ -75,6 +80,7 @@ def bench(config, steps: int) -> dict:
         if "peak_bytes_in_use" in stats
         else None,
         "device": f"{dev.platform}:{dev.device_kind}",
+        "conv3d": os.environ.get("XCT_CONV3D", "auto"),
         "jax": jax.__version__,
         "host": platform.node(),
         "date": datetime.date.today().isoformat(),
@@ -90,6 +96,11 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up")
     p.add_argument("--peer", default="baseline64", help="config measured for the ratio ('' none)")
     p.add_argument("--resolution", type=int, default=0, help="override geometry.resolution")
+    p.add_argument(
+        "--conv_peer",
+        action="store_true",
+        help="peer: the same config with XLA's 3D convolutions (XCT_CONV3D=xla)",
+    )
     args = p.parse_args(argv)
 
     def config():
@@ -106,18 +117,20 @@ def main(argv=None) -> int:
     first = config()
     rows = [bench(first, args.steps)]
     print(json.dumps(rows[0]), flush=True)
-    if args.peer:  # a separate process, so its peak RSS is its own
-        cmd = [sys.executable, "-m", "scripts.bench_train", "--peer=", f"--config={args.peer}"]
+    peer = args.config if args.conv_peer else args.peer
+    if peer:  # a separate process, so its peak RSS is its own
+        env = dict(os.environ, XCT_CONV3D="xla") if args.conv_peer else None
+        cmd = [sys.executable, "-m", "scripts.bench_train", "--peer=", f"--config={peer}"]
         cmd += [f"--resolution={first.geometry.resolution}", f"--batch={first.data.batch_size}"]
         cmd += [f"--views={first.data.num_views}"]
         cmd += [f"--steps={args.steps}"]
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
         rows.append(json.loads(out.strip().splitlines()[-1]))
         print(json.dumps(rows[1]), flush=True)
     if len(rows) == 2:
         print(
-            f"{rows[0]['model']} / {rows[1]['model']} step time ratio: "
-            f"{rows[0]['step_s'] / rows[1]['step_s']:.2f}",
+            f"{rows[0]['model']} ({rows[0]['conv3d']}) / {rows[1]['model']} "
+            f"({rows[1]['conv3d']}) step time ratio: {rows[0]['step_s'] / rows[1]['step_s']:.2f}",
             flush=True,
         )
     return 0

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from xct.geometry import Acquisition
+from xct.models.conv import Conv
 from xct.models.layers import Dtype, constrain, group_norm, upsample2
 from xct.models.lifting import check_inputs, lift
 
@@ -72,7 +73,7 @@ class Baseline(nn.Module):
         h = drr.reshape(b * v, hh, ww, 1).astype(self.dtype)
         for i in range(self.num_layers):
             c = self.base_features * 2**i
-            h = nn.Conv(c, (4, 4), strides=(2, 2), dtype=self.dtype, name=f"enc{i}")(h)
+            h = Conv(c, (4, 4), strides=(2, 2), dtype=self.dtype, name=f"enc{i}")(h)
             h = nn.silu(group_norm(self.dtype, c, name=f"enc{i}_norm")(h))
         h = lift(
             h.reshape(b, v, *h.shape[1:]),
@@ -84,11 +85,11 @@ class Baseline(nn.Module):
         h = constrain(jnp.mean(h, axis=1))  # [B, d, d, d, C]
         for i in range(self.num_layers - 1, -1, -1):
             c = self.base_features * 2**i
-            h = nn.Conv(c, (3, 3, 3), dtype=self.dtype, name=f"dec{i}")(upsample2(h))
+            h = Conv(c, (3, 3, 3), dtype=self.dtype, name=f"dec{i}")(upsample2(h))
             h = constrain(nn.silu(group_norm(self.dtype, c, name=f"dec{i}_norm")(h)))
-        ct = nn.Conv(1, (3, 3, 3), dtype=self.dtype, name="ct_head")(h)[..., 0]
+        ct = Conv(1, (3, 3, 3), dtype=self.dtype, name="ct_head")(h)[..., 0]
         out = {"ct": constrain(ct.astype(jnp.float32))}
         if self.seg_classes > 0:
-            seg = nn.Conv(self.seg_classes, (1, 1, 1), dtype=self.dtype, name="seg_head")(h)
+            seg = Conv(self.seg_classes, (1, 1, 1), dtype=self.dtype, name="seg_head")(h)
             out["seg_logits"] = constrain(seg.astype(jnp.float32))
         return out

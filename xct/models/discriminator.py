@@ -21,6 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from xct.models.conv import Conv
 from xct.models.layers import Dtype
 
 
@@ -50,7 +51,7 @@ class PatchGAN3D(nn.Module):
         super().__post_init__()
 
     def _conv(self, features: int, strides: int, name: str) -> nn.SpectralNorm:
-        conv = nn.Conv(features, (4, 4, 4), strides=strides, dtype=self.dtype, name=name)
+        conv = Conv(features, (4, 4, 4), strides=strides, dtype=self.dtype, name=name)
         return nn.SpectralNorm(conv, n_steps=self.n_power_steps, name=f"{name}_sn")
 
     @nn.compact

@@ -8,6 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from xct.models.conv import Conv
 from xct.models.layers import Dtype, ResBlock
 
 
@@ -31,13 +32,11 @@ class ViewEncoder(nn.Module):
     @nn.compact
     def __call__(self, images: jax.Array) -> list[jax.Array]:
         """``images [N, H, W, C_in]`` -> ``[[N, H / 2^l, W / 2^l, C_l] for l in levels]``."""
-        h = nn.Conv(self.features[0], (3, 3), dtype=self.dtype, name="stem")(
-            images.astype(self.dtype)
-        )
+        h = Conv(self.features[0], (3, 3), dtype=self.dtype, name="stem")(images.astype(self.dtype))
         outs = []
         for level, c in enumerate(self.features):
             if level > 0:
-                h = nn.Conv(
+                h = Conv(
                     c,
                     (2, 2),
                     strides=(2, 2),

@@ -12,6 +12,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from xct.models.conv import Conv
+
 Dtype = Any
 
 # ------------------------------------------------------------------------------------------
@@ -62,11 +64,11 @@ class ResBlock(nn.Module):
         ndim = x.ndim - 2
         k = (3,) * ndim
         h = nn.silu(group_norm(self.dtype, x.shape[-1])(x))
-        h = nn.Conv(self.features, k, dtype=self.dtype)(h)
+        h = Conv(self.features, k, dtype=self.dtype)(h)
         h = nn.silu(group_norm(self.dtype, self.features)(h))
-        h = nn.Conv(self.features, k, dtype=self.dtype, kernel_init=nn.initializers.zeros)(h)
+        h = Conv(self.features, k, dtype=self.dtype, kernel_init=nn.initializers.zeros)(h)
         if x.shape[-1] != self.features:
-            x = nn.Conv(self.features, (1,) * ndim, dtype=self.dtype, name="shortcut")(x)
+            x = Conv(self.features, (1,) * ndim, dtype=self.dtype, name="shortcut")(x)
         out = x.astype(h.dtype) + h
         return constrain(out) if ndim == 3 else out
 
@@ -108,9 +110,9 @@ class AttentionGate(nn.Module):
     @nn.compact
     def __call__(self, skip: jax.Array, gate: jax.Array) -> jax.Array:
         inter = max(skip.shape[-1] // 2, 1)
-        q = nn.Conv(inter, (1, 1, 1), dtype=self.dtype, name="theta_x")(skip)
-        q = q + nn.Conv(inter, (1, 1, 1), use_bias=False, dtype=self.dtype, name="phi_g")(gate)
-        psi = nn.Conv(1, (1, 1, 1), dtype=self.dtype, kernel_init=nn.initializers.zeros)
+        q = Conv(inter, (1, 1, 1), dtype=self.dtype, name="theta_x")(skip)
+        q = q + Conv(inter, (1, 1, 1), use_bias=False, dtype=self.dtype, name="phi_g")(gate)
+        psi = Conv(1, (1, 1, 1), dtype=self.dtype, kernel_init=nn.initializers.zeros)
         alpha = nn.sigmoid(psi(nn.silu(q)))  # [B, d, h, w, 1]
         return skip * alpha.astype(skip.dtype)
 

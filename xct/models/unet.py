@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from xct.geometry import Acquisition
+from xct.models.conv import Conv
 from xct.models.encoder import ViewEncoder
 from xct.models.fusion import FUSIONS, ViewFusion
 from xct.models.layers import (
@@ -177,7 +178,7 @@ class UNetGenerator(nn.Module):
 
         top = self.num_levels - 1
         c = self.level_features[top]
-        h = constrain(nn.Conv(c, (3, 3, 3), dtype=self.dtype, name="bottleneck_in")(fused[top]))
+        h = constrain(Conv(c, (3, 3, 3), dtype=self.dtype, name="bottleneck_in")(fused[top]))
         for i in range(self.num_res_blocks):
             h = ResBlock(c, dtype=self.dtype, name=f"bottleneck_res{i}")(h)
         if self.attention == "bottleneck":
@@ -185,7 +186,7 @@ class UNetGenerator(nn.Module):
             h = ResBlock(c, dtype=self.dtype, name="bottleneck_post")(h)
         for level in range(top - 1, -1, -1):
             c = self.level_features[level]
-            h = constrain(nn.Conv(c, (3, 3, 3), dtype=self.dtype, name=f"up{level}")(upsample2(h)))
+            h = constrain(Conv(c, (3, 3, 3), dtype=self.dtype, name=f"up{level}")(upsample2(h)))
             skip = fused[level]
             if self.attention == "gates":
                 skip = AttentionGate(dtype=self.dtype, name=f"gate{level}")(skip, h)
@@ -193,9 +194,9 @@ class UNetGenerator(nn.Module):
             for i in range(self.num_res_blocks):
                 h = ResBlock(c, dtype=self.dtype, name=f"dec{level}_res{i}")(h)
         h = nn.silu(group_norm(self.dtype, h.shape[-1], name="head_norm")(h))
-        ct = nn.Conv(1, (3, 3, 3), dtype=self.dtype, name="ct_head")(h)[..., 0]
+        ct = Conv(1, (3, 3, 3), dtype=self.dtype, name="ct_head")(h)[..., 0]
         out = {"ct": constrain(ct.astype(jnp.float32))}
         if self.seg_classes > 0:
-            seg = nn.Conv(self.seg_classes, (1, 1, 1), dtype=self.dtype, name="seg_head")(h)
+            seg = Conv(self.seg_classes, (1, 1, 1), dtype=self.dtype, name="seg_head")(h)
             out["seg_logits"] = constrain(seg.astype(jnp.float32))
         return out

@@ -1,0 +1,80 @@
+"""The CPU plane-by-plane 3D convolution equals XLA's, in value and gradient."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from xct.models import conv
+
+DN = ("NDHWC", "DHWIO", "NDHWC")
+
+
+def _xla(x, w, strides, padding):
+    return lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=DN)
+
+
+def _planes(x, w, strides, padding):
+    dn = lax.conv_dimension_numbers(x.shape, w.shape, DN)
+    return conv.conv_general_dilated(x, w, strides, padding, dimension_numbers=dn)
+
+
+@pytest.mark.parametrize(
+    "kernel,strides,padding",
+    [
+        ((3, 3, 3), (1, 1, 1), "SAME"),
+        ((1, 1, 1), (1, 1, 1), "SAME"),
+        ((4, 4, 4), (2, 2, 2), "SAME"),
+        ((3, 2, 3), (2, 1, 1), "VALID"),
+        ((3, 3, 3), (1, 1, 1), [(2, 0), (1, 1), (0, 2)]),
+    ],
+)
+def test_planes_match_xla_value_and_gradient(monkeypatch, kernel, strides, padding):
+    monkeypatch.setenv(conv.MODE_ENV, "planes")
+    kx, kw, kg = jax.random.split(jax.random.key(0), 3)
+    x = jax.random.normal(kx, (2, 7, 6, 5, 3))
+    w = jax.random.normal(kw, (*kernel, 3, 4))
+    ref = _xla(x, w, strides, padding)
+    out = _planes(x, w, strides, padding)
+    assert out.shape == ref.shape
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+    g = jax.random.normal(kg, ref.shape)
+
+    def grads(f):
+        return jax.grad(lambda x, w: jnp.sum(f(x, w, strides, padding) * g), (0, 1))(x, w)
+
+    for a, b in zip(grads(_planes), grads(_xla), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_mode_switch_and_fallbacks(monkeypatch):
+    x = jnp.ones((1, 4, 4, 4, 2))
+    w = jnp.ones((3, 3, 3, 2, 2))
+    dn = lax.conv_dimension_numbers(x.shape, w.shape, DN)
+    monkeypatch.setenv(conv.MODE_ENV, "planes")
+    assert conv._as_planes(x, w, dn, None, None, 1)
+    assert not conv._as_planes(x, w, dn, None, (2, 2, 2), 1)  # dilation: XLA's own
+    assert not conv._as_planes(x, w, dn, None, None, 2)  # feature groups: XLA's own
+    monkeypatch.setenv(conv.MODE_ENV, "xla")
+    assert not conv._as_planes(x, w, dn, None, None, 1)
+    monkeypatch.setenv(conv.MODE_ENV, "fast")
+    with pytest.raises(ValueError, match="XCT_CONV3D"):
+        conv._as_planes(x, w, dn, None, None, 1)
+
+
+def test_flax_conv_keeps_parameter_names_and_values():
+    x = jax.random.normal(jax.random.key(1), (1, 5, 5, 5, 2))
+
+    class Net(nn.Module):
+        conv_cls: type
+
+        @nn.compact
+        def __call__(self, x):
+            return self.conv_cls(3, (3, 3, 3))(x)
+
+    ref, fast = Net(nn.Conv), Net(conv.Conv)
+    params = ref.init(jax.random.key(0), x)
+    assert jax.tree.structure(fast.init(jax.random.key(0), x)) == jax.tree.structure(params)
+    np.testing.assert_allclose(fast.apply(params, x), ref.apply(params, x), rtol=1e-5, atol=1e-5)
