@@ -14,18 +14,18 @@ $(STAMP): setup.cfg pyproject.toml
 
 quickstart: $(STAMP)  ## DRR demo, then train + evaluate the quickstart model (CPU, minutes) -> ./quickstart_out/
 	$(PY) -m scripts.quickstart --out quickstart_out
-	$(PY) -m xct.main --config=configs/quickstart.py --workdir=quickstart_out/train \
+	$(PY) -m xct.main --config=quickstart --workdir=quickstart_out/train \
 		--config.data.data_dir=quickstart_out/data
 
 test: $(STAMP)  ## lint, then the default test suite (excludes slow and gpu tests)
-	$(PY) -m ruff check xct scripts tests data_pipelines configs
+	$(PY) -m ruff check xct scripts tests data_pipelines
 	$(PY) -m pytest -n 2 --dist loadgroup --durations=30 tests
 
 bench: $(STAMP)  ## projector throughput against RTK on this machine -> bench_out/ and a table
 	$(PY) -m scripts.bench_projector --out bench_out
 
 lint: $(STAMP)
-	$(PY) -m ruff check xct scripts tests data_pipelines configs
+	$(PY) -m ruff check xct scripts tests data_pipelines
 
 clean:
 	rm -rf quickstart_out bench_out .pytest_cache

@@ -1,7 +1,7 @@
 """Compile time of every jitted function a run uses, with the size of its program.
 
-    python -m scripts.bench_compile --config=configs/quickstart.py
-    python -m scripts.bench_compile --config=configs/default.py:smoke --set geometry.resolution=64
+    python -m scripts.bench_compile --config=quickstart
+    python -m scripts.bench_compile --config=default:smoke --set geometry.resolution=64
 
 For each function (``init``, ``train_step``, ``predict_hu``, the evaluator's scores and
 re-projection, and the render source's batch): the time to trace and lower it, the time
@@ -69,7 +69,7 @@ def measure(config) -> list[dict]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--config", default="configs/quickstart.py")
+    p.add_argument("--config", default="quickstart", help="NAME[:arg] or FILE.py[:arg]")
     p.add_argument("--set", action="append", default=[], help="KEY=VALUE config override")
     p.add_argument("--json", default="", help="also append the rows to this file")
     args = p.parse_args(argv)

@@ -47,7 +47,7 @@ def main(argv=None) -> int:
     for name in args.configs:
         base = None
         for s in args.spatial:
-            c = importlib.import_module(f"configs.{name}").get_config()
+            c = importlib.import_module(f"xct.configs.{name}").get_config()
             c.mesh.data = 1
             c.mesh.spatial = s
             c.data.batch_size = args.batch

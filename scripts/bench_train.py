@@ -90,7 +90,7 @@ def bench(config, steps: int) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--config", default="unet64", help="configs/<name>.py")
+    p.add_argument("--config", default="unet64", help="xct/configs/<name>.py")
     p.add_argument("--batch", type=int, default=0, help="global batch (0: the config's)")
     p.add_argument("--views", type=int, default=0, help="views (0: the config's)")
     p.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up")
@@ -104,7 +104,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     def config():
-        c = importlib.import_module(f"configs.{args.config}").get_config()
+        c = importlib.import_module(f"xct.configs.{args.config}").get_config()
         c.mesh.data = 1
         if args.resolution:
             c.geometry.resolution = args.resolution

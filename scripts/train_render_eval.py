@@ -35,7 +35,7 @@ def main(argv=None) -> int:
     from xct import evaluate, metrics, phantoms, physics, train
     from xct.experiment import Experiment
 
-    c = importlib.import_module(f"configs.{args.config}").get_config()
+    c = importlib.import_module(f"xct.configs.{args.config}").get_config()
     c.data.source = "render"
     c.data.pool_size = args.pool
     c.train.max_seconds = args.seconds

@@ -18,8 +18,8 @@ import jax
 import numpy as np
 import pytest
 
-from configs import quickstart
 from xct import checkpoint, data, evaluate, evaluator, io, metrics, phantoms, physics
+from xct.configs import quickstart
 from xct.experiment import Experiment
 from xct.geometry import VolumeGrid
 
@@ -235,7 +235,7 @@ def test_cli_prints_one_error_line(tmp_path, capsys):
 
     argv = [
         "xct.main",
-        f"--config={ROOT / 'configs' / 'quickstart.py'}:smoke",
+        f"--config={ROOT / 'xct' / 'configs' / 'quickstart.py'}:smoke",
         f"--workdir={tmp_path}",
         "--mode=evaluate",
         f"--eval_ct_dir={tmp_path / 'missing'}",
@@ -254,7 +254,7 @@ def test_main_trains_then_evaluates(tmp_path):
         sys.executable,
         "-m",
         "xct.main",
-        f"--config={ROOT / 'configs' / 'quickstart.py'}:smoke",
+        f"--config={ROOT / 'xct' / 'configs' / 'quickstart.py'}:smoke",
         f"--workdir={tmp_path / 'run'}",
         f"--config.data.data_dir={tmp_path / 'data'}",
     ]

@@ -11,8 +11,8 @@ import numpy as np
 import optax
 import pytest
 
-from configs import default
 from xct import losses, steps
+from xct.configs import default
 from xct.experiment import Experiment
 
 # Fields read outside Experiment.from_config, with the test that shows them taking effect.

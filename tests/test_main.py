@@ -9,7 +9,7 @@ import sys
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-QUICK = str(ROOT / "configs" / "quickstart.py")
+QUICK = str(ROOT / "xct" / "configs" / "quickstart.py")
 
 
 def _run(*args, env=None):
@@ -27,10 +27,12 @@ def _run(*args, env=None):
     "args, expected",
     [
         ((f"--config={QUICK}", "--config.data.num_view=4"), 'Did you mean "num_views"'),
-        ((f"--config={ROOT / 'configs' / 'nothere.py'}",), "No such file or directory"),
+        ((f"--config={ROOT / 'xct' / 'configs' / 'nothere.py'}",), "No such file or directory"),
         ((f"--config={QUICK}:tiny",), "expected ':smoke' or nothing"),
         ((f"--config={QUICK}", "--config.data.batch_size=four"), "batch_size"),
         (("--bogus",), "Unknown command line flag 'bogus'"),
+        (("--config=quickstrat",), "no config named 'quickstrat'; xct's own are"),
+        (("--config=quickstart", "--config.data.num_view=4"), 'Did you mean "num_views"'),
     ],
 )
 def test_bad_flags_and_configs_are_one_line(args, expected, tmp_path):
@@ -39,6 +41,15 @@ def test_bad_flags_and_configs_are_one_line(args, expected, tmp_path):
     assert p.returncode == 2, p.stderr
     assert len(err) == 2 and err[0].startswith("error: ") and expected in err[0], err
     assert "Traceback" not in p.stderr
+
+
+def test_config_names_resolve_to_the_shipped_files():
+    from xct.main import config_path
+
+    assert config_path("quickstart") == QUICK
+    assert config_path("unet64:smoke") == str(ROOT / "xct" / "configs" / "unet64.py") + ":smoke"
+    assert config_path("mine.py:smoke") == "mine.py:smoke"  # a file: unchanged
+    assert config_path("dir/quickstart") == "dir/quickstart"
 
 
 def test_help_exits_zero():

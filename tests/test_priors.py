@@ -65,9 +65,7 @@ def test_solvers_keep_to_the_constraints(setup, solver):
     cons = cons._replace(upper=0.6 * float(mu.max()))
     if solver == "refine":
         start = 1.5 * mu + 0.005  # above the bound, and non-zero outside the support
-        x = refine(
-            start, drr, geom, grid, units="mu_per_mm", num_iters=20, constraints=cons
-        ).volume
+        x = refine(start, drr, geom, grid, units="mu_per_mm", num_iters=20, constraints=cons).volume
     else:
         x, res = getattr(recon, solver)(drr, geom, grid, 20, constraints=cons)
         assert float(res[-1]) < float(res[0])

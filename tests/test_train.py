@@ -10,8 +10,8 @@ import jax
 import numpy as np
 import pytest
 
-from configs import default
 from xct import checkpoint, sharding, steps, train
+from xct.configs import default
 from xct.experiment import Experiment
 
 CONFIGS = [
@@ -232,7 +232,7 @@ def test_nonfinite_loss_stops_with_a_clear_message(tmp_path):
 @pytest.mark.slow  # ~4 min of compiling per config on 2 cores; the render-config tests cover
 @pytest.mark.parametrize("name", CONFIGS)  # the same step in the default run
 def test_every_config_smoke_compiles_and_steps(name):
-    c = importlib.import_module(f"configs.{name}").get_config("smoke")
+    c = importlib.import_module(f"xct.configs.{name}").get_config("smoke")
     exp = Experiment.from_config(c)
     batch = exp.dummy_batch()
     state = exp.init(jax.random.key(0), batch)

@@ -1,4 +1,7 @@
-"""xct entry point: ``python -m xct.main --config=configs/unet64.py --workdir=DIR``.
+"""xct entry point: ``python -m xct.main --config=unet64 --workdir=DIR``.
+
+``--config`` takes a config file (``path/to/my_config.py[:arg]``) or the name of one of
+xct's own (``xct/configs/NAME.py``: ``quickstart``, ``unet64``, ... as ``NAME[:arg]``).
 
     --mode=train      train (resumes from DIR's last checkpoint), then validate
     --mode=evaluate   score the best checkpoint on config.eval.split -> DIR/metrics.json and
@@ -26,7 +29,10 @@ from xct import console
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
-    "config", None, "config file (configs/*.py[:smoke])", lock_config=True
+    "config",
+    None,
+    "config file FILE.py[:arg], or NAME[:arg] of xct/configs/NAME.py",
+    lock_config=True,
 )
 flags.DEFINE_string("workdir", None, "where checkpoints, logs and metrics go")
 flags.DEFINE_enum("mode", "train", ["train", "evaluate", "predict"], "what to do")
@@ -159,11 +165,39 @@ def _summary(r: dict) -> str:
     )
 
 
+def config_path(spec: str) -> str:
+    """``NAME[:arg]`` of a config shipped in ``xct/configs`` -> its file path (``[:arg]``
+    kept); anything else (a path, ``*.py``) unchanged."""
+    import pathlib
+
+    name, sep, arg = spec.partition(":")
+    if not name or "/" in name or "\\" in name or name.endswith(".py"):
+        return spec
+    file = pathlib.Path(__file__).parent / "configs" / f"{name}.py"
+    if not file.is_file() or name in ("__init__", "common"):
+        shipped = sorted(
+            f.stem for f in file.parent.glob("*.py") if f.stem not in ("__init__", "common")
+        )
+        _flag_error(f"--config: no config named {name!r}; xct's own are {', '.join(shipped)}")
+    return f"{file}{sep}{arg}"
+
+
+def _config_names(argv: list[str]) -> list[str]:
+    """``--config=NAME`` / ``--config NAME`` -> the shipped file's path."""
+    out = list(argv)
+    for i, a in enumerate(out):
+        if a.startswith("--config="):
+            out[i] = "--config=" + config_path(a[len("--config=") :])
+        elif a == "--config" and i + 1 < len(out):
+            out[i + 1] = config_path(out[i + 1])
+    return out
+
+
 def _parse_flags(argv: list[str]) -> list[str]:
     """absl's parser, with a bad flag or config (a typo in a field, a config file that does
     not exist or fails to load) as one line and exit status 2 instead of a traceback."""
     try:
-        args = FLAGS(argv)
+        args = FLAGS(_config_names(argv))
         if FLAGS["config"].present:
             FLAGS.config.keys()  # config_flags defers a failed load to the first access
         return args

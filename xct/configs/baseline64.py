@@ -1,11 +1,11 @@
 """The plain encoder-decoder baseline (no skips, X2CT-style expansion), 64^3, 2 views.
 
-python -m xct.main --config=configs/baseline64.py --workdir=/tmp/xct/baseline64
+python -m xct.main --config=baseline64 --workdir=/tmp/xct/baseline64
 """
 
 from ml_collections import ConfigDict
 
-from configs import common, unet64
+from xct.configs import common, unet64
 
 
 def get_config(arg=None):

@@ -1,9 +1,9 @@
 """U-Net, 128^3, 2 views.
 
-python -m xct.main --config=configs/unet128.py --workdir=/tmp/xct/unet128
+python -m xct.main --config=unet128 --workdir=/tmp/xct/unet128
 """
 
-from configs import common, default
+from xct.configs import common, default
 
 
 def get_config(arg=None):

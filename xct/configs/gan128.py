@@ -1,9 +1,9 @@
 """U-Net + 3D PatchGAN (LSGAN with feature matching), 128^3, 2 views.
 
-python -m xct.main --config=configs/gan128.py --workdir=/tmp/xct/gan128
+python -m xct.main --config=gan128 --workdir=/tmp/xct/gan128
 """
 
-from configs import common, unet128
+from xct.configs import common, unet128
 
 
 def get_config(arg=None):

@@ -1,12 +1,12 @@
 """Base config: a U-Net from 2 views of 64^3 synthetic chests. Variants import and override.
 
-python -m xct.main --config=configs/default.py --workdir=/tmp/xct/default
-python -m xct.main --config=configs/default.py:smoke --workdir=/tmp/xct/smoke   # a few minutes
+python -m xct.main --config=default --workdir=/tmp/xct/default
+python -m xct.main --config=default:smoke --workdir=/tmp/xct/smoke   # a few minutes
 """
 
 from ml_collections import ConfigDict
 
-from configs import common
+from xct.configs import common
 
 
 def get_config(arg: str | None = None) -> ConfigDict:

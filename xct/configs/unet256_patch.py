@@ -2,11 +2,11 @@
 evaluated and predicted by overlapping sliding windows, so 256^3 fits where whole-volume
 training does not.
 
-python -m xct.main --config=configs/unet256_patch.py --workdir=/tmp/xct/unet256_patch
-python -m xct.main --config=configs/unet256_patch.py:smoke --workdir=/tmp/xct/smoke  # a few minutes
+python -m xct.main --config=unet256_patch --workdir=/tmp/xct/unet256_patch
+python -m xct.main --config=unet256_patch:smoke --workdir=/tmp/xct/smoke  # a few minutes
 """
 
-from configs import common, default
+from xct.configs import common, default
 
 
 def get_config(arg=None):

@@ -3,13 +3,13 @@ previous one's weights (the model's parameters do not depend on the resolution),
 curriculum on phantoms rendered on the accelerator (phantom complexity, deformation and noise
 ramp up).
 
-python -m xct.main --config=configs/progressive.py --workdir=/tmp/xct/progressive
-python -m xct.main --config=configs/progressive.py:smoke --workdir=/tmp/xct/smoke  # a few minutes
+python -m xct.main --config=progressive --workdir=/tmp/xct/progressive
+python -m xct.main --config=progressive:smoke --workdir=/tmp/xct/smoke  # a few minutes
 
 Stages go to WORKDIR/stage<i>_<resolution>; an interrupted schedule resumes where it was.
 """
 
-from configs import common, default
+from xct.configs import common, default
 
 
 def get_config(arg=None):

@@ -1,9 +1,9 @@
 """U-Net, 64^3, 2 views (geometry-aware back-projection lifting, bottleneck attention).
 
-python -m xct.main --config=configs/unet64.py --workdir=/tmp/xct/unet64
+python -m xct.main --config=unet64 --workdir=/tmp/xct/unet64
 """
 
-from configs import common, default
+from xct.configs import common, default
 
 
 def get_config(arg=None):

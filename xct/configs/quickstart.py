@@ -1,13 +1,13 @@
 """Quickstart: a small U-Net from 2 views of 32^3 synthetic chests, minutes on a laptop CPU.
 
-    python -m xct.main --config=configs/quickstart.py --workdir=quickstart_out/run
-    python -m xct.main --config=configs/quickstart.py --workdir=quickstart_out/run --mode=evaluate
+    python -m xct.main --config=quickstart --workdir=quickstart_out/run
+    python -m xct.main --config=quickstart --workdir=quickstart_out/run --mode=evaluate
 
 The dataset (96 phantoms) is built on first use into ``~/xct_data`` (``make quickstart``
 puts it in ``quickstart_out/data``).
 """
 
-from configs import common, default
+from xct.configs import common, default
 
 
 def get_config(arg=None):

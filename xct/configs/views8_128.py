@@ -1,9 +1,9 @@
 """U-Net, 128^3, 8 views with attention fusion.
 
-python -m xct.main --config=configs/views8_128.py --workdir=/tmp/xct/views8_128
+python -m xct.main --config=views8_128 --workdir=/tmp/xct/views8_128
 """
 
-from configs import common, unet128
+from xct.configs import common, unet128
 
 
 def get_config(arg=None):
