@@ -18,9 +18,9 @@ def get_config(arg=None):
     c.data.batch_size = 4
     c.model.base_features = 8
     c.model.num_levels = 3
-    c.train.num_steps = 240
+    c.train.num_steps = 400
     c.train.log_every = 20
-    c.train.eval_every = 120
-    c.train.checkpoint_every = 60
-    c.optim.warmup_steps = 24
+    c.train.eval_every = 200
+    c.train.checkpoint_every = 100
+    c.optim.warmup_steps = 40
     return common.apply_arg(c, arg)
