@@ -53,6 +53,17 @@ def test_pose_scale_and_values_recovered(case):
     assert rel < 0.05, rel
     assert np.all(np.diff(cal.map_values) > 0)  # monotone
     assert cal.loss[-1] < 0.2 * cal.loss[0]
+    # the radiograph's pixel seen at the isocentre: the model's / the true image scale
+    true_iso = acq.detector_pixel_mm / (acq.sdd_mm / acq.sod_mm) / (4 / 1.15)
+    assert cal.pixel_iso_mm == pytest.approx(true_iso, rel=0.03)
+
+
+def test_the_fit_compiles_once_for_every_view(case):
+    acq, mu, _, image, _ = case
+    calibrate.calibrate(image, mu, acq, 0.0, steps=20)
+    before = calibrate._fit._cache_size()
+    calibrate.calibrate(np.fliplr(image).copy(), 0.9 * mu, acq, 90.0, steps=20)
+    assert calibrate._fit._cache_size() == before
 
 
 def test_collimation_mask():

@@ -26,6 +26,7 @@ unknown pixel size the depth shift is held at 0 and the image scale absorbs it.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -47,6 +48,8 @@ class Calibration(NamedTuple):
     translation_mm: np.ndarray  # [3] (z, y, x) of the template's pose, mm
     image_scale: float  # radiograph pixels (as given) per model detector pixel
     pixel_mm: float | None  # the radiograph's pixel at its detector, if distances are known
+    pixel_iso_mm: float  # the radiograph's pixel at the isocentre, if the patient is the
+    # template's size: needs no tags, so it is the estimate when the pixel size is 0 or absent
     map_values: np.ndarray  # [knots + 1] line integral at each knot of the value map
     map_range: tuple[float, float]  # radiograph values of the first and last knot
     mismatch: float  # relative DRR mismatch over the valid pixels
@@ -160,25 +163,87 @@ def calibrate(
         cols = np.where(valid_src, norm, 0.0).mean(axis=0)
         scale0 = _width(cols) / max(_width(drr0.mean(axis=0)), 1.0)
         pixel_est = None
-    h, w = norm.shape
-    centre_src = np.array([(h - 1) / 2.0, (w - 1) / 2.0], np.float32)
-    uv = (np.stack(np.meshgrid(np.arange(r), np.arange(r), indexing="ij")) - (r - 1) / 2.0).astype(
-        np.float32
-    )
-    norm_j, valid_j = jnp.asarray(norm), jnp.asarray(valid_src.astype(np.float32))
     fix_depth = not (pixel_mm and sdd_mm and sod_mm)
-    # the beam direction at this angle, in (z, y, x) of the volume: depth shifts are held
-    beam = np.array([np.cos(np.deg2rad(angle_deg)), 0.0, np.sin(np.deg2rad(angle_deg))])
-    beam_j = jnp.asarray(beam, jnp.float32)
-    sched = _template.Schedule()
-    base = sched.init()
     step_drr = float(np.percentile(drr0, 99.5)) / knots
+    p, losses, li, drr, valid, shift = _fit(
+        jnp.asarray(norm),
+        jnp.asarray(valid_src.astype(np.float32)),
+        t_mu,
+        jnp.float32(angle_deg),
+        jnp.float32(scale0),
+        jnp.float32(step_drr),
+        acq=acq,
+        knots=int(knots),
+        steps=int(steps),
+        learning_rate=float(learning_rate),
+        huber=float(huber),
+        pose_weight=float(pose_weight),
+        fix_depth=bool(fix_depth),
+    )
+    li, drr = np.asarray(li), np.asarray(drr)
+    v = np.asarray(valid) > 0.5
+    mismatch = float(np.sqrt(np.sum((li - drr)[v] ** 2) / max(np.sum(drr[v] ** 2), 1e-12)))
+    k = float(scale0 * np.exp(float(p.log_scale)))
+    if pixel_mm is None and sdd_mm and sod_mm:  # the pixel the fitted scale implies
+        pixel_est = (acq.detector_pixel_mm / m_model) * (sdd_mm / sod_mm) / (k * factor)
+    inc = np.asarray(jax.nn.softplus(p.map_raw))
+    values = float(p.map_offset) + np.concatenate([[0.0], np.cumsum(inc / knots)])
+    return Calibration(
+        line_integrals=np.where(v, li, 0.0).astype(np.float32),
+        valid=v,
+        rotation_deg=np.rad2deg(np.asarray(p.rotvec) * _template._ROT_RAD),
+        translation_mm=np.asarray(shift) * _template._SHIFT_MM,
+        image_scale=k * factor,
+        pixel_mm=pixel_mm if pixel_mm else pixel_est,
+        pixel_iso_mm=float(acq.detector_pixel_mm / m_model / (k * factor)),
+        map_values=values,
+        map_range=(lo, hi),
+        mismatch=mismatch,
+        loss=np.asarray(losses),
+    )
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("acq", "knots", "steps", "learning_rate", "huber", "pose_weight", "fix_depth"),
+)
+def _fit(
+    norm,
+    valid_src,
+    t_mu,
+    angle_deg,
+    scale0,
+    step_drr,
+    *,
+    acq,
+    knots,
+    steps,
+    learning_rate,
+    huber,
+    pose_weight,
+    fix_depth,
+):
+    """The registration of ``calibrate``: one program per acquisition, radiograph shape and
+    settings, compiled once and reused for every view and call (angle, template and
+    radiograph values are arguments, not constants)."""
+    r = acq.resolution
+    grid, geom = acq.grid(), acq.orbit(angle_deg.reshape(1))
+    h, w = norm.shape
+    centre_src = jnp.asarray([(h - 1) / 2.0, (w - 1) / 2.0], jnp.float32)
+    uv = jnp.asarray(
+        np.stack(np.meshgrid(np.arange(r), np.arange(r), indexing="ij")) - (r - 1) / 2.0,
+        jnp.float32,
+    )
+    # the beam direction at this angle, in (z, y, x) of the volume: depth shifts are held
+    a = jnp.deg2rad(angle_deg)
+    beam = jnp.stack([jnp.cos(a), jnp.zeros_like(a), jnp.sin(a)])
+    base = _template.Schedule().init()
 
     def sample(p: _Params):
         k = scale0 * jnp.exp(p.log_scale)
-        coords = centre_src[:, None, None] + k * jnp.asarray(uv)
-        vals = jax.scipy.ndimage.map_coordinates(norm_j, list(coords), order=1, mode="nearest")
-        cover = jax.scipy.ndimage.map_coordinates(valid_j, list(coords), order=0, mode="constant")
+        coords = centre_src.reshape(2, 1, 1) + k * uv
+        vals = jax.scipy.ndimage.map_coordinates(norm, list(coords), order=1, mode="nearest")
+        cover = jax.scipy.ndimage.map_coordinates(valid_src, list(coords), order=0, mode="constant")
         inside = (coords[0] >= 0) & (coords[0] <= h - 1) & (coords[1] >= 0) & (coords[1] <= w - 1)
         return vals, cover * inside
 
@@ -190,7 +255,7 @@ def calibrate(
 
     def shift_of(p: _Params):
         s = p.shift
-        return s - jnp.dot(s, beam_j) * beam_j if fix_depth else s
+        return s - jnp.dot(s, beam) * beam if fix_depth else s
 
     def drr_of(p: _Params):
         wp = base._replace(rotvec=p.rotvec, shift=shift_of(p))
@@ -211,48 +276,23 @@ def calibrate(
         rotvec=jnp.zeros(3),
         shift=jnp.zeros(3),
         log_scale=jnp.zeros(()),
-        map_raw=jnp.full((knots,), np.log(np.expm1(step_drr * knots)), jnp.float32),
+        map_raw=jnp.full((knots,), 1.0, jnp.float32) * jnp.log(jnp.expm1(step_drr * knots)),
         map_offset=jnp.zeros(()),
     )
     opt = optax.adam(learning_rate)
 
-    @jax.jit
-    def run(p):
-        def stage(p, rotate, n):
-            def step(carry, _):
-                p, s = carry
-                loss, g = jax.value_and_grad(objective)(p)
-                g = g._replace(rotvec=g.rotvec * rotate)
-                u, s = opt.update(g, s, p)
-                return (optax.apply_updates(p, u), s), loss
+    def stage(p, rotate, n):
+        def step(carry, _):
+            p, s = carry
+            loss, g = jax.value_and_grad(objective)(p)
+            g = g._replace(rotvec=g.rotvec * rotate)
+            u, s = opt.update(g, s, p)
+            return (optax.apply_updates(p, u), s), loss
 
-            (p, _), losses = jax.lax.scan(step, (p, opt.init(p)), length=n)
-            return p, losses
+        (p, _), losses = jax.lax.scan(step, (p, opt.init(p)), length=n)
+        return p, losses
 
-        p, first = stage(p, 0.0, steps // 2)
-        p, second = stage(p, 1.0, steps - steps // 2)
-        return p, jnp.concatenate([first, second])
-
-    p, losses = run(init)
+    p, first = stage(init, 0.0, steps // 2)
+    p, second = stage(p, 1.0, steps - steps // 2)
     vals, valid = sample(p)
-    li = np.asarray(value_map(p, vals))
-    drr = np.asarray(drr_of(p))
-    v = np.asarray(valid) > 0.5
-    mismatch = float(np.sqrt(np.sum((li - drr)[v] ** 2) / max(np.sum(drr[v] ** 2), 1e-12)))
-    k = float(scale0 * np.exp(float(p.log_scale)))
-    if pixel_mm is None and sdd_mm and sod_mm:  # the pixel the fitted scale implies
-        pixel_est = (acq.detector_pixel_mm / m_model) * (sdd_mm / sod_mm) / (k * factor)
-    inc = np.asarray(jax.nn.softplus(p.map_raw))
-    values = float(p.map_offset) + np.concatenate([[0.0], np.cumsum(inc / knots)])
-    return Calibration(
-        line_integrals=np.where(v, li, 0.0).astype(np.float32),
-        valid=v,
-        rotation_deg=np.rad2deg(np.asarray(p.rotvec) * _template._ROT_RAD),
-        translation_mm=np.asarray(shift_of(p)) * _template._SHIFT_MM,
-        image_scale=k * factor,
-        pixel_mm=pixel_mm if pixel_mm else pixel_est,
-        map_values=values,
-        map_range=(lo, hi),
-        mismatch=mismatch,
-        loss=np.asarray(losses),
-    )
+    return p, jnp.concatenate([first, second]), value_map(p, vals), drr_of(p), valid, shift_of(p)

@@ -443,7 +443,14 @@ def predict_radiographs(
                 "pixel_mm": f.pixel_mm,
                 "pixel_mm_source": "tags"
                 if _mean_pixel(g)
-                else "unknown (not estimable without distances: the image scale holds it)",
+                else (
+                    "estimated: the fitted image scale and the tagged distances"
+                    if f.pixel_mm
+                    else "unknown (needs DistanceSourceToDetector and DistanceSourceToPatient)"
+                ),
+                "pixel_at_isocentre_mm": round(f.pixel_iso_mm, 4),
+                "pixel_at_isocentre_source": "estimated: the fitted image scale, assuming the "
+                "patient is the template's size",
                 "sdd_mm": g.sdd_mm,
                 "sod_mm": g.sod_mm,
                 "value_map": {"range": list(f.map_range), "line_integrals": f.map_values.tolist()},
