@@ -51,6 +51,7 @@ class Calibration(NamedTuple):
     pixel_iso_mm: float  # the radiograph's pixel at the isocentre, if the patient is the
     # template's size: needs no tags, so it is the estimate when the pixel size is 0 or absent
     map_values: np.ndarray  # [knots + 1] line integral at each knot of the value map
+    unsharp: tuple[float, float]  # the edge enhancement undone: amount, sigma (model pixels)
     map_range: tuple[float, float]  # radiograph values of the first and last knot
     mismatch: float  # relative DRR mismatch over the valid pixels
     loss: np.ndarray  # per Adam step
@@ -103,6 +104,8 @@ class _Params(NamedTuple):
     log_scale: jax.Array  # [] image scale, log, relative to the initial scale
     map_raw: jax.Array  # [knots] softplus^-1 of the increments
     map_offset: jax.Array  # []
+    sharpen_raw: jax.Array  # [] softplus^-1 of the unsharp-masking amount
+    log_sigma: jax.Array  # [] log of its Gaussian's sigma, model detector pixels
 
 
 def calibrate(
@@ -197,6 +200,7 @@ def calibrate(
         pixel_mm=pixel_mm if pixel_mm else pixel_est,
         pixel_iso_mm=float(acq.detector_pixel_mm / m_model / (k * factor)),
         map_values=values,
+        unsharp=(float(jax.nn.softplus(p.sharpen_raw)), float(np.exp(float(p.log_sigma)))),
         map_range=(lo, hi),
         mismatch=mismatch,
         loss=np.asarray(losses),
@@ -247,6 +251,20 @@ def _fit(
         inside = (coords[0] >= 0) & (coords[0] <= h - 1) & (coords[1] >= 0) & (coords[1] <= w - 1)
         return vals, cover * inside
 
+    pad = r // 2
+    f = jnp.fft.fftfreq(r + 2 * pad)
+    f2 = f.reshape(-1, 1) ** 2 + f.reshape(1, -1) ** 2
+
+    def unsharpen(p: _Params, vals):
+        """Undo unsharp masking ``v + a (v - G_sigma v)``: divide by its transfer function
+        ``1 + a (1 - exp(-2 pi^2 sigma^2 |f|^2))`` (reflected borders against wrap-around)."""
+        a = jax.nn.softplus(p.sharpen_raw)
+        sigma = jnp.exp(p.log_sigma)
+        h = 1.0 + a * (1.0 - jnp.exp(-2.0 * jnp.pi**2 * sigma**2 * f2))
+        v = jnp.pad(vals, pad, mode="reflect")
+        u = jnp.real(jnp.fft.ifft2(jnp.fft.fft2(v) / h))
+        return u[pad : pad + r, pad : pad + r]
+
     def value_map(p: _Params, t):
         inc = jax.nn.softplus(p.map_raw)
         edges = (jnp.arange(knots, dtype=jnp.float32) / knots).reshape(1, 1, knots)
@@ -263,7 +281,7 @@ def _fit(
 
     def objective(p: _Params):
         vals, valid = sample(p)
-        pred = value_map(p, vals)
+        pred = value_map(p, unsharpen(p, vals))
         resid = pred - drr_of(p)
         loss = jnp.sum(valid * optax.huber_loss(resid, delta=huber)) / jnp.maximum(valid.sum(), 1)
         # free within about 3 degrees and 50 mm of the nominal view, penalised beyond
@@ -278,6 +296,8 @@ def _fit(
         log_scale=jnp.zeros(()),
         map_raw=jnp.full((knots,), 1.0, jnp.float32) * jnp.log(jnp.expm1(step_drr * knots)),
         map_offset=jnp.zeros(()),
+        sharpen_raw=jnp.asarray(np.log(np.expm1(1e-2)), jnp.float32),
+        log_sigma=jnp.zeros(()),
     )
     opt = optax.adam(learning_rate)
 
@@ -295,4 +315,5 @@ def _fit(
     p, first = stage(init, 0.0, steps // 2)
     p, second = stage(p, 1.0, steps - steps // 2)
     vals, valid = sample(p)
-    return p, jnp.concatenate([first, second]), value_map(p, vals), drr_of(p), valid, shift_of(p)
+    li = value_map(p, unsharpen(p, vals))
+    return p, jnp.concatenate([first, second]), li, drr_of(p), valid, shift_of(p)

@@ -454,6 +454,10 @@ def predict_radiographs(
                 "sdd_mm": g.sdd_mm,
                 "sod_mm": g.sod_mm,
                 "value_map": {"range": list(f.map_range), "line_integrals": f.map_values.tolist()},
+                "unsharp_masking_undone": {
+                    "amount": round(f.unsharp[0], 4),
+                    "sigma_model_px": round(f.unsharp[1], 4),
+                },
                 "calibration_mismatch": round(f.mismatch, 4),
                 "prediction_drr_mismatch": round(resid, 4),
                 "notes": list(g.notes),
