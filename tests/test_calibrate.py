@@ -98,7 +98,12 @@ def _radiograph(target, grid, hi, angle, seed):
 def test_reconstruction_from_calibrated_radiographs_is_within_1_db_of_clean_drrs(case):
     """Issue 15's bar: the value map and pose are good enough that what is reconstructed
     from the processed radiographs is within 1 dB of what the clean DRRs give (TV, 2 views,
-    the same detector pixels: those the radiographs expose)."""
+    the same detector pixels: those the radiographs expose).
+
+    Measured margin (``/tmp``-script sweep, 2026-12-02): with four noise seeds the gap was
+    0.85, 0.85, 0.88 and 2.0 dB: on the lateral view the image scale has a second optimum
+    (3.54 against the true 3.48 radiograph pixels per model pixel), so the bar holds for
+    this seed and most, not all. Through 12-bit MONOCHROME1 DICOM the gap was 1.7 dB."""
     from xct import metrics, recon
 
     acq, mu, truth, _, _ = case
