@@ -25,6 +25,7 @@ CONFIGS = [
     "baseline64",
     "unet256_patch",
     "progressive",
+    "unrolled64",
 ]
 
 

@@ -14,7 +14,9 @@ def smoke(config: ConfigDict) -> ConfigDict:
         c.data.dataset = "synthetic_chest/tiny_res32_views8"
         c.data.split_sizes = {"train": 8, "validation": 2, "test": 2}
     c.data.pool_size = 2
-    c.model.base_features = 4
+    for key, value in (("base_features", 4), ("features", 4), ("num_iters", 2)):
+        if key in c.model:
+            c.model[key] = value
     # 3 levels: the coarsest grid is 8^3, so bottleneck attention stays cheap.
     for key, value in (("num_levels", 3), ("num_res_blocks", 1), ("num_layers", 2)):
         if key in c.model:

@@ -3,7 +3,8 @@
 ``get_model(name, **kwargs)`` builds a module from a config section
 (``models.get_model(**config.model)`` with ``config.model.name`` one of ``MODELS``).
 
-Generators (``"baseline"``, ``"unet"``)::
+Generators (``"baseline"``, ``"unet"``, ``"unrolled"``: learned gradient descent through the
+projector, ``xct.models.unrolled``)::
 
     model = get_model("unet", resolution=64, lifting="backproject")
     variables = model.init(key, drr, angles_deg)            # {"params"} only
@@ -18,7 +19,8 @@ Discriminator (``"patchgan"``): ``model.apply(variables, ct, train=..., mutable=
 ``(logits, features)``; see ``xct.models.discriminator`` for the spectral-norm state.
 
 Import rule: ``xct.models`` imports only jax/flax, except ``lifting.py``, which needs
-``xct.geometry`` and ``xct.projector`` for the geometry-aware back-projection.
+``xct.geometry`` and ``xct.projector`` for the geometry-aware back-projection, and
+``unrolled.py``, whose iterations call the projector and ``xct.physics``' unit conversions.
 """
 
 from __future__ import annotations
@@ -34,10 +36,12 @@ from xct.models.encoder import ViewEncoder
 from xct.models.fusion import FUSIONS, ViewFusion
 from xct.models.lifting import LIFTINGS, backproject_view, expand_view
 from xct.models.unet import ATTENTIONS, UNetGenerator
+from xct.models.unrolled import LearnedGradientDescent
 
 MODELS: dict[str, type[nn.Module]] = {
     "baseline": Baseline,
     "unet": UNetGenerator,
+    "unrolled": LearnedGradientDescent,
     "patchgan": PatchGAN3D,
 }
 
@@ -86,6 +90,7 @@ __all__ = [
     "LIFTINGS",
     "MODELS",
     "Baseline",
+    "LearnedGradientDescent",
     "PatchGAN3D",
     "UNetGenerator",
     "ViewEncoder",
