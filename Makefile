@@ -10,6 +10,7 @@ $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m xct._native build || true  # native CPU projector kernels (optional: else XLA)
 	touch $(STAMP)
 
 quickstart: $(STAMP)  ## DRR demo, then train + evaluate the quickstart model (CPU, minutes) -> ./quickstart_out/

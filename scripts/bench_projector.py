@@ -4,14 +4,18 @@
     python -m scripts.bench_projector --sizes 128 --views 2 8 --dets 128   # a quick look
 
 For each volume size n^3 (2 mm voxels), view count and detector size (cone beam, sod/sdd
-1000/1500 mm, the whole volume on the detector) it reports: wall time of the jitted
-forward projection and of forward+VJP (value_and_grad of a weighted sum), throughput in
-samples/s (rays x samples per ray; Joseph takes n samples per ray) and DRRs/s, compile
-time, the compiled program's temporary memory, RTK's time for the same projection and the
-ratio RTK time / xct time (> 1 means xct is faster), and the relative L2 difference to RTK.
-Where RTK is absent (GPU images) the in-run peer is xct's own trilinear ray-marcher (the
-naive method). On GPU it also measures copy bandwidth and reports forward throughput as
-bytes touched (4 gathers x 4 B per sample) against it. Writes ``bench_projector.json``.
+1000/1500 mm, the whole volume on the detector) and each projector kernel (``--kernels``;
+on CPU by default the XLA version then the native C++ kernels, on GPU ``auto``) it
+reports: wall time of the jitted forward projection, of the adjoint alone and of
+forward+VJP (value_and_grad of a weighted sum), throughput in samples/s (rays x samples per
+ray; Joseph takes n samples per ray) and DRRs/s, compile time, the compiled program's
+temporary memory, RTK's time for the same projection (timed once per case) with the ratio
+RTK time / kernel time (> 1 means xct is faster) and the relative L2 difference to RTK; and
+for every kernel after the first, its speed-up over the first (first time / its time: with
+the CPU default, XLA / native) and its relative L2 difference to the first. Where RTK is
+absent (GPU images) the in-run peer is xct's own trilinear ray-marcher (the naive method).
+On GPU it also measures copy bandwidth and reports forward throughput as bytes touched (4
+gathers x 4 B per sample) against it. Writes ``bench_projector.json``.
 """
 
 from __future__ import annotations
@@ -65,20 +69,39 @@ def phantom(n):
     return vol + 0.001 * np.asarray(jax.random.uniform(jax.random.key(0), vol.shape)), grid
 
 
-def bench_case(vol, grid, views, det, *, method, rtk, backward=True, chunk_rays=None, kernel=None):
-    import jax
-    import jax.numpy as jnp
-
-    from xct import geometry, peers, projector
-
-    n = grid.shape[0]
-    angles = np.arange(views) * 360.0 / views
-    kw = dict(
+def _geometry_kw(n, det):
+    return dict(
         sod_mm=1000.0,
         sdd_mm=1500.0,
         det_shape=(det, det),
         pixel_mm=(1.5 * 2.0 * n * 1.05 / det,) * 2,
     )
+
+
+def rtk_case(vol, n, views, det):
+    """RTK's best time (s) and its projections for the case, or None without RTK."""
+    from xct import peers
+
+    if not peers.rtk_available():
+        return None
+    angles = np.arange(views) * 360.0 / views
+    r = peers.RTKJoseph(vol, 2.0, angles, **_geometry_kw(n, det))
+    ref = r.run()
+    return _time(r.run, min_reps=2), ref
+
+
+def bench_case(
+    vol, grid, views, det, *, method, rtk=None, backward=True, chunk_rays=None, kernel=None
+):
+    """One row of timings; ``rtk`` is :func:`rtk_case`'s (time, projections) for the case."""
+    import jax
+    import jax.numpy as jnp
+
+    from xct import geometry, projector
+
+    n = grid.shape[0]
+    angles = np.arange(views) * 360.0 / views
+    kw = _geometry_kw(n, det)
     geom = geometry.circular_cone_beam(angles, **kw)
     v = jnp.asarray(vol, jnp.float32)
     opts = dict(method=method, chunk_rays=chunk_rays, kernel=kernel)
@@ -128,14 +151,23 @@ def bench_case(vol, grid, views, det, *, method, rtk, backward=True, chunk_rays=
         row["fwd_vjp_gsamples_s"] = round(samples / vjp_s / 1e9, 3)
         vmem = vg_c.memory_analysis()
         row["vjp_temp_mb"] = None if vmem is None else round(vmem.temp_size_in_bytes / 2**20, 1)
-    if rtk:
-        r = peers.RTKJoseph(vol, 2.0, angles, **kw)
-        ref = r.run()
-        rtk_s = _time(r.run, min_reps=2)
+    if rtk is not None:
+        rtk_s, ref = rtk
         row["rtk_ms"] = round(rtk_s * 1e3, 2)
         row["ratio_rtk_over_xct"] = round(rtk_s / fwd_s, 3)
         row["rel_l2_vs_rtk"] = float(f"{np.linalg.norm(out - ref) / np.linalg.norm(ref):.2e}")
     return row, out
+
+
+def default_kernels() -> list[str]:
+    """On CPU the XLA version, then the native kernels where they build; else ``auto``."""
+    import jax
+
+    from xct import _native
+
+    if jax.default_backend() != "cpu":
+        return ["auto"]
+    return ["xla", "native"] if _native.available() else ["xla"]
 
 
 def _kernel_variants(args):
@@ -177,8 +209,9 @@ def main(argv=None) -> int:
     p.add_argument(
         "--kernels",
         nargs="+",
-        default=["auto"],
-        help="projector kernels to time: auto, xla, pallas (GPU); the first is the baseline",
+        default=None,
+        help="projector kernels to time: auto, xla, native (CPU), pallas (GPU); the first is "
+        "the baseline (default: xla native on CPU, auto elsewhere)",
     )
     p.add_argument(
         "--tiles", nargs="+", default=None, help="Pallas ray tiles to sweep, e.g. 8x16 16x16"
@@ -188,7 +221,10 @@ def main(argv=None) -> int:
 
     import jax
 
-    from xct import peers
+    from xct import _native, peers
+
+    if args.kernels is None:
+        args.kernels = default_kernels()
 
     dev = jax.devices()[0]
     use_rtk = peers.rtk_available()
@@ -203,6 +239,8 @@ def main(argv=None) -> int:
         command="python -m scripts.bench_projector "
         + " ".join(argv if argv is not None else sys.argv[1:]),
         peer="RTK JosephForwardProjectionImageFilter (CPU)" if use_rtk else "xct trilinear (naive)",
+        kernels=args.kernels,
+        native_simd_width=_native.simd_width() if "native" in args.kernels else None,
     )
     if dev.platform == "gpu":
         meta["copy_bandwidth_gbs"] = round(copy_bandwidth_gbs(), 1)
@@ -214,6 +252,7 @@ def main(argv=None) -> int:
         for det in args.dets:
             for views in args.views:
                 base = None
+                rtk = rtk_case(vol, n, views, det) if use_rtk else None
                 for kernel, tile, warps in _kernel_variants(args):
                     for chunk in args.chunks or [None]:
                         _set_tile(tile, warps)
@@ -223,7 +262,7 @@ def main(argv=None) -> int:
                             views,
                             det,
                             method="joseph",
-                            rtk=use_rtk and base is None,
+                            rtk=rtk,
                             backward=not args.no_backward,
                             chunk_rays=chunk,
                             kernel=kernel,
@@ -247,7 +286,7 @@ def main(argv=None) -> int:
                             print(json.dumps(row), flush=True)
                 if naive_peer:
                     naive, _ = bench_case(
-                        vol, grid, views, det, method="trilinear", rtk=False, backward=False
+                        vol, grid, views, det, method="trilinear", rtk=None, backward=False
                     )
                     row["naive_trilinear_ms"] = naive["fwd_ms"]
                     row["ratio_naive_over_xct"] = round(naive["fwd_ms"] / row["fwd_ms"], 3)
@@ -291,7 +330,39 @@ def main(argv=None) -> int:
     print("\n| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
     for r in rows:
         print("| " + " | ".join(str(r.get(c, "")) for c in cols) + " |")
+    for line in native_summary(rows):
+        print(line)
     return 0
+
+
+def native_summary(rows) -> list[str]:
+    """One line per case that timed both the native and the XLA kernel: the ratios
+    RTK / native and XLA / native (forward, and adjoint where timed), and native's relative
+    L2 difference to RTK and to XLA."""
+    lines = []
+    by_case = {}
+    for r in rows:
+        by_case.setdefault((r["n"], r["views"], r["det"]), {})[r["kernel"]] = r
+    for (n, views, det), k in by_case.items():
+        if "native" not in k or "xla" not in k:
+            continue
+        nat, xla = k["native"], k["xla"]
+        parts = [f"n={n} views={views} det={det}: native fwd {nat['fwd_ms']} ms"]
+        if "rtk_ms" in nat:
+            parts.append(f"RTK/native {nat['rtk_ms'] / nat['fwd_ms']:.2f}x")
+        parts.append(f"XLA/native {xla['fwd_ms'] / nat['fwd_ms']:.2f}x")
+        if "adj_ms" in nat and "adj_ms" in xla:
+            parts.append(
+                f"adjoint {nat['adj_ms']} ms, XLA/native {xla['adj_ms'] / nat['adj_ms']:.2f}x"
+            )
+        if "fwd_vjp_ms" in nat and "fwd_vjp_ms" in xla:
+            parts.append(f"fwd+VJP XLA/native {xla['fwd_vjp_ms'] / nat['fwd_vjp_ms']:.2f}x")
+        if "rel_l2_vs_rtk" in nat:
+            parts.append(f"rel L2 vs RTK {nat['rel_l2_vs_rtk']:.2%}")
+        if "rel_l2_vs_first" in nat:
+            parts.append(f"vs XLA {nat['rel_l2_vs_first']:.1e}")
+        lines.append("; ".join(parts))
+    return lines
 
 
 if __name__ == "__main__":

@@ -1,14 +1,27 @@
 """Projector checks against closed-form answers and against RTK (never against itself)."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.test_util import check_grads
 
-from xct import geometry, peers, phantoms, projector
+from xct import _native, geometry, peers, phantoms, projector
 
 METHODS = projector.METHODS
+# (method, kernel): every method in XLA, and Joseph also in the native CPU kernels (what
+# kernel="auto" runs on CPUs; skipped where they cannot be built).
+METHOD_KERNELS = [(m, "xla") for m in METHODS] + [("joseph", "native")]
+
+
+def _kernel(kernel: str) -> str:
+    if kernel == "native" and (jax.default_backend() != "cpu" or not _native.available()):
+        pytest.skip("native CPU kernels unavailable (not on CPU, or no C++ compiler)")
+    return kernel
+
+
 N, SPACING = 64, 4.0  # the issue's 64^3 analytic setting: 256 mm field of view
 
 
@@ -34,13 +47,14 @@ def _analytic(ells, geom):
 
 
 @pytest.mark.parametrize("kind", ["cone", "parallel"])
-@pytest.mark.parametrize("method", METHODS)
-def test_smooth_ellipsoid_matches_analytic_line_integrals(grid64, kind, method):
+@pytest.mark.parametrize("method, kernel", METHOD_KERNELS)
+def test_smooth_ellipsoid_matches_analytic_line_integrals(grid64, kind, method, kernel):
     ells = [phantoms.Ellipsoid(0.02, (10.0, -15.0, 5.0), (80.0, 60.0, 100.0), 30.0, "smooth")]
     vol = phantoms.voxelize(ells, grid64, supersample=4)
     geom = _geometry(kind)
     ref, _ = _analytic(ells, geom)
-    out = np.asarray(projector.forward_project(vol, grid64, geom, method=method), np.float64)
+    out = projector.forward_project(vol, grid64, geom, method=method, kernel=_kernel(kernel))
+    out = np.asarray(out, np.float64)
     assert np.abs(out - ref).max() <= 0.01 * ref.max()
 
 
@@ -110,8 +124,8 @@ def test_siddon_is_exact_for_voxel_boxes(kind):
 
 
 @pytest.mark.parametrize("kind", ["cone", "parallel"])
-@pytest.mark.parametrize("method", METHODS)
-def test_adjoint_dot_product(kind, method):
+@pytest.mark.parametrize("method, kernel", METHOD_KERNELS)
+def test_adjoint_dot_product(kind, method, kernel):
     grid = geometry.VolumeGrid.centered((12, 14, 16), (2.0, 1.5, 1.8))
     geom = geometry.from_pose_params(
         jnp.asarray([[0.0, 0.3, 0.0], [0.2, 1.7, -0.1], [1.0, 0.0, 0.5]]),
@@ -125,8 +139,9 @@ def test_adjoint_dot_product(kind, method):
     kx, ky = jax.random.split(jax.random.key(1))
     x = jax.random.uniform(kx, grid.shape)
     y = jax.random.uniform(ky, (3, 10, 13))
-    ax = projector.forward_project(x, grid, geom, method=method, chunk_rays=97)
-    aty = projector.back_project(y, grid, geom, method=method, chunk_rays=97)
+    kw = dict(method=method, chunk_rays=97, kernel=_kernel(kernel))
+    ax = projector.forward_project(x, grid, geom, **kw)
+    aty = projector.back_project(y, grid, geom, **kw)
     lhs = np.vdot(np.asarray(ax, np.float64), np.asarray(y, np.float64))
     rhs = np.vdot(np.asarray(x, np.float64), np.asarray(aty, np.float64))
     assert lhs > 0
@@ -137,20 +152,21 @@ SMALL_GRID = geometry.VolumeGrid.centered((8, 8, 8), 2.0)
 SMALL_KW = dict(sod_mm=60.0, sdd_mm=100.0, det_shape=(6, 7), pixel_mm=3.0)
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_check_grads_volume_and_adjoint(method):
+@pytest.mark.parametrize("method, kernel", METHOD_KERNELS)
+def test_check_grads_volume_and_adjoint(method, kernel):
     geom = geometry.circular_cone_beam([10.0, 100.0], **SMALL_KW)
     x = jax.random.uniform(jax.random.key(0), SMALL_GRID.shape)
     y = jax.random.uniform(jax.random.key(1), (2, 6, 7))
-    fp = lambda v: projector.forward_project(v, SMALL_GRID, geom, method=method)  # noqa: E731
-    bp = lambda d: projector.back_project(d, SMALL_GRID, geom, method=method)  # noqa: E731
+    kw = dict(method=method, kernel=_kernel(kernel))
+    fp = lambda v: projector.forward_project(v, SMALL_GRID, geom, **kw)  # noqa: E731
+    bp = lambda d: projector.back_project(d, SMALL_GRID, geom, **kw)  # noqa: E731
     check_grads(fp, (x,), order=1, modes=("rev",), eps=1e-2, atol=1e-2, rtol=1e-2)
     check_grads(bp, (y,), order=1, modes=("rev",), eps=1e-2, atol=1e-2, rtol=1e-2)
     # and the custom VJPs are exactly the matched operators
     g = jax.random.normal(jax.random.key(2), (2, 6, 7))
     np.testing.assert_allclose(
         jax.vjp(fp, x)[1](g)[0],
-        projector.back_project(g, SMALL_GRID, geom, method=method),
+        projector.back_project(g, SMALL_GRID, geom, **kw),
         rtol=1e-5,
         atol=1e-5,
     )
@@ -228,26 +244,22 @@ def test_point_lands_where_projection_formula_says(kind, method, angle):
     assert abs(centroid[0] - row) < 0.5 and abs(centroid[1] - col) < 0.5, (centroid, (row, col))
 
 
-def test_jit_vmap_and_chunking_agree():
+@pytest.mark.parametrize("kernel", ["xla", "native"])
+def test_jit_vmap_and_chunking_agree(kernel):
     grid = geometry.VolumeGrid.centered((10, 12, 14), 2.0)
     geom = geometry.circular_cone_beam([0.0, 50.0, 120.0], **SMALL_KW)
     x = jax.random.uniform(jax.random.key(3), (2,) + grid.shape)
-    eager = projector.forward_project(x[0], grid, geom)
-    jitted = jax.jit(projector.forward_project, static_argnames=("method", "chunk_rays"))(
-        x[0], grid, geom
-    )
-    batched = jax.jit(jax.vmap(lambda v: projector.forward_project(v, grid, geom, chunk_rays=17)))(
-        x
-    )
+    fp = functools.partial(projector.forward_project, kernel=_kernel(kernel))
+    eager = fp(x[0], grid, geom)
+    jitted = jax.jit(fp, static_argnames=("method", "chunk_rays"))(x[0], grid, geom)
+    batched = jax.jit(jax.vmap(lambda v: fp(v, grid, geom, chunk_rays=17)))(x)
     np.testing.assert_allclose(jitted, eager, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(batched[0], eager, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(
-        batched[1], projector.forward_project(x[1], grid, geom), rtol=1e-5, atol=1e-5
-    )
+    np.testing.assert_allclose(batched[1], fp(x[1], grid, geom), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_rays_missing_the_volume_give_zero_and_finite_gradients(method):
+@pytest.mark.parametrize("method, kernel", METHOD_KERNELS)
+def test_rays_missing_the_volume_give_zero_and_finite_gradients(method, kernel):
     grid = geometry.VolumeGrid.centered((8, 8, 8), 1.0)
     # A translated pose: the whole detector looks past the volume, plus an axis-aligned view.
     geom = geometry.from_pose_params(
@@ -259,7 +271,8 @@ def test_rays_missing_the_volume_give_zero_and_finite_gradients(method):
         pixel_mm=1.0,
     )
     x = jnp.ones(grid.shape)
-    out = projector.forward_project(x, grid, geom, method=method)
+    kw = dict(method=method, kernel=_kernel(kernel))
+    out = projector.forward_project(x, grid, geom, **kw)
     assert float(jnp.abs(out[0]).max()) == 0.0
     assert float(out[1].min()) > 0
 
@@ -267,7 +280,7 @@ def test_rays_missing_the_volume_give_zero_and_finite_gradients(method):
         g = geometry.from_pose_params(
             jnp.zeros((2, 3)), t, sod_mm=50.0, sdd_mm=80.0, det_shape=(4, 4), pixel_mm=1.0
         )
-        return jnp.sum(projector.forward_project(v, grid, g, method=method) ** 2)
+        return jnp.sum(projector.forward_project(v, grid, g, **kw) ** 2)
 
     gv, gt = jax.grad(loss, argnums=(0, 1))(x, jnp.asarray([[200.0, 0.0, 0.0], [0.0, 0.0, 0.0]]))
     assert np.all(np.isfinite(gv)) and np.all(np.isfinite(gt))

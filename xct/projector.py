@@ -18,12 +18,21 @@ holds to float rounding). Three discretisations:
 The interpolating methods are differentiable with respect to the geometry (poses), which
 enables 2D/3D registration; Siddon's pose derivative is piecewise and not meaningful.
 
-Kernels: on GPUs, float32 Joseph runs as fused Pallas (Triton) kernels
-(``xct/_joseph_kernel.py``: one program per tile of rays, per-sample work in registers,
-an axis-major copy of the volume per dominant axis; the adjoint scatters with atomics).
-They compute the same operator as the XLA version (relative difference ~3e-7 on an H200)
-and are picked by ``kernel="auto"``; ``kernel="xla"`` (or ``XCT_PROJECTOR_KERNEL=xla``)
-forces the portable version, which CPUs always use. Pose gradients always go through XLA.
+Kernels: float32 Joseph runs as fused kernels that compute the same operator as the XLA
+version, picked by ``kernel="auto"``:
+
+* on CPUs, native C++ kernels called through ``jax.ffi`` (``xct/_native``: built with the
+  machine's C++ compiler on first use or by ``make``; tiles of 4 x 4 rays march plane by
+  plane in AVX-512 / AVX2 lanes, the adjoint adds slab by slab without atomics). Relative
+  difference to XLA ~1e-6; on a 2-core CPU 5x XLA's forward, 13-26x its adjoint and 4-5x
+  RTK's Joseph (BENCHMARKS.md). Without a C++ compiler or AVX2, ``"auto"`` means XLA;
+* on GPUs, fused Pallas (Triton) kernels (``xct/_joseph_kernel.py``: one program per tile
+  of rays, per-sample work in registers, an axis-major copy of the volume per dominant
+  axis; the adjoint scatters with atomics); relative difference ~3e-7 on an H200.
+
+``kernel="xla"`` (or ``XCT_PROJECTOR_KERNEL=xla``) forces the portable version. The fused
+kernels sit under the same ``custom_vjp`` (the volume gradient of the forward is the fused
+adjoint and vice versa); pose gradients always go through XLA.
 
 Memory: rays are processed in chunks of ``chunk_rays`` with ``lax.map``; the VJP with
 respect to the volume is the matched back-projection (a ``custom_vjp``), so nothing per
@@ -46,7 +55,7 @@ import numpy as np
 from xct.geometry import Geometry, VolumeGrid
 
 METHODS = ("joseph", "trilinear", "siddon")
-KERNELS = ("auto", "xla", "pallas", "interpret")
+KERNELS = ("auto", "xla", "native", "pallas", "interpret")
 # Overrides ``kernel="auto"`` (e.g. XCT_PROJECTOR_KERNEL=xla to compare on a GPU).
 KERNEL_ENV = "XCT_PROJECTOR_KERNEL"
 # Samples held in flight per chunk when ``chunk_rays`` is not given: about 16 MB per
@@ -62,7 +71,7 @@ class _Config:
     method: str
     chunk_rays: int
     step_mm: float
-    kernel: str = "xla"  # "xla", or the fused Joseph kernels: "pallas" / "interpret"
+    kernel: str = "xla"  # "xla", or the fused Joseph kernels: "native", "pallas", "interpret"
 
 
 def _num_samples(cfg: _Config) -> int:
@@ -87,22 +96,35 @@ def _has_triton() -> bool:
 
 
 def _resolve_kernel(kernel, method: str, grid: VolumeGrid, dtype) -> str:
-    """``"auto"`` picks the fused Pallas kernels for float32 Joseph on GPUs, else XLA."""
+    """``"auto"`` picks the fused kernels for float32 Joseph: Pallas on GPUs, the native C++
+    ones on CPUs (when they could be built), else XLA."""
     if kernel is None or kernel == "auto":
         kernel = os.environ.get(KERNEL_ENV, "auto")
     if kernel not in KERNELS:
         raise ValueError(f"kernel: expected one of {KERNELS}, got {kernel!r}")
     if kernel == "xla":
         return kernel
-    from xct import _joseph_kernel
+    from xct import _joseph_kernel, _native
 
-    eligible = method == "joseph" and dtype == jnp.float32 and _joseph_kernel.fits(grid.shape)
+    joseph32 = method == "joseph" and dtype == jnp.float32
     if kernel == "auto":
-        return "pallas" if eligible and jax.default_backend() == "gpu" and _has_triton() else "xla"
-    if not eligible:
+        backend = jax.default_backend()
+        if joseph32 and backend == "gpu" and _joseph_kernel.fits(grid.shape) and _has_triton():
+            return "pallas"
+        if joseph32 and backend == "cpu" and _native.fits(grid.shape) and _native.preferred():
+            return "native"
+        return "xla"
+    fits = _native.fits if kernel == "native" else _joseph_kernel.fits
+    if not (joseph32 and fits(grid.shape)):
+        limit = "2^31 voxels" if kernel == "native" else "~890^3"
         raise ValueError(
             f"kernel={kernel!r}: the fused kernels do Joseph in float32 on volumes under "
-            f"~890^3; got method={method!r}, dtype={jnp.dtype(dtype).name}, shape {grid.shape}"
+            f"{limit}; got method={method!r}, dtype={jnp.dtype(dtype).name}, shape {grid.shape}"
+        )
+    if kernel == "native" and not _native.available():
+        raise ValueError(
+            "kernel='native': the native CPU kernels could not be built here (no C++ compiler "
+            "or a failed build; `python -m xct._native build` says why); use 'auto' or 'xla'"
         )
     return kernel
 
@@ -403,6 +425,10 @@ def _kernel_params(geom: Geometry, cfg: _Config, tile):
 
 def _forward_raw(volume: jax.Array, geom: Geometry, cfg: _Config) -> jax.Array:
     volume = jnp.asarray(volume)
+    if cfg.kernel == "native":
+        from xct import _native
+
+        return _native.forward(volume, geom, cfg.grid)
     if cfg.kernel != "xla":
         from xct import _joseph_kernel
 
@@ -437,6 +463,10 @@ def _backward_raw(drr: jax.Array, geom: Geometry, cfg: _Config) -> jax.Array:
     contribute nor pile atomic adds onto one voxel on GPUs.
     """
     drr = jnp.asarray(drr)
+    if cfg.kernel == "native":
+        from xct import _native
+
+        return _native.adjoint(drr, geom, cfg.grid)
     if cfg.kernel != "xla":
         from xct import _joseph_kernel
 
@@ -573,9 +603,10 @@ def forward_project(
       chunk_rays: rays processed at once (bounds memory); default keeps about 4M samples
         in flight.
       step_mm: sample spacing of the ``"trilinear"`` method (default half a voxel).
-      kernel: ``"auto"`` (default; or ``$XCT_PROJECTOR_KERNEL``): the fused Pallas kernels
-        for float32 Joseph on GPUs, XLA otherwise; ``"xla"``, ``"pallas"`` (GPU) or
-        ``"interpret"`` (the Pallas kernels interpreted, slow; for tests on CPU).
+      kernel: ``"auto"`` (default; or ``$XCT_PROJECTOR_KERNEL``): for float32 Joseph the
+        fused kernels, native C++ on CPUs (where they build) and Pallas on GPUs, XLA
+        otherwise; ``"xla"``, ``"native"`` (CPU), ``"pallas"`` (GPU) or ``"interpret"`` (the
+        Pallas kernels interpreted, slow; for tests on CPU).
 
     Returns:
       ``[views, rows, cols]`` line integrals (unitless), the dtype of ``volume``.
