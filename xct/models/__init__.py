@@ -20,7 +20,8 @@ Discriminator (``"patchgan"``): ``model.apply(variables, ct, train=..., mutable=
 
 Import rule: ``xct.models`` imports only jax/flax, except ``lifting.py``, which needs
 ``xct.geometry`` and ``xct.projector`` for the geometry-aware back-projection, and
-``unrolled.py``, whose iterations call the projector and ``xct.physics``' unit conversions.
+``unrolled.py``, whose iterations call the projector, SIRT's preconditioners
+(``xct.recon.iterative.sirt_weights``) and ``xct.physics``' unit conversions.
 """
 
 from __future__ import annotations

@@ -33,13 +33,10 @@ from xct.geometry import Acquisition
 from xct.models.conv import Conv
 from xct.models.layers import Dtype, constrain
 from xct.models.lifting import check_inputs
+from xct.recon.iterative import sirt_weights
 
 # d(normalised CT) per d(mu per mm): HU = 1000 (mu / mu_w - 1), x = (HU + 1024) / 4095.
 _NORM_PER_MU = 1000.0 / physics.MU_WATER_PER_MM / (physics.HU_MAX - physics.HU_MIN)
-
-
-def _safe_inverse(x: jax.Array, eps: float = 1e-6) -> jax.Array:
-    return jnp.where(x > eps, 1.0 / jnp.maximum(x, eps), 0.0)
 
 
 class _Block(nn.Module):
@@ -117,14 +114,7 @@ class LearnedGradientDescent(nn.Module):
         def geom(a):
             return acq.orbit(a, det_shape=(rows, cols))
 
-        def weights(a):
-            row = _safe_inverse(projector.forward_project(jnp.ones(grid.shape), grid, geom(a)))
-            col = _safe_inverse(
-                projector.back_project(jnp.ones((a.shape[0], rows, cols)), grid, geom(a))
-            )
-            return row, col
-
-        row_inv, col_inv = jax.vmap(weights)(angles)
+        row_inv, col_inv = jax.vmap(lambda a: sirt_weights(geom(a), grid))(angles)
 
         def sirt_step(x, li, a, r, c):
             mu = physics.hu_to_mu(physics.denormalize_ct(x))

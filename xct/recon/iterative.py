@@ -97,6 +97,18 @@ def _safe_inverse(s):
     return jnp.where(s > _TINY_MM, 1.0 / jnp.where(s > _TINY_MM, s, 1.0), 0.0)
 
 
+def sirt_weights(
+    geom: Geometry, grid: VolumeGrid, method: str = "joseph", dtype=jnp.float32
+) -> tuple[jax.Array, jax.Array]:
+    """SIRT's preconditioners ``(R, C)``: ``R = 1 / A 1`` per detector pixel ``[V, rows,
+    cols]`` and ``C = 1 / A^T 1`` per voxel, 0 where no ray / voxel is reached. The update
+    of ``sirt`` is ``x += relaxation * C A^T R (b - A x)``; traceable in the angles."""
+    fwd, bwd = _ops(grid, method)
+    row_inv = _safe_inverse(fwd(jnp.ones(grid.shape, dtype), geom))
+    col_inv = _safe_inverse(bwd(jnp.ones((geom.num_views, *geom.det_shape), dtype), geom))
+    return row_inv, col_inv
+
+
 def _norm(r):
     return jnp.sqrt(jnp.sum(r * r))
 
@@ -137,8 +149,7 @@ def sirt(
     lam = _check_relaxation(relaxation)
     constraints = priors.check(constraints, grid)
     fwd, bwd = _ops(grid, method)
-    row_inv = _safe_inverse(fwd(jnp.ones(grid.shape, b.dtype), geom))
-    col_inv = _safe_inverse(bwd(jnp.ones_like(b), geom))
+    row_inv, col_inv = sirt_weights(geom, grid, method, b.dtype)
     if constraints is not None:
         x = constraints.project(x)
     r = b - fwd(x, geom)
