@@ -10,10 +10,11 @@ program's memory analysis (arguments + outputs + temporaries, bytes XLA plans fo
 step) and, on CPU, the process peak RSS; on accelerators, the device's peak bytes in use.
 The peer in the same run is the baseline model (``--peer=baseline64``) at the same shapes,
 so the ratio shows what the U-Net's skips and attention cost; ``--conv_peer`` instead
-measures the same config with XLA's own 3D convolutions (``XCT_CONV3D=xla``), the version
-before ``xct.models.conv``. Prints one JSON line each.
+measures the same config with other convolutions (``xla``: XLA's own 3D convolutions, the
+version before ``xct.models.conv``; ``planes``: 2D planes with XLA's kernel gradient, the
+version before the native one). Prints one JSON line each.
 
-    python -m scripts.bench_train --config=unet64 --batch=2 --steps=3 --conv_peer
+    python -m scripts.bench_train --config=unet64 --batch=2 --steps=3 --conv_peer xla planes
 """
 
 from __future__ import annotations
@@ -98,8 +99,12 @@ def main(argv=None) -> int:
     p.add_argument("--resolution", type=int, default=0, help="override geometry.resolution")
     p.add_argument(
         "--conv_peer",
-        action="store_true",
-        help="peer: the same config with XLA's 3D convolutions (XCT_CONV3D=xla)",
+        nargs="*",
+        choices=("xla", "planes"),
+        default=None,
+        help="peers: the same config with other convolutions, each in its own process: "
+        "'xla' (XLA's 3D convolutions, the default when no mode is given) and/or 'planes' "
+        "(2D planes with XLA's kernel gradient, before the native one)",
     )
     args = p.parse_args(argv)
 
@@ -117,20 +122,23 @@ def main(argv=None) -> int:
     first = config()
     rows = [bench(first, args.steps)]
     print(json.dumps(rows[0]), flush=True)
-    peer = args.config if args.conv_peer else args.peer
-    if peer:  # a separate process, so its peak RSS is its own
-        env = dict(os.environ, XCT_CONV3D="xla") if args.conv_peer else None
+    if args.conv_peer is not None:
+        peers = [(args.config, mode) for mode in (args.conv_peer or ["xla"])]
+    else:
+        peers = [(args.peer, None)] if args.peer else []
+    for peer, mode in peers:  # a separate process each, so its peak RSS is its own
+        env = dict(os.environ, XCT_CONV3D=mode) if mode else None
         cmd = [sys.executable, "-m", "scripts.bench_train", "--peer=", f"--config={peer}"]
         cmd += [f"--resolution={first.geometry.resolution}", f"--batch={first.data.batch_size}"]
         cmd += [f"--views={first.data.num_views}"]
         cmd += [f"--steps={args.steps}"]
         out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
         rows.append(json.loads(out.strip().splitlines()[-1]))
-        print(json.dumps(rows[1]), flush=True)
-    if len(rows) == 2:
+        print(json.dumps(rows[-1]), flush=True)
+    for row in rows[1:]:
         print(
-            f"{rows[0]['model']} ({rows[0]['conv3d']}) / {rows[1]['model']} "
-            f"({rows[1]['conv3d']}) step time ratio: {rows[0]['step_s'] / rows[1]['step_s']:.2f}",
+            f"{rows[0]['model']} ({rows[0]['conv3d']}) / {row['model']} "
+            f"({row['conv3d']}) step time ratio: {rows[0]['step_s'] / row['step_s']:.2f}",
             flush=True,
         )
     return 0

@@ -49,6 +49,58 @@ def test_planes_match_xla_value_and_gradient(monkeypatch, kernel, strides, paddi
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
+def _native_ready() -> bool:
+    from xct import _native
+
+    return _native.preferred()
+
+
+@pytest.mark.parametrize(
+    "kernel,strides,padding,ci,co",
+    [
+        ((3, 3, 3), (1, 1, 1), "SAME", 8, 16),  # native forward, input and kernel gradients
+        ((3, 3, 3), (1, 1, 1), [(2, 0), (1, 1), (0, 2)], 16, 8),  # asymmetric padding
+        ((4, 4, 4), (2, 2, 2), "SAME", 8, 32),  # strided: input gradient by XLA's planes
+        ((3, 2, 3), (2, 1, 1), "VALID", 3, 24),  # ci not a multiple of 8
+        ((1, 1, 1), (1, 1, 1), "SAME", 16, 1),  # co not a multiple of 8: planes forward
+    ],
+)
+def test_native_kernels_match_xla_value_and_gradient(monkeypatch, kernel, strides, padding, ci, co):
+    """Mode "auto" on this CPU: the native C++ convolution and gradients (xct._native)."""
+    if not _native_ready():
+        pytest.skip("native kernels not built here (no C++ compiler or no AVX2)")
+    monkeypatch.setenv(conv.MODE_ENV, "auto")
+    kx, kw, kg = jax.random.split(jax.random.key(3), 3)
+    x = jax.random.normal(kx, (2, 7, 6, 9, ci))
+    w = jax.random.normal(kw, (*kernel, ci, co))
+    ref = _xla(x, w, strides, padding)
+    out = jax.jit(lambda x, w: _planes(x, w, strides, padding))(x, w)
+    assert out.shape == ref.shape
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-4)
+    g = jax.random.normal(kg, ref.shape)
+
+    def grads(f):
+        loss = lambda x, w: jnp.sum(f(x, w, strides, padding) * g)  # noqa: E731
+        return jax.jit(jax.grad(loss, (0, 1)))(x, w)
+
+    for a, b in zip(grads(_planes), grads(_xla), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-4)
+
+
+def test_native_kernels_are_used_in_auto_mode_only(monkeypatch):
+    if not _native_ready():
+        pytest.skip("native kernels not built here")
+    x, w = jnp.ones((1, 4, 4, 4, 8)), jnp.ones((3, 3, 3, 8, 8))
+
+    def has_ffi(mode):
+        monkeypatch.setenv(conv.MODE_ENV, mode)
+        f = jax.grad(lambda x, w: jnp.sum(_planes(x, w, (1, 1, 1), "SAME")), (0, 1))
+        return "xct_conv3d" in str(jax.make_jaxpr(f)(x, w))
+
+    assert has_ffi("auto")
+    assert not has_ffi("planes")
+
+
 def test_mode_switch_and_fallbacks(monkeypatch):
     x = jnp.ones((1, 4, 4, 4, 2))
     w = jnp.ones((3, 3, 3, 2, 2))

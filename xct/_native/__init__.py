@@ -1,4 +1,5 @@
-"""Native CPU Joseph projector kernels: C++ (``joseph.cc``) called through ``jax.ffi``.
+"""Native CPU kernels, C++ called through ``jax.ffi``: the Joseph projector (``joseph.cc``)
+and the kernel gradient of 3D convolutions (``conv3d.cc``, used by :mod:`xct.models.conv`).
 
 Private to :mod:`xct.projector`, which runs them for ``kernel="native"`` and picks them with
 ``kernel="auto"`` for float32 Joseph on CPU. They compute the operator of
@@ -6,10 +7,10 @@ Private to :mod:`xct.projector`, which runs them for ``kernel="native"`` and pic
 so they agree with the XLA version to float rounding and the adjoint is the exact transpose
 of the forward projection (dot-product test). ``joseph.cc`` says what makes them fast.
 
-Build: on first use the source is compiled for this machine (``-O3 -march=native``, no
+Build: on first use the sources are compiled for this machine (``-O3 -march=native``, no
 fast-math, plus ``$XCT_NATIVE_FLAGS``) with ``$XCT_CXX`` (else ``$CXX``, else ``g++``) into
 ``$XCT_CACHE_DIR`` (else ``$XDG_CACHE_HOME/xct/native``, else ``~/.cache/xct/native``) as
-``joseph-<key>.so``; the key hashes the source, the flags, the compiler's version, jax's
+``xct-<key>.so``; the key hashes the sources, the flags, the compiler's version, jax's
 version and the CPU, so a changed source or machine rebuilds, and concurrent builders (test
 workers) each write a temporary file and rename it atomically. ``make`` prebuilds it
 (``python -m xct._native build``). Without a compiler, or when the build fails,
@@ -45,7 +46,9 @@ import jaxlib
 import numpy as np
 
 _LOG = logging.getLogger(__name__)
-SOURCE = pathlib.Path(__file__).with_name("joseph.cc")
+_HERE = pathlib.Path(__file__).parent
+SOURCES = (_HERE / "joseph.cc", _HERE / "conv3d.cc")  # compiled into one library
+HEADERS = (_HERE / "parallel.h",)
 # Tried in order: the machine's own instruction set (AVX-512 or AVX2 gathers where it has
 # them), then portable code for compilers without -march=native. No -ffast-math: the
 # results must stay within float rounding of the XLA version; -fno-math-errno and
@@ -58,7 +61,12 @@ FLAG_SETS = (
 # The least SIMD width at which kernel="auto" prefers these kernels to XLA's (the portable
 # scalar code, e.g. on CPUs without AVX2, is slower than XLA's gathers).
 AUTO_MIN_SIMD_WIDTH = 8
-_TARGETS = {"xct_joseph_forward": "XctJosephForward", "xct_joseph_adjoint": "XctJosephAdjoint"}
+_TARGETS = {
+    "xct_joseph_forward": "XctJosephForward",
+    "xct_joseph_adjoint": "XctJosephAdjoint",
+    "xct_conv3d_weight_grad": "XctConv3dWeightGrad",
+    "xct_conv3d_forward": "XctConv3dForward",
+}
 _registered: set[str] = set()
 _register_lock = threading.Lock()
 
@@ -110,7 +118,7 @@ def _compiler_version(cxx: str) -> str:
 def _library_path(cxx: str, flags, directory: pathlib.Path) -> pathlib.Path:
     h = hashlib.sha256()
     for part in (
-        SOURCE.read_bytes(),
+        *(f.read_bytes() for f in (*SOURCES, *HEADERS)),
         " ".join(flags).encode(),
         _compiler_version(cxx).encode(),
         jax.__version__.encode(),
@@ -119,7 +127,7 @@ def _library_path(cxx: str, flags, directory: pathlib.Path) -> pathlib.Path:
     ):
         h.update(part)
         h.update(b"\0")
-    return directory / f"joseph-{h.hexdigest()[:16]}.so"
+    return directory / f"xct-{h.hexdigest()[:16]}.so"
 
 
 def _compile(cxx: str, flags, target: pathlib.Path) -> None:
@@ -127,7 +135,7 @@ def _compile(cxx: str, flags, target: pathlib.Path) -> None:
     fd, tmp = tempfile.mkstemp(prefix=target.stem + ".", suffix=".tmp", dir=target.parent)
     os.close(fd)
     try:
-        cmd = [cxx, *flags, "-I", jax.ffi.include_dir(), str(SOURCE), "-o", tmp]
+        cmd = [cxx, *flags, "-I", jax.ffi.include_dir(), *map(str, SOURCES), "-o", tmp]
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         if out.returncode != 0:
             errors = [ln for ln in out.stderr.splitlines() if "error" in ln][:3]
@@ -244,6 +252,43 @@ def adjoint(drr: jax.Array, geom, grid) -> jax.Array:
         vmap_method="broadcast_all",
     )
     return call(drr.astype(jnp.float32), views, frame, parallel=_parallel(geom))
+
+
+def conv3d_weight_grad(x_padded: jax.Array, dy: jax.Array, kernel_shape, strides) -> jax.Array:
+    """The kernel gradient ``[KD, KH, KW, Ci, Co]`` of a channels-last 3D convolution
+    (float32): ``x_padded [N, Dp, Hp, Wp, Ci]`` is its input with the convolution's padding
+    applied, ``dy [N, D, H, W, Co]`` the gradient of its output, ``strides`` its three
+    window strides; ``kernel_shape`` is ``(KD, KH, KW)``."""
+    ci, co = x_padded.shape[-1], dy.shape[-1]
+    call = jax.ffi.ffi_call(
+        "xct_conv3d_weight_grad",
+        jax.ShapeDtypeStruct((*map(int, kernel_shape), ci, co), jnp.float32),
+        vmap_method="sequential",
+    )
+    sd, sh, sw = (np.int32(s) for s in strides)
+    return call(
+        x_padded.astype(jnp.float32), dy.astype(jnp.float32), stride_d=sd, stride_h=sh, stride_w=sw
+    )
+
+
+def conv3d(x_padded: jax.Array, kernel: jax.Array, strides) -> jax.Array:
+    """A channels-last 3D convolution (float32, cross-correlation as ``lax.conv``):
+    ``x_padded [N, Dp, Hp, Wp, Ci]`` already padded, ``kernel [KD, KH, KW, Ci, Co]`` with
+    ``Co`` a multiple of 8, three window ``strides``; returns ``[N, D, H, W, Co]``."""
+    kd, kh, kw, _, co = kernel.shape
+    sd, sh, sw = (int(s) for s in strides)
+    n, dp, hp, wp, _ = x_padded.shape
+    shape = (n, (dp - kd) // sd + 1, (hp - kh) // sh + 1, (wp - kw) // sw + 1, co)
+    call = jax.ffi.ffi_call(
+        "xct_conv3d_forward", jax.ShapeDtypeStruct(shape, jnp.float32), vmap_method="sequential"
+    )
+    return call(
+        x_padded.astype(jnp.float32),
+        kernel.astype(jnp.float32),
+        stride_d=np.int32(sd),
+        stride_h=np.int32(sh),
+        stride_w=np.int32(sw),
+    )
 
 
 def _parallel(geom) -> np.int32:

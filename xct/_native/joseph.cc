@@ -48,6 +48,8 @@
 #include <thread>
 #include <vector>
 
+#include "parallel.h"
+
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
@@ -691,48 +693,8 @@ inline void adjoint_tile(float* vol, const Tile& t, const float* g, int axis, in
 }
 #endif
 
-// ---------------------------------------------------------------------------------------
-// Work sharing. `schedule(task)` runs task on another thread (or inline); the caller takes
-// items too and then waits only for items already taken, so it never waits for a thread
-// that has not started (no deadlock when the pool is busy or absent).
-
-using Scheduler = std::function<void(std::function<void()>)>;
-
-inline void parallel_for(int64_t num_items, int num_threads, const Scheduler& schedule,
-                         const std::function<void(int64_t)>& fn) {
-  if (num_items <= 0) return;
-  num_threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_threads, num_items)));
-  if (num_threads == 1) {
-    for (int64_t i = 0; i < num_items; ++i) fn(i);
-    return;
-  }
-  struct State {
-    std::atomic<int64_t> next{0};
-    std::atomic<int64_t> done{0};
-    int64_t n = 0;
-    const std::function<void(int64_t)>* fn = nullptr;
-    std::mutex mu;
-    std::condition_variable cv;
-  };
-  auto state = std::make_shared<State>();
-  state->n = num_items;
-  state->fn = &fn;
-  auto work = [state]() {
-    for (;;) {
-      const int64_t i = state->next.fetch_add(1);
-      if (i >= state->n) return;
-      (*state->fn)(i);  // fn outlives every taken item: the caller waits for them
-      if (state->done.fetch_add(1) + 1 == state->n) {
-        std::lock_guard<std::mutex> lock(state->mu);
-        state->cv.notify_all();
-      }
-    }
-  };
-  for (int t = 1; t < num_threads; ++t) schedule(work);
-  work();
-  std::unique_lock<std::mutex> lock(state->mu);
-  state->cv.wait(lock, [&] { return state->done.load() == state->n; });
-}
+using xct_native::Scheduler;
+using xct_native::parallel_for;
 
 // Line integrals out[V, rows, cols] of vol[nz, ny, nx].
 inline void forward(const float* vol, const Dims& dims, const Geometry& g, const Detector& det,
@@ -842,6 +804,8 @@ inline void adjoint(const float* proj, const Dims& dims, const Geometry& g, cons
 // XLA FFI handlers.
 
 #include "xla/ffi/api/ffi.h"
+#define XCT_NATIVE_FFI_POOL
+#include "parallel.h"
 
 namespace ffi = xla::ffi;
 
@@ -884,22 +848,8 @@ ffi::Error check_shapes(ffi::AnyBuffer::Dimensions vol, ffi::AnyBuffer::Dimensio
   return ffi::Error::Success();
 }
 
-// XLA's intra-op pool when it has more than one thread, else plain std::threads.
-struct Pool {
-  int num_threads;
-  xct_joseph::Scheduler schedule;
-};
-
-Pool make_pool(ffi::ThreadPool& pool) {
-  const int64_t n = pool.num_threads();
-  if (n > 1) {
-    return {static_cast<int>(n), [&pool](std::function<void()> task) {
-              pool.Schedule([task = std::move(task)]() { task(); });
-            }};
-  }
-  const int hw = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
-  return {hw, [](std::function<void()> task) { std::thread(std::move(task)).detach(); }};
-}
+using xct_native::make_pool;
+using xct_native::Pool;
 
 ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> vol,
                        ffi::Buffer<ffi::F32> views, ffi::Buffer<ffi::F32> frame,
