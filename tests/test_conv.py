@@ -60,9 +60,10 @@ def _native_ready() -> bool:
     [
         ((3, 3, 3), (1, 1, 1), "SAME", 8, 16),  # native forward, input and kernel gradients
         ((3, 3, 3), (1, 1, 1), [(2, 0), (1, 1), (0, 2)], 16, 8),  # asymmetric padding
-        ((4, 4, 4), (2, 2, 2), "SAME", 8, 32),  # strided: input gradient by XLA's planes
-        ((3, 2, 3), (2, 1, 1), "VALID", 3, 24),  # ci not a multiple of 8
-        ((1, 1, 1), (1, 1, 1), "SAME", 16, 1),  # co not a multiple of 8: planes forward
+        ((4, 4, 4), (2, 2, 2), "SAME", 8, 32),  # strided: input gradient by the planes
+        ((3, 2, 3), (2, 1, 1), "VALID", 3, 24),  # strided: input gradient by the planes
+        ((1, 1, 1), (1, 1, 1), "SAME", 16, 1),  # channels padded to 8 and sliced off
+        ((3, 3, 3), (1, 1, 1), "SAME", 6, 5),  # both: the unrolled model's blocks
     ],
 )
 def test_native_kernels_match_xla_value_and_gradient(monkeypatch, kernel, strides, padding, ci, co):

@@ -19,8 +19,8 @@ and above all its kernel gradient, which XLA:CPU computes 5-8x slower than the c
 itself, run as register-blocked SIMD loops (``conv3d.cc``), in a ``jax.custom_vjp`` (so:
 reverse-mode derivatives only). 2 x 64^3 x 16 -> 16 channels, 3^3 kernel, value and
 gradients: planes 425 ms, native 96 ms; the ``unet64`` training step 6.3 -> 3.1 s.
-Shapes the kernels do not take (output channels not a multiple of 8 for the convolution;
-strides or input channels not a multiple of 8 for the input gradient) use the planes.
+Output channels are zero-padded to a multiple of 8 for the kernels' SIMD; the input
+gradient of strided convolutions uses the planes.
 
 On other backends (cuDNN is fast in 3D) and for anything else (dilations, feature groups,
 other layouts) this is ``lax.conv_general_dilated`` itself. ``XCT_CONV3D`` chooses:
@@ -152,23 +152,28 @@ def _pad(x, pads):
     return lax.pad(x, zero, [(0, 0, 0), *((lo, hi, 0) for lo, hi in pads), (0, 0, 0)])
 
 
-def _native_or_planes(lhs, rhs, strides, pads, precision):
+def _native_forward(x_padded, rhs, strides):
+    """The native convolution of an already padded input; output channels are zero-padded
+    to a multiple of 8 (the kernel's SIMD runs over them) and sliced off again."""
     from xct import _native  # noqa: PLC0415
 
-    if rhs.shape[-1] % 8 == 0:  # the native kernel's SIMD runs over output channels
-        return _native.conv3d(_pad(lhs, pads), rhs, strides)
-    return _planes(lhs, rhs, strides, pads, precision, None)
+    co = rhs.shape[-1]
+    extra = -co % 8
+    if extra:
+        rhs = jnp.pad(rhs, [(0, 0)] * 4 + [(0, extra)])
+    out = _native.conv3d(x_padded, rhs, strides)
+    return out[..., :co] if extra else out
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def _native_conv(lhs, rhs, strides, pads, precision):
     """The convolution by the native kernels where they apply, else :func:`_planes`; its
     gradients likewise (reverse mode only)."""
-    return _native_or_planes(lhs, rhs, strides, pads, precision)
+    return _native_forward(_pad(lhs, pads), rhs, strides)
 
 
 def _native_conv_fwd(lhs, rhs, strides, pads, precision):
-    return _native_or_planes(lhs, rhs, strides, pads, precision), (lhs, rhs)
+    return _native_forward(_pad(lhs, pads), rhs, strides), (lhs, rhs)
 
 
 def _native_conv_bwd(strides, pads, precision, res, g):
@@ -176,18 +181,11 @@ def _native_conv_bwd(strides, pads, precision, res, g):
 
     lhs, rhs = res
     k = rhs.shape[:3]
-    if all(s == 1 for s in strides) and lhs.shape[-1] % 8 == 0:
+    if all(s == 1 for s in strides):
         # Stride 1: the input gradient is the convolution of the padded output gradient
         # with the flipped kernel, input and output channels swapped.
         back = tuple((kk - 1 - lo, kk - 1 - hi) for kk, (lo, hi) in zip(k, pads, strict=True))
-        flipped = jnp.flip(rhs, (0, 1, 2)).swapaxes(3, 4)
-        dx = _native.conv3d(
-            lax.pad(
-                g, jnp.zeros((), g.dtype), [(0, 0, 0), *((lo, hi, 0) for lo, hi in back), (0, 0, 0)]
-            ),
-            flipped,
-            strides,
-        )
+        dx = _native_forward(_pad(g, back), jnp.flip(rhs, (0, 1, 2)).swapaxes(3, 4), strides)
     else:
         _, input_vjp = jax.vjp(lambda x: _planes(x, rhs, strides, pads, precision, None), lhs)
         (dx,) = input_vjp(g)
