@@ -60,3 +60,30 @@ def test_shipped_two_view_model_on_a_real_chest_it_never_saw(tmp_path):
     exp = experiment.Experiment.from_config(_load_config(str(model / "config.py")))
     r = evaluate.evaluate(exp, model, which="last", ct_dir=ct_dir, out_dir=tmp_path / "eval")
     assert np.isfinite(r["psnr"]) and r["psnr"] > 20.0, r["psnr"]
+
+
+REAL_CR = ROOT.parent / "shared" / "data" / "xray" / "chest_pa_cr.dcm"
+
+
+@pytest.mark.skipif(not REAL_CR.is_file(), reason="needs ../shared/data/xray")
+def test_shipped_model_predicts_from_the_real_cr_end_to_end(tmp_path):
+    """Issue 15's end-to-end run: the real PA chest CR (MONOCHROME1, PixelSpacing 0\\0)
+    through ``--mode=predict`` with a shipped model and the model's own prediction as
+    template: the NIfTI, the sidecar with everything estimated, and the report."""
+    from scripts.quality_table import _load_config
+    from xct import evaluate, experiment, io
+
+    model = tmp_path / "unet32_2v"
+    shutil.copytree(ROOT / "checkpoints" / "unet32_2v", model)
+    exp = experiment.Experiment.from_config(_load_config(str(model / "config.py")))
+    out = tmp_path / "ct.nii.gz"
+    evaluate.predict(exp, model, [REAL_CR], [], out, "last")
+    hu, _ = io.read_ct(out, check_hu=False)  # one real view: a poor CT (README), but a CT
+    assert hu.shape == (32, 32, 32) and -1024 <= hu.min() and hu.max() <= 3071
+    sidecar = json.loads((tmp_path / "ct.json").read_text(encoding="utf-8"))
+    (view,) = sidecar["views"]
+    assert view["view_position"] == "PA" and view["angle_deg"] == 0.0
+    assert view["pixel_mm_source"] != "tags"  # PixelSpacing 0\\0: estimated, and said so
+    assert 0.0 < view["calibration_mismatch"] < 1.0
+    assert np.all(np.diff(view["value_map"]["line_integrals"]) > 0)
+    assert "data:image/png;base64" in (tmp_path / "ct.html").read_text(encoding="utf-8")

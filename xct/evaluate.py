@@ -357,6 +357,7 @@ def predict(
     hu = exp.evaluator.reconstruct(
         [m.params for m in members], np.repeat(drr, n, 0), np.repeat(angles, n, 0)
     )[0]
+    hu = np.clip(hu, physics.HU_MIN, physics.HU_MAX)  # the range the model was trained on
     # In the patient (LPS) frame, so 3D Slicer's axial view is axial.
     return io.write_ct(output, data.from_projector_frame(hu), exp.acquisition.grid())
 
@@ -402,6 +403,7 @@ def predict_radiographs(
         hu = exp.evaluator.reconstruct(
             [m.params for m in members], np.repeat(drr, n, 0), np.repeat(angles[None], n, 0)
         )[0]
+        hu = np.clip(hu, physics.HU_MIN, physics.HU_MAX)  # the model's training range
         return hu, np.maximum(np.asarray(physics.hu_to_mu(hu)), 0.0)
 
     if template is not None:
@@ -411,18 +413,15 @@ def predict_radiographs(
         _, tmpl = predict_mu(crude)
         rounds, source = 2, "the model's own prediction (2 rounds)"
     for _ in range(rounds):
-        fits = [
-            cal.calibrate(
-                g.image,
-                tmpl,
-                acq,
-                float(a),
-                pixel_mm=_mean_pixel(g),
-                sdd_mm=g.sdd_mm,
-                sod_mm=g.sod_mm,
-            )
-            for g, a in zip(rads, angles, strict=True)
-        ]
+        fits = cal.calibrate_views(  # jointly: one patient, one pose
+            [g.image for g in rads],
+            tmpl,
+            acq,
+            angles,
+            pixel_mm=[_mean_pixel(g) for g in rads],
+            sdd_mm=[g.sdd_mm for g in rads],
+            sod_mm=[g.sod_mm for g in rads],
+        )
         hu, tmpl = predict_mu([f.line_integrals for f in fits])
     out = io.write_ct(output, data.from_projector_frame(hu), acq.grid())
     reproj = np.asarray(exp.evaluator.render(hu, angles))
