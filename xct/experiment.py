@@ -26,7 +26,7 @@ import optax
 from xct import data, evaluator, geometry, models, sharding, steps
 
 #: Loss weights of ``config.loss`` (the other loss fields are settings).
-LOSS_SETTINGS = ("gan_kind", "projection_extra_views")
+LOSS_SETTINGS = ("gan_kind", "projection_extra_views", "perceptual_net")
 
 
 class MeshFunction:
@@ -257,6 +257,18 @@ def make_setup(config, acq: geometry.Acquisition) -> steps.Setup:
             )
         disc = models.get_model(name, **disc_kwargs)
         disc_tx = optax.adam(float(config.optim.disc_learning_rate), b1=0.5, b2=0.999)
+    perceptual = None
+    if weights.get("perceptual", 0.0) > 0:
+        from xct.models import segmenter  # noqa: PLC0415
+
+        net = str(config.loss.get("perceptual_net", ""))
+        if not net:
+            raise ValueError(
+                "loss.perceptual > 0 needs loss.perceptual_net: a folder written by "
+                "python -m scripts.train_segmenter"
+            )
+        seg, seg_params = segmenter.load(net)
+        perceptual = functools.partial(seg.apply, seg_params, method=seg.features)
     return steps.Setup(
         model=make_model(config, acq),
         tx=make_optimizer(config.optim, int(config.train.num_steps)),
@@ -269,6 +281,7 @@ def make_setup(config, acq: geometry.Acquisition) -> steps.Setup:
         gan_kind=str(config.loss.get("gan_kind", "lsgan")),
         patch_size=int(config.train.get("patch_size", 0)),
         patch_overlap=int(config.train.get("patch_overlap", 0)),
+        perceptual=perceptual,
     )
 
 

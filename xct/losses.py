@@ -11,8 +11,10 @@ reduce (``total_generator_loss`` does the weighted batch mean). Conventions:
   patches of each example. For a multi-scale discriminator, call them once per scale and
   add the ``[B]`` results.
 
-No perceptual (pretrained-network feature) loss is provided on purpose: it is kept out
-until an experiment shows that it measurably helps the reconstructions.
+``perceptual`` compares features of a frozen network; the only one xct offers is its own
+organ segmenter (``xct.models.segmenter``, trained on its phantoms by
+``scripts/train_segmenter.py``): no downloaded weights. BENCHMARKS.md reports whether it
+helps on the real chests.
 """
 
 from __future__ import annotations
@@ -298,3 +300,17 @@ def total_generator_loss(
         means[name] = jnp.mean(v)
         total = total + w * means[name]
     return total, means
+
+
+def perceptual(pred, target, features) -> jax.Array:
+    """Feature L1 ``[B]``: ``features(ct) -> sequence of [B, ...]`` activations of a frozen
+    network (``xct.models.segmenter``), the mean absolute difference per layer, averaged
+    over layers; the target's side carries no gradient."""
+    p, t = _pair("perceptual", pred, target)
+    fp = features(p)
+    ft = [jax.lax.stop_gradient(f) for f in features(t)]
+    per_layer = [
+        jnp.mean(jnp.abs(a - b).reshape(a.shape[0], -1), axis=-1)
+        for a, b in zip(fp, ft, strict=True)
+    ]
+    return sum(per_layer) / len(per_layer)

@@ -52,6 +52,8 @@ class Setup:
       gan_kind: ``"lsgan"`` or ``"hinge"`` adversarial losses.
       patch_size: > 0: the model reconstructs random ``P^3`` patches while training.
       patch_overlap: sliding-window overlap (voxels) when predicting with a patch model.
+      perceptual: ``ct [B, D, D, D] -> feature maps`` of the frozen network of the
+        perceptual loss (``losses.perceptual``), or None.
     """
 
     model: nn.Module
@@ -65,6 +67,7 @@ class Setup:
     gan_kind: str = "lsgan"
     patch_size: int = 0
     patch_overlap: int = 0
+    perceptual: Any = None
 
     def __post_init__(self):
         if self.gan_kind not in GAN_KINDS:
@@ -165,6 +168,8 @@ def generator_terms(
     if w.get("seg", 0.0) and "seg_logits" in out and "labels" in batch:
         ce = optax.softmax_cross_entropy_with_integer_labels(out["seg_logits"], batch["labels"])
         terms["seg"] = jnp.mean(ce.reshape(ce.shape[0], -1), axis=-1)
+    if w.get("perceptual", 0.0) and setup.perceptual is not None:
+        terms["perceptual"] = losses.perceptual(pred, target, setup.perceptual)
     if setup.disc is not None:
         terms.update(_adversarial_terms(setup, state, pred, target))
     return terms, pred, target

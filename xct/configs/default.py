@@ -82,6 +82,8 @@ def get_config(arg: str | None = None) -> ConfigDict:
     c.loss.adversarial = 0.0  # adversarial generator loss (gan_kind)
     c.loss.feature_matching = 0.0  # discriminator feature matching
     c.loss.gan_kind = "lsgan"  # "lsgan" (least squares) or "hinge" adversarial losses
+    c.loss.perceptual = 0.0  # feature L1 of a frozen organ segmenter (losses.perceptual)
+    c.loss.perceptual_net = ""  # its folder (python -m scripts.train_segmenter --out DIR)
 
     c.optim = ConfigDict()
     c.optim.learning_rate = 2e-3  # peak AdamW learning rate
