@@ -113,6 +113,7 @@ class _Progress:
         self.exp, self.is_main = exp, is_main
         self.t, self.s, self.pending = time.perf_counter(), start, []
         self.t0 = self.t
+        self.first = True  # the first interval includes compiling: no ETA from its rate
 
     def report(self, done: int, logger: Logger, last_good) -> None:
         rows = jax.device_get(self.pending)
@@ -131,11 +132,16 @@ class _Progress:
         avg["steps_per_s"] = rate
         logger.write(done, avg)
         n = self.exp.loop.num_steps
+        eta = (
+            "ETA after the next line (these steps included compiling)"
+            if self.first and done < n
+            else f"ETA {(n - done) / max(rate, 1e-9) / 60:.1f} min"
+        )
+        self.first = False
         if self.is_main:
             print(
                 f"step {done:>6}/{n}  loss {avg['loss']:.4f}  {rate:.2f} steps/s  "
-                f"elapsed {(now - self.t0) / 60:.1f} min  "
-                f"ETA {(n - done) / max(rate, 1e-9) / 60:.1f} min",
+                f"elapsed {(now - self.t0) / 60:.1f} min  {eta}",
                 flush=True,
             )
 
