@@ -243,22 +243,16 @@ ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(XctConv3dForward, ForwardImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int32_t>("stride_d")
-                                  .Attr<int32_t>("stride_h")
-                                  .Attr<int32_t>("stride_w")
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+// Both handlers take two float32 buffers and the three strides, and return one buffer.
+#define XCT_CONV3D_BINDING                  \
+  ffi::Ffi::Bind()                          \
+      .Ctx<ffi::ThreadPool>()               \
+      .Arg<ffi::Buffer<ffi::F32>>()         \
+      .Arg<ffi::Buffer<ffi::F32>>()         \
+      .Attr<int32_t>("stride_d")            \
+      .Attr<int32_t>("stride_h")            \
+      .Attr<int32_t>("stride_w")            \
+      .Ret<ffi::Buffer<ffi::F32>>()
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(XctConv3dWeightGrad, WeightGradImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int32_t>("stride_d")
-                                  .Attr<int32_t>("stride_h")
-                                  .Attr<int32_t>("stride_w")
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(XctConv3dForward, ForwardImpl, XCT_CONV3D_BINDING);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(XctConv3dWeightGrad, WeightGradImpl, XCT_CONV3D_BINDING);
