@@ -33,6 +33,7 @@ STRINGS = {
     "model.attention": "gates",
     "disc.name": "unet",
     "loss.gan_kind": "hinge",
+    "loss.perceptual_net": "/nonexistent/segmenter",
     "eval.split": "validation",
     "init_from": "/nonexistent/run",
     "train.stages": "32:1",

@@ -258,17 +258,18 @@ def make_setup(config, acq: geometry.Acquisition) -> steps.Setup:
         disc = models.get_model(name, **disc_kwargs)
         disc_tx = optax.adam(float(config.optim.disc_learning_rate), b1=0.5, b2=0.999)
     perceptual = None
-    if weights.get("perceptual", 0.0) > 0:
+    net = str(config.loss.get("perceptual_net", ""))
+    if net:  # checked even while its weight is 0: a wrong path is an error, not a no-op
         from xct.models import segmenter  # noqa: PLC0415
 
-        net = str(config.loss.get("perceptual_net", ""))
-        if not net:
-            raise ValueError(
-                "loss.perceptual > 0 needs loss.perceptual_net: a folder written by "
-                "python -m scripts.train_segmenter"
-            )
         seg, seg_params = segmenter.load(net)
-        perceptual = functools.partial(seg.apply, seg_params, method=seg.features)
+        if weights.get("perceptual", 0.0) > 0:
+            perceptual = functools.partial(seg.apply, seg_params, method=seg.features)
+    elif weights.get("perceptual", 0.0) > 0:
+        raise ValueError(
+            "loss.perceptual > 0 needs loss.perceptual_net: a folder written by "
+            "python -m scripts.train_segmenter"
+        )
     return steps.Setup(
         model=make_model(config, acq),
         tx=make_optimizer(config.optim, int(config.train.num_steps)),
