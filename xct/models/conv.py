@@ -167,8 +167,8 @@ def _native_forward(x_padded, rhs, strides):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def _native_conv(lhs, rhs, strides, pads, precision):
-    """The convolution by the native kernels where they apply, else :func:`_planes`; its
-    gradients likewise (reverse mode only)."""
+    """The convolution by the native kernels, and its gradients (the input gradient of a
+    strided convolution by :func:`_planes`'s; reverse mode only)."""
     return _native_forward(_pad(lhs, pads), rhs, strides)
 
 
