@@ -131,8 +131,9 @@ def ship(args) -> pathlib.Path:
     return dst
 
 
-def verify(dst: pathlib.Path, max_mb: float, ignore=()) -> dict:
-    """Load the shipped model as ``--mode=evaluate`` does; returns a summary."""
+def verify(dst: pathlib.Path, max_mb: float, ignore=(), single_device: bool = False) -> dict:
+    """Load the shipped model as ``--mode=evaluate`` does; returns a summary.
+    ``single_device``: build it on one device (``mesh.data = 1``), whatever the machine has."""
     import jax
 
     from scripts.quality_table import _load_config
@@ -147,6 +148,8 @@ def verify(dst: pathlib.Path, max_mb: float, ignore=()) -> dict:
             f"{dst / 'config.py'} differs from the run's config.json in: "
             + ", ".join(f"{k} ({mine[k]!r} vs {stored[k]!r})" for k in differ)
         )
+    if single_device:
+        config.mesh.data = 1
     exp = experiment.Experiment.from_config(config)
     state, step = evaluate.restore_state(exp, dst, "last")
     size = sum(f.stat().st_size for f in dst.rglob("*") if f.is_file())
