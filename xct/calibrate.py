@@ -106,6 +106,18 @@ def _width(profile: np.ndarray) -> float:
     return float(idx[-1] - idx[0] + 1) if idx.size else float(p.size)
 
 
+class _View(NamedTuple):
+    """One radiograph as ``calibrate_views`` prepares it."""
+
+    norm: np.ndarray  # [h, w] the working copy, robust range mapped to [0, 1]
+    valid: np.ndarray  # [h, w] bool: not collimated
+    factor: int  # radiograph pixels per working-copy pixel
+    lo: float  # radiograph values mapped to 0 and 1
+    hi: float
+    scale0: float  # initial image scale: working-copy pixels per model detector pixel
+    tagged: bool  # pixel size and distances known
+
+
 class _Params(NamedTuple):
     rotvec: jax.Array  # [3] units of 0.1 rad (shared by the views)
     shift: jax.Array  # [3] units of 20 mm (shared by the views)
@@ -237,24 +249,24 @@ def calibrate_views(
         else:
             cols = np.where(valid_src, norm, 0.0).mean(axis=0)
             scale0 = _width(cols) / max(_width(drr0[i].mean(axis=0)), 1.0)
-        views.append((norm, valid_src, factor, lo, hi, float(scale0), tagged))
+        views.append(_View(norm, valid_src, factor, lo, hi, float(scale0), tagged))
     if share_scale is None:
         share_scale = n > 1 and (
             len({im.shape for im in images}) == 1
             and len({(pixels[i], sdds[i], sods[i]) for i in range(n)}) == 1
         )
     if share_scale:  # one scale: the views' own starts, averaged in log
-        s0 = float(np.exp(np.mean([np.log(v[5] / v[2]) for v in views])))
-        views = [(*v[:5], s0 * v[2], v[6]) for v in views]
+        s0 = float(np.exp(np.mean([np.log(v.scale0 / v.factor) for v in views])))
+        views = [v._replace(scale0=s0 * v.factor) for v in views]
     distinct = n > 1 and np.ptp(np.mod(np.asarray(angles), 180.0)) > 10.0
-    fix_depth = not distinct and not all(v[6] for v in views)
+    fix_depth = not distinct and not all(v.tagged for v in views)
     step_drr = tuple(float(np.percentile(d, 99.5)) / knots for d in drr0)
     p, losses, li, drr, valid, shift = _fit(
-        tuple(jnp.asarray(v[0]) for v in views),
-        tuple(jnp.asarray(v[1].astype(np.float32)) for v in views),
+        tuple(jnp.asarray(v.norm) for v in views),
+        tuple(jnp.asarray(v.valid.astype(np.float32)) for v in views),
         t_mu,
         jnp.asarray(angles, jnp.float32),
-        jnp.asarray([v[5] for v in views], jnp.float32),
+        jnp.asarray([v.scale0 for v in views], jnp.float32),
         jnp.asarray(step_drr, jnp.float32),
         acq=acq,
         knots=int(knots),
@@ -268,7 +280,7 @@ def calibrate_views(
     out = []
     rot_deg = np.rad2deg(np.asarray(p.rotvec) * _template._ROT_RAD)
     trans_mm = np.asarray(shift) * _template._SHIFT_MM
-    for i, (_, _, factor, lo, hi, scale0, _) in enumerate(views):
+    for i, (_, _, factor, lo, hi, scale0, _) in enumerate(views):  # _View fields
         li_i, drr_i = np.asarray(li[i]), np.asarray(drr[i])
         v = np.asarray(valid[i]) > 0.5
         err = np.sum((li_i - drr_i)[v] ** 2) / max(np.sum(drr_i[v] ** 2), 1e-12)

@@ -851,59 +851,60 @@ ffi::Error check_shapes(ffi::AnyBuffer::Dimensions vol, ffi::AnyBuffer::Dimensio
 using xct_native::make_pool;
 using xct_native::Pool;
 
-ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> vol,
-                       ffi::Buffer<ffi::F32> views, ffi::Buffer<ffi::F32> frame,
-                       int32_t parallel, ffi::ResultBuffer<ffi::F32> out) {
-  Shapes s;
-  ffi::Error err = check_shapes(vol.dimensions(), views.dimensions(), frame.dimensions(),
-                                out->dimensions(), s);
+// Runs `op(i, geometry, pool)` for each batch element of checked shapes.
+template <typename Op>
+ffi::Error for_each_batch(ffi::ThreadPool& pool, ffi::AnyBuffer::Dimensions vol,
+                          ffi::Buffer<ffi::F32>& views, ffi::Buffer<ffi::F32>& frame,
+                          ffi::AnyBuffer::Dimensions proj, int32_t parallel, Shapes& s, Op op) {
+  ffi::Error err = check_shapes(vol, views.dimensions(), frame.dimensions(), proj, s);
   if (err.failure()) return err;
   Pool p = make_pool(pool);
   for (int64_t i = 0; i < s.batch; ++i) {
     const xct_joseph::Geometry g{views.typed_data() + i * 12 * s.det.views,
                                  frame.typed_data() + i * 12, parallel != 0};
-    xct_joseph::forward(vol.typed_data() + i * s.dims.size(), s.dims, g, s.det,
-                        out->typed_data() + i * s.det.rays(), p.num_threads, p.schedule);
+    op(i, g, p);
   }
   return ffi::Error::Success();
+}
+
+ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> vol,
+                       ffi::Buffer<ffi::F32> views, ffi::Buffer<ffi::F32> frame,
+                       int32_t parallel, ffi::ResultBuffer<ffi::F32> out) {
+  Shapes s;
+  return for_each_batch(
+      pool, vol.dimensions(), views, frame, out->dimensions(), parallel, s,
+      [&](int64_t i, const xct_joseph::Geometry& g, const Pool& p) {
+        xct_joseph::forward(vol.typed_data() + i * s.dims.size(), s.dims, g, s.det,
+                            out->typed_data() + i * s.det.rays(), p.num_threads, p.schedule);
+      });
 }
 
 ffi::Error AdjointImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> proj,
                        ffi::Buffer<ffi::F32> views, ffi::Buffer<ffi::F32> frame,
                        int32_t parallel, ffi::ResultBuffer<ffi::F32> vol) {
   Shapes s;
-  ffi::Error err = check_shapes(vol->dimensions(), views.dimensions(), frame.dimensions(),
-                                proj.dimensions(), s);
-  if (err.failure()) return err;
-  Pool p = make_pool(pool);
-  for (int64_t i = 0; i < s.batch; ++i) {
-    const xct_joseph::Geometry g{views.typed_data() + i * 12 * s.det.views,
-                                 frame.typed_data() + i * 12, parallel != 0};
-    xct_joseph::adjoint(proj.typed_data() + i * s.det.rays(), s.dims, g, s.det,
-                        vol->typed_data() + i * s.dims.size(), p.num_threads, p.schedule);
-  }
-  return ffi::Error::Success();
+  return for_each_batch(
+      pool, vol->dimensions(), views, frame, proj.dimensions(), parallel, s,
+      [&](int64_t i, const xct_joseph::Geometry& g, const Pool& p) {
+        xct_joseph::adjoint(proj.typed_data() + i * s.det.rays(), s.dims, g, s.det,
+                            vol->typed_data() + i * s.dims.size(), p.num_threads, p.schedule);
+      });
 }
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(XctJosephForward, ForwardImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int32_t>("parallel")
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+// Both handlers: the input buffer, views, frame, the `parallel` flag; one output buffer.
+#define XCT_JOSEPH_BINDING                 \
+  ffi::Ffi::Bind()                         \
+      .Ctx<ffi::ThreadPool>()              \
+      .Arg<ffi::Buffer<ffi::F32>>()        \
+      .Arg<ffi::Buffer<ffi::F32>>()        \
+      .Arg<ffi::Buffer<ffi::F32>>()        \
+      .Attr<int32_t>("parallel")           \
+      .Ret<ffi::Buffer<ffi::F32>>()
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(XctJosephAdjoint, AdjointImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int32_t>("parallel")
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(XctJosephForward, ForwardImpl, XCT_JOSEPH_BINDING);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(XctJosephAdjoint, AdjointImpl, XCT_JOSEPH_BINDING);
 
 // The SIMD width the kernels were compiled for (16: AVX-512, 8: AVX2, 1: portable code).
 extern "C" int XctJosephSimdWidth() { return xct_joseph::kSimdWidth; }
