@@ -64,12 +64,17 @@ What is measured, per volume and per number of views V (``--views``, default 2 4
   ``--sirt_iters`` etc.; TV gains about 0.7 dB from 50 to 200 iterations at 64^3 and 8
   views, so the real-chest table runs it to 200.
 * Network rows (only with ``--checkpoint_workdir`` and ``--config``, only when the
-  config's resolution and orbit match the table's, and only on volumes whose cube has the
-  config's side, e.g. with ``--real_fov=400``): ``network`` (the checkpoint's EMA parameters
-  through ``steps.predict_ct``), ``network+refine`` (``recon.refine.refine`` from the
+  config's resolution and orbit match the table's): ``network`` (the checkpoint's EMA
+  parameters through ``steps.predict_ct``, the model's acquisition set to the scored
+  volume's cube: every model is geometry-aware, so one checkpoint scores the body-filled
+  cubes as well as the 400 mm ones), ``network+refine`` (``recon.refine.refine`` from the
   prediction, ``--refine_iters`` Adam steps), ``network+fdk`` (one FDK correction,
   ``x_net + FDK(drr - A x_net)``) and ``network+sirt`` (SIRT started from the prediction),
-  at ``--network_views`` (default: the number of views the config trains with).
+  and ``network+tv`` (as ``template_tv`` with the prediction for the template: TV with the
+  views' priors, started from the prediction and pulled towards it; weights
+  ``--network_tv_weight`` x ``--network_prior_weight``, chosen leave one out like the others,
+  the first candidate where the network scores one volume of a kind), at
+  ``--network_views`` (default: the number of views the config trains with).
 * Scores in both definitions (``xct.metrics.DEFINITIONS``), on the whole volume and inside
   the body: primary (3D PSNR / SSIM on HU clipped to [-1000, 1024]; inside the body:
   ``psnr_body``, ``ssim_body``, ... restricted to the ground truth's body mask, SSIM windows
@@ -112,9 +117,9 @@ CLASSICAL = ("fdk", "sirt", "cgls", "tv")
 PRIOR = ("sirt_support", "cgls_support", "tv_support")
 TEMPLATE = ("template", "template_tv")
 METHODS = (*CLASSICAL, *PRIOR, *TEMPLATE)
-NETWORK = ("network", "network+refine", "network+fdk", "network+sirt")
+NETWORK = ("network", "network+refine", "network+fdk", "network+sirt", "network+tv")
 # Methods with a weight chosen per volume among candidates (leave one out, see `select`).
-SWEPT = ("tv", "tv_support", "template_tv")
+SWEPT = ("tv", "tv_support", "template_tv", "network+tv")
 METHOD_LABELS = {
     "fdk": "FDK (Hann)",
     "sirt": "SIRT",
@@ -129,6 +134,7 @@ METHOD_LABELS = {
     "network+refine": "network + refinement",
     "network+fdk": "network + FDK correction",
     "network+sirt": "SIRT from network",
+    "network+tv": "TV from network (network+tv)",
 }
 # Per-volume columns of the CSV: (CSV name, definition, key in that definition's dict).
 SCORE_COLUMNS = (
@@ -210,6 +216,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--config", default=None, help="its config file, xct/configs/NAME.py[:arg]")
     p.add_argument("--checkpoint", default="best", help="'best' or 'last'")
     p.add_argument("--network_views", type=int, nargs="+", default=None)
+    p.add_argument(
+        "--network_tv_weight",
+        type=float,
+        nargs="+",
+        default=None,
+        help="network+tv: TV weight(s), mm^2 (default: --tv_weight)",
+    )
+    p.add_argument(
+        "--network_prior_weight",
+        type=float,
+        nargs="+",
+        default=None,
+        help="network+tv: weight(s) of the pull towards the prediction, mm (default: "
+        "--prior_weight)",
+    )
     p.add_argument("--refine_iters", type=int, default=100)
     p.add_argument("--out", required=True, help="output folder")
     args = p.parse_args(argv)
@@ -384,6 +405,12 @@ def candidates(args, method: str) -> list[dict]:
     """The weights ``method`` is run with (one empty entry for methods without weights)."""
     if method in ("tv", "tv_support"):
         return [{"tv_weight": w} for w in args.tv_weight]
+    if method == "network+tv":
+        return [
+            {"tv_weight": w, "prior_weight": pw}
+            for w in args.network_tv_weight or args.tv_weight
+            for pw in args.network_prior_weight or args.prior_weight
+        ]
     if method == "template_tv":
         return [
             {"tv_weight": w, "prior_weight": pw} for w in args.tv_weight for pw in args.prior_weight
@@ -514,11 +541,26 @@ def _restore_network(config, workdir: str, which: str):
     return exp, jax.device_get(member.params), int(member.step)
 
 
+def trained_on(exp) -> list[str]:
+    """Resolved paths of the real CTs a render-source model trained on (its
+    ``real_ct_dir`` less ``real_exclude``): the table never scores a network on them."""
+    sources = getattr(exp.data, "real_sources", None)
+    return sorted(str(path.resolve()) for _, path in sources()) if sources else []
+
+
 def network_solvers(config, args, arc_deg: float) -> tuple[dict, dict]:
     """``(method -> fn, info)`` for the network rows, or ``({}, info)`` with the reason
-    they are left out. Each fn takes ``(drr, geom, angles_deg)`` and returns
-    ``(HU volume, relative residual or nan)`` on the config's grid; only volumes whose cube
-    has the config's side (``info["fov_mm"]``) get network rows."""
+    they are left out. Each fn takes ``(drr, geom, angles_deg, fov_mm)`` and returns
+    ``(HU volume, relative residual or nan)`` on the scored volume's grid.
+
+    Every model of the registry is geometry-aware (its lifting or its projector runs on
+    ``model.acquisition``), so a volume whose cube differs from the config's (``--real_fov=body``:
+    each chest's body-filled cube) is reconstructed by the same parameters with the model's
+    acquisition set to that cube (same resolution, orbit and detector pixels; voxels and
+    pixels of that cube's size): the network sees the body fill its cube as a body-cube
+    training pool shows it (``config.data.real_fov="body"``)."""
+    import dataclasses
+
     import jax
     import jax.numpy as jnp
 
@@ -528,7 +570,6 @@ def network_solvers(config, args, arc_deg: float) -> tuple[dict, dict]:
     from xct.recon import refine
 
     acq = acquisition_from_config(config)
-    grid = acq.grid()
     info = {
         "config": args.config,
         "workdir": args.checkpoint_workdir,
@@ -556,41 +597,53 @@ def network_solvers(config, args, arc_deg: float) -> tuple[dict, dict]:
         return {}, info
     exp, params, step = _restore_network(config, args.checkpoint_workdir, args.checkpoint)
     info["step"] = step
-    predict = jax.jit(functools.partial(steps.predict_ct, exp.setup))
+    info["trained_on"] = trained_on(exp)
 
-    def net_mu(drr, angles_deg):
+    @functools.cache
+    def for_cube(fov_mm: float):
+        """The jitted pieces on the cube of side ``fov_mm``."""
+        cube = dataclasses.replace(acq, fov_mm=float(fov_mm))
+        grid = cube.grid()
+        setup = dataclasses.replace(
+            exp.setup, model=exp.setup.model.clone(acquisition=cube), acquisition=cube
+        )
+        predict = jax.jit(functools.partial(steps.predict_ct, setup))
+
+        @jax.jit
+        def _refine(mu, drr, geom):
+            out = refine.refine(
+                mu, drr, geom, grid, units="mu_per_mm", num_iters=args.refine_iters
+            ).volume
+            return _clip_to_hu(out)
+
+        @jax.jit
+        def _fdk_correction(mu, drr, geom):
+            resid = drr - projector.forward_project(mu, grid, geom)
+            return _clip_to_hu(mu + _fdk_hann(resid, geom, grid, arc_deg))
+
+        @jax.jit
+        def _sirt_from(mu, drr, geom):
+            x, res = recon.sirt(drr, geom, grid, args.sirt_iters, x0=mu, nonnegative=True)
+            return _clip_to_hu(x), res[-1] / jnp.maximum(jnp.sqrt(jnp.sum(drr * drr)), 1e-12)
+
+        return predict, _refine, _fdk_correction, _sirt_from
+
+    def net_mu(drr, angles_deg, fov_mm):
         batch = {"drr": physics.normalize_drr(drr)[None], "angles_deg": angles_deg[None]}
-        hu = physics.denormalize_ct(predict(params, batch))[0]
+        hu = physics.denormalize_ct(for_cube(fov_mm)[0](params, batch))[0]
         return physics.hu_to_mu(hu)
 
-    def network(drr, geom, angles_deg):
-        return _clip_to_hu(net_mu(drr, angles_deg)), jnp.nan
+    def network(drr, geom, angles_deg, fov_mm):
+        return _clip_to_hu(net_mu(drr, angles_deg, fov_mm)), jnp.nan
 
-    @jax.jit
-    def _refine(mu, drr, geom):
-        out = refine.refine(
-            mu, drr, geom, grid, units="mu_per_mm", num_iters=args.refine_iters
-        ).volume
-        return _clip_to_hu(out)
+    def network_refine(drr, geom, angles_deg, fov_mm):
+        return for_cube(fov_mm)[1](net_mu(drr, angles_deg, fov_mm), drr, geom), jnp.nan
 
-    def network_refine(drr, geom, angles_deg):
-        return _refine(net_mu(drr, angles_deg), drr, geom), jnp.nan
+    def network_fdk(drr, geom, angles_deg, fov_mm):
+        return for_cube(fov_mm)[2](net_mu(drr, angles_deg, fov_mm), drr, geom), jnp.nan
 
-    @jax.jit
-    def _fdk_correction(mu, drr, geom):
-        resid = drr - projector.forward_project(mu, grid, geom)
-        return _clip_to_hu(mu + _fdk_hann(resid, geom, grid, arc_deg))
-
-    def network_fdk(drr, geom, angles_deg):
-        return _fdk_correction(net_mu(drr, angles_deg), drr, geom), jnp.nan
-
-    @jax.jit
-    def _sirt_from(mu, drr, geom):
-        x, res = recon.sirt(drr, geom, grid, args.sirt_iters, x0=mu, nonnegative=True)
-        return _clip_to_hu(x), res[-1] / jnp.maximum(jnp.sqrt(jnp.sum(drr * drr)), 1e-12)
-
-    def network_sirt(drr, geom, angles_deg):
-        return _sirt_from(net_mu(drr, angles_deg), drr, geom)
+    def network_sirt(drr, geom, angles_deg, fov_mm):
+        return for_cube(fov_mm)[3](net_mu(drr, angles_deg, fov_mm), drr, geom)
 
     fns = {
         "network": network,
@@ -775,12 +828,17 @@ def write_report(out: pathlib.Path, result: dict) -> str:
                 "",
                 (
                     f"Network: `{n['config']}`, checkpoint `{n['workdir']}` step {n['step']} "
-                    f"(trained on {n['trained_views']} views, {n['fov_mm']:.0f} mm cube: "
-                    "scored on volumes of that side only); refinement "
+                    f"(trained on {n['trained_views']} views in a {n['fov_mm']:.0f} mm cube; "
+                    "run in each volume's own cube); refinement "
                     f"{s['refine_iters']} Adam steps (recon.refine defaults); "
                     f"SIRT from network {s['sirt_iters']} iterations."
                 ),
             ]
+            if n.get("trained_on"):
+                names = ", ".join(pathlib.Path(f).name for f in n["trained_on"])
+                md += ["", f"The network trained on these real CTs (never scored by it): {names}."]
+            if n.get("left_out"):
+                md += ["", "No network rows on: " + ", ".join(n["left_out"]) + " (trained on)."]
     n_syn = s["phantoms"]
     seeds = "2,000,000" + (f"–{2_000_000 + n_syn - 1:,}" if n_syn > 1 else "")
     ct_dir = s["ct_dir"] and os.path.relpath(s["ct_dir"], ROOT)
@@ -1015,7 +1073,8 @@ def run(args: argparse.Namespace, command: str) -> dict:
     jobs = [m for m in METHODS if m in args.methods]
     per_volume_jobs = sum(len(candidates(args, m)) for m in jobs) * len(args.views)
     if net_fns:
-        per_volume_jobs += len(net_fns) * len(net_info["views"])
+        per_net = len(net_fns) + len(candidates(args, "network+tv"))
+        per_volume_jobs += per_net * len(net_info["views"])
     rows = []
     templates_used, template_skipped = [], []
     base_key = jax.random.key(args.seed)
@@ -1072,20 +1131,38 @@ def run(args: argparse.Namespace, command: str) -> dict:
                     mu = jnp.maximum(mu, 0.0)
                     rows.append(_row(method, v, vol, mu, drr, geom, solvers, seconds, params))
                     bar.update(1)
-        if net_fns and abs(vol.fov_mm - net_info["fov_mm"]) < 1e-6:
+        seen = net_fns and vol.source in net_info["trained_on"]
+        if seen:  # leave one out: never score a network on a CT it trained on
+            print(f"{vol.id}: network rows left out: the network trained on it", file=sys.stderr)
+            net_info.setdefault("left_out", []).append(vol.id)
+            bar.update(per_net * len(net_info["views"]))
+        elif net_fns:
             for v in net_info["views"]:
                 drr, geom = drr_all[:v], geoms[v]
                 for method, fn in net_fns.items():
+                    bar.set_postfix_str(f"{vol.id[:24]} {method} {v}v")
                     t = time.perf_counter()
-                    pred, _ = fn(drr, geom, angles_v[v])
+                    pred, _ = fn(drr, geom, angles_v[v], vol.fov_mm)
                     pred = jax.block_until_ready(pred)
                     mu = jnp.maximum(physics.hu_to_mu(pred), 0.0)
-                    rows.append(
-                        _row(method, v, vol, mu, drr, geom, solvers, time.perf_counter() - t, {})
-                    )
+                    net_seconds = time.perf_counter() - t
+                    rows.append(_row(method, v, vol, mu, drr, geom, solvers, net_seconds, {}))
                     bar.update(1)
-        elif net_fns:
-            bar.update(len(net_fns) * len(net_info["views"]))
+                    if method != "network":
+                        continue
+                    support = solvers.support(drr, geom)
+                    for params in candidates(args, "network+tv"):
+                        bar.set_postfix_str(f"{vol.id[:24]} network+tv {v}v")
+                        t = time.perf_counter()
+                        x = jax.block_until_ready(
+                            solvers.run("template_tv", drr, geom, params, support, prior=mu)
+                        )
+                        seconds = net_seconds + time.perf_counter() - t
+                        x = jnp.maximum(x, 0.0)
+                        rows.append(
+                            _row("network+tv", v, vol, x, drr, geom, solvers, seconds, params)
+                        )
+                        bar.update(1)
     bar.close()
     sweep = rows
     rows = select(rows)

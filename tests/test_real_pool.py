@@ -59,3 +59,20 @@ def test_new_patients_every_step(ct_dir):
     np.testing.assert_array_equal(np.asarray(first["ct"]), np.asarray(again["ct"]))
     assert first["ct"].shape == (2, 16, 16, 16) and first["drr"].shape == (2, 2, 16, 16)
     assert not np.array_equal(np.asarray(first["ct"]), np.asarray(stream.batch(4)["ct"]))
+
+
+def test_body_filled_cubes(tmp_path):
+    """``real_fov="body"``: each real CT in the cube its body fills (the quality table's
+    real-chest cubes), not padded with air to the acquisition's 400 mm."""
+    grid = geometry.VolumeGrid.centered((40, 48, 48), 5.0)  # a 240 mm wide body
+    hu, _ = phantoms.chest_phantom(3, grid)
+    io.write_ct(tmp_path / "small.nii.gz", np.asarray(hu), grid)
+
+    def extent(**kw):  # voxels the body spans left-right, of 16
+        (vol,), _ = _source(tmp_path, real_ct_dir=str(tmp_path), real_fraction=1.0, **kw).real_pool()
+        return int(np.count_nonzero((vol > -990).any(axis=(0, 1))))
+
+    fixed, body = extent(), extent(real_fov="body")
+    assert body >= 15 and fixed <= body - 3, (fixed, body)
+    with pytest.raises(ValueError, match="real_fov"):
+        _source(tmp_path, real_ct_dir=str(tmp_path), real_fraction=1.0, real_fov="400")

@@ -136,3 +136,37 @@ def test_shipped_model_from_calibrated_radiographs_is_within_1_db_of_clean_drrs(
     calibrated = np.stack([c.line_integrals for c in cals])
     p_clean, p_cal = psnr(clean), psnr(calibrated)
     assert p_cal > p_clean - 1.0, (p_cal, p_clean)
+
+
+def test_quality_table_scores_a_network_in_a_body_filled_cube(tmp_path):
+    """The table runs a checkpoint in each volume's own cube (here a phantom's body-filled
+    cube, not the config's 400 mm one): network rows exist there, score like a trained
+    model, and a CT the network trained on would be left out."""
+    import csv
+    import types
+
+    from scripts import quality_table
+    from xct import geometry, io, phantoms
+
+    ct_dir = tmp_path / "cts"
+    ct_dir.mkdir()
+    grid = geometry.VolumeGrid.centered((40, 44, 44), 8.0)
+    hu, _ = phantoms.chest_phantom(7, grid)
+    io.write_ct(ct_dir / "chest_7.nii.gz", np.asarray(hu), grid)
+    model = ROOT / "checkpoints" / "unrolled32_8v"
+    argv = ["--resolution=32", "--phantoms=0", "--views", "8", "--iters=20", "--methods", "tv"]
+    argv += [f"--ct_dir={ct_dir}", f"--checkpoint_workdir={model}", "--checkpoint=last"]
+    argv += [f"--config={model / 'config.py'}", "--refine_iters=5", f"--out={tmp_path / 'q'}"]
+    assert quality_table.main(argv) == 0
+    with open(tmp_path / "q" / "per_volume_32.csv", encoding="utf-8") as f:
+        rows = {r["method"]: r for r in csv.DictReader(f)}
+    assert set(quality_table.NETWORK) <= set(rows), sorted(rows)
+    fov = float(rows["network"]["fov_mm"])
+    assert abs(fov - 400.0) > 20.0, fov  # the body's cube, not the config's
+    # A model run in the wrong cube scores far below this (phantom numbers, 8 views).
+    assert float(rows["network+sirt"]["psnr"]) > 20.0, rows["network+sirt"]["psnr"]
+
+    source = types.SimpleNamespace(real_sources=lambda: [("a.nii.gz", ct_dir / "chest_7.nii.gz")])
+    exp = types.SimpleNamespace(data=source)
+    assert quality_table.trained_on(exp) == [str((ct_dir / "chest_7.nii.gz").resolve())]
+    assert quality_table.trained_on(types.SimpleNamespace(data=object())) == []

@@ -270,6 +270,11 @@ class RenderSource:
     real_scale: float = 0.15
     real_rotation_deg: float = 5.0
     real_hu_gain: float = 0.1
+    # The real CTs' cube before augmentation: "" (the acquisition's ``fov_mm``, as
+    # ``ct_folder`` makes datasets) or "body" (``io.preprocess_body_cube``: the cube the body
+    # fills, its voxels then taken at the acquisition's size, i.e. the patient rescaled so the
+    # body fills the cube, as in the quality table's real-chest cubes).
+    real_fov: str = ""
     phantom_version: int = 1  # xct.phantoms.chest_phantom's version (2: arms, scapulae, ...)
 
     def __post_init__(self):
@@ -288,6 +293,8 @@ class RenderSource:
             )
         if self.real_ct_dir and not pathlib.Path(self.real_ct_dir).expanduser().is_dir():
             raise ValueError(f"config.data.real_ct_dir: {self.real_ct_dir} is not a folder")
+        if self.real_fov not in ("", "body"):
+            raise ValueError(f"config.data.real_fov: expected '' or 'body', got {self.real_fov!r}")
         for name in ("real_scale", "real_rotation_deg", "real_hu_gain"):
             if not float(getattr(self, name)) >= 0:
                 raise ValueError(f"config.data.{name}: expected >= 0, got {getattr(self, name)!r}")
@@ -318,7 +325,10 @@ class RenderSource:
             try:
                 hu, grid = io.read_ct(path)
                 io.check_ct_volume(path, grid)
-                hu, _ = io.preprocess(hu, grid, acq.resolution, acq.fov_mm)
+                if self.real_fov == "body":
+                    hu, _, _ = io.preprocess_body_cube(hu, grid, acq.resolution)
+                else:
+                    hu, _ = io.preprocess(hu, grid, acq.resolution, acq.fov_mm)
             except ValueError as e:
                 print(f"real_ct_dir: skipped {name}: {str(e).splitlines()[0]}", flush=True)
                 continue

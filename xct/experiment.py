@@ -321,6 +321,7 @@ def make_data_source(config, acq: geometry.Acquisition) -> data.DataSource:
             real_scale=float(d.get("real_scale", 0.15)),
             real_rotation_deg=float(d.get("real_rotation_deg", 5.0)),
             real_hu_gain=float(d.get("real_hu_gain", 0.1)),
+            real_fov=str(d.get("real_fov", "") or ""),
             phantom_version=int(d.get("phantom_version", 1)),
             **common,
         )

@@ -55,6 +55,9 @@ def get_config(arg: str | None = None) -> ConfigDict:
     c.data.real_scale = 0.15  # anisotropic scale up to +-15 %
     c.data.real_rotation_deg = 5.0  # rotation standard deviation per axis
     c.data.real_hu_gain = 0.1  # smooth contrast variation (log gain std)
+    # the real CTs' cube: "" (the acquisition's fov_mm, as ct_folder) or "body" (the side the
+    # body fills, io.preprocess_body_cube, as the quality table's real-chest cubes)
+    c.data.real_fov = ""
     c.data.phantom_version = 1  # source="render": 2 adds arms, scapulae, clavicles, breasts, ...
 
     c.model = ConfigDict()
