@@ -541,11 +541,25 @@ def _restore_network(config, workdir: str, which: str):
     return exp, jax.device_get(member.params), int(member.step)
 
 
-def trained_on(exp) -> list[str]:
-    """Resolved paths of the real CTs a render-source model trained on (its
-    ``real_ct_dir`` less ``real_exclude``): the table never scores a network on them."""
-    sources = getattr(exp.data, "real_sources", None)
-    return sorted(str(path.resolve()) for _, path in sources()) if sources else []
+def trained_on(*data_configs) -> list[str]:
+    """Resolved paths of the real CTs a render-source model trained on, from its
+    ``config.data`` settings (each a mapping with ``real_ct_dir``, ``real_fraction``,
+    ``real_exclude``; the union over all given): the table never scores a network on them.
+    A relative ``real_ct_dir`` is taken from the working directory, as training took it."""
+    from xct import data
+
+    out = set()
+    for d in data_configs:
+        d = dict(d or {})
+        if d.get("source", "render") != "render":
+            continue
+        sources = data.real_sources(
+            str(d.get("real_ct_dir", "") or ""),
+            float(d.get("real_fraction", 0.0) or 0.0),
+            tuple(d.get("real_exclude", ()) or ()),
+        )
+        out.update(str(path.resolve()) for _, path in sources)
+    return sorted(out)
 
 
 def network_solvers(config, args, arc_deg: float) -> tuple[dict, dict]:
@@ -597,7 +611,10 @@ def network_solvers(config, args, arc_deg: float) -> tuple[dict, dict]:
         return {}, info
     exp, params, step = _restore_network(config, args.checkpoint_workdir, args.checkpoint)
     info["step"] = step
-    info["trained_on"] = trained_on(exp)
+    # What the run really trained on: the workdir's stored config as well as --config.
+    stored = pathlib.Path(args.checkpoint_workdir) / "config.json"
+    stored = json.loads(stored.read_text(encoding="utf-8")).get("data") if stored.is_file() else {}
+    info["trained_on"] = trained_on(config.data.to_dict(), stored)
 
     @functools.cache
     def for_cube(fov_mm: float):

@@ -143,7 +143,6 @@ def test_quality_table_scores_a_network_in_a_body_filled_cube(tmp_path):
     cube, not the config's 400 mm one): network rows exist there, score like a trained
     model, and a CT the network trained on would be left out."""
     import csv
-    import types
 
     from scripts import quality_table
     from xct import geometry, io, phantoms
@@ -166,7 +165,22 @@ def test_quality_table_scores_a_network_in_a_body_filled_cube(tmp_path):
     # A model run in the wrong cube scores far below this (phantom numbers, 8 views).
     assert float(rows["network+sirt"]["psnr"]) > 20.0, rows["network+sirt"]["psnr"]
 
-    source = types.SimpleNamespace(real_sources=lambda: [("a.nii.gz", ct_dir / "chest_7.nii.gz")])
-    exp = types.SimpleNamespace(data=source)
-    assert quality_table.trained_on(exp) == [str((ct_dir / "chest_7.nii.gz").resolve())]
-    assert quality_table.trained_on(types.SimpleNamespace(data=object())) == []
+    trained = {"real_ct_dir": str(ct_dir), "real_fraction": 0.5, "real_exclude": ["other*"]}
+    assert quality_table.trained_on({}, trained) == [str((ct_dir / "chest_7.nii.gz").resolve())]
+    assert quality_table.trained_on({**trained, "real_exclude": ["chest_7*"]}) == []
+    assert quality_table.trained_on({**trained, "real_fraction": 0.0}) == []
+
+    # The workdir's stored config says it trained on that CT: no network rows on it.
+    seen = tmp_path / "seen"
+    shutil.copytree(model, seen)
+    stored = json.loads((seen / "config.json").read_text())
+    stored["data"].update(trained, source="render")
+    (seen / "config.json").write_text(json.dumps(stored))
+    argv = [a.replace(str(model), str(seen)) for a in argv]
+    argv = [a if not a.startswith("--out=") else f"--out={tmp_path / 'q2'}" for a in argv]
+    assert quality_table.main(argv) == 0
+    with open(tmp_path / "q2" / "per_volume_32.csv", encoding="utf-8") as f:
+        methods = {r["method"] for r in csv.DictReader(f)}
+    assert methods == {"tv"}, methods
+    summary = json.loads((tmp_path / "q2" / "results_32.json").read_text())
+    assert summary["network"]["left_out"] == ["chest_7.nii.gz"]

@@ -304,17 +304,7 @@ class RenderSource:
 
     def real_sources(self) -> list[tuple[str, pathlib.Path]]:
         """``(name, path)`` of the CTs under ``real_ct_dir`` not excluded by ``real_exclude``."""
-        import fnmatch
-
-        if not self.real_ct_dir or not self.real_fraction:
-            return []
-        root = pathlib.Path(self.real_ct_dir).expanduser()
-        out = []
-        for path in find_ct_sources(root):
-            name = path.relative_to(root).as_posix()
-            if not any(fnmatch.fnmatch(name, g) for g in self.real_exclude):
-                out.append((name, path))
-        return out
+        return real_sources(self.real_ct_dir, self.real_fraction, self.real_exclude)
 
     def real_pool(self) -> tuple[np.ndarray, list[str]]:
         """The readable real CTs (HU ``[R, r, r, r]``, projector frame, ``ct_folder``'s
@@ -388,6 +378,23 @@ class RenderSource:
 
     def examples(self, split: str, num_views: int) -> None:
         return None
+
+
+def real_sources(ct_dir: str, fraction: float, exclude) -> list[tuple[str, pathlib.Path]]:
+    """``(name, path)`` of the CTs a render source with these ``config.data.real_*``
+    settings trains on: those under ``ct_dir`` whose name (path relative to it) matches no
+    glob of ``exclude``; none when ``fraction`` is 0."""
+    import fnmatch
+
+    if not ct_dir or not fraction:
+        return []
+    root = pathlib.Path(ct_dir).expanduser()
+    out = []
+    for path in find_ct_sources(root):
+        name = path.relative_to(root).as_posix()
+        if not any(fnmatch.fnmatch(name, g) for g in exclude):
+            out.append((name, path))
+    return out
 
 
 def augment_real(key, hu: jax.Array, src: RenderSource, strength=1.0) -> jax.Array:
