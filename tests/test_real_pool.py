@@ -69,7 +69,8 @@ def test_body_filled_cubes(tmp_path):
     io.write_ct(tmp_path / "small.nii.gz", np.asarray(hu), grid)
 
     def extent(**kw):  # voxels the body spans left-right, of 16
-        (vol,), _ = _source(tmp_path, real_ct_dir=str(tmp_path), real_fraction=1.0, **kw).real_pool()
+        src = _source(tmp_path, real_ct_dir=str(tmp_path), real_fraction=1.0, **kw)
+        (vol,), _ = src.real_pool()
         return int(np.count_nonzero((vol > -990).any(axis=(0, 1))))
 
     fixed, body = extent(), extent(real_fov="body")
