@@ -26,6 +26,7 @@ STRINGS = {
     "data.dataset": "synthetic_chest/res64_views8",
     "data.data_dir": "/nonexistent/elsewhere",
     "data.real_ct_dir": "/nonexistent/cts",
+    "data.real_fov": "body",
     "data.view_selection": "random",
     "model.name": "baseline",
     "model.lifting": "expand",
@@ -62,6 +63,7 @@ RENDER_ONLY = (
     "real_scale",
     "real_rotation_deg",
     "real_hu_gain",
+    "real_fov",
     "phantom_version",
 )
 TFDS_ONLY = (
