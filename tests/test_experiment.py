@@ -267,3 +267,20 @@ def test_prediction_on_a_spatial_mesh_splits_z_and_equals_one_device(lifting):
         # Equal up to float reduction order (HU, about 1e-6 relative).
         np.testing.assert_allclose(hu, ref, rtol=1e-5, atol=1e-2, err_msg=str((data, spatial)))
         np.testing.assert_allclose(np.asarray(out), ref, rtol=1e-5, atol=1e-2)
+
+
+def test_config_differences_names_changed_fields_and_forgives_fields_a_run_predates():
+    """A stored config.json that lacks a field added later (the run predates it) matches a
+    config holding that field's default; any other value, or a changed field, is named."""
+    import json
+
+    from xct import experiment
+
+    config = default.get_config()
+    stored = json.loads(config.to_json_best_effort())
+    del stored["data"]["real_fov"]  # written before the field existed
+    assert experiment.config_differences(config, json.dumps(stored)) == []
+    config.data.real_fov = "body"
+    config.data.num_views = config.data.num_views + 1
+    diffs = experiment.config_differences(config, json.dumps(stored))
+    assert [d.split(":")[0] for d in diffs] == ["data.num_views", "data.real_fov"]

@@ -329,17 +329,30 @@ def make_data_source(config, acq: geometry.Acquisition) -> data.DataSource:
 
 
 def config_differences(config, stored_json: str) -> list[str]:
-    """Fields whose value in ``config`` differs from a stored ``config.json`` (``a.b: x != y``)."""
+    """Fields whose value in ``config`` differs from a stored ``config.json`` (``a.b: x != y``).
+
+    A field the stored config lacks (a run that predates the field) counts as a difference
+    only when ``config`` sets it to something other than ``configs/default.py``'s value:
+    such a run behaved as the default does."""
+    from xct.configs import default
+
     stored = json.loads(stored_json)
     current = json.loads(config.to_json_best_effort())
+    defaults = json.loads(default.get_config().to_json_best_effort())
     out = []
 
-    def walk(a, b, path):
+    def same(a, b):
+        return a == b or (isinstance(a, list | tuple) and list(a) == list(b or []))
+
+    def walk(a, b, d, path):
         if isinstance(a, dict) and isinstance(b, dict):
+            d = d if isinstance(d, dict) else {}
             for k in sorted(set(a) | set(b)):
-                walk(a.get(k), b.get(k), f"{path}.{k}" if path else k)
-        elif a != b and not (isinstance(a, list | tuple) and list(a) == list(b or [])):
+                if k not in b and k in d and same(a[k], d[k]):
+                    continue  # the stored run predates the field, which is at its default
+                walk(a.get(k), b.get(k), d.get(k), f"{path}.{k}" if path else k)
+        elif not same(a, b):
             out.append(f"{path}: {a!r} (this config) != {b!r} (workdir)")
 
-    walk(current, stored, "")
+    walk(current, stored, defaults, "")
     return out
