@@ -751,12 +751,16 @@ def markdown_table(
         "| method | " + " | ".join(f"{v} views" for v in views) + " |",
         "|---|" + "---|" * len(views),
     ]
+    # a mean over fewer volumes than the column's others (a network left out the CTs it
+    # trained on, a template was refused) says so: it is not comparable cell for cell
+    most = {v: max((summary[k][2] for k in summary if k[1] == v), default=0) for v in views}
     for m in methods:
         cells = []
         for v in views:
             if (m, v) in summary:
-                p, s, _ = summary[(m, v)]
-                cells.append(f"{p:.{psnr_digits}f}" if single else f"{p:.{psnr_digits}f} / {s:.3f}")
+                p, s, n = summary[(m, v)]
+                cell = f"{p:.{psnr_digits}f}" if single else f"{p:.{psnr_digits}f} / {s:.3f}"
+                cells.append(cell + (f" ({n} of {most[v]})" if n < most[v] else ""))
             else:
                 cells.append("–")
         if any(c != "–" for c in cells):
@@ -855,7 +859,13 @@ def write_report(out: pathlib.Path, result: dict) -> str:
                 names = ", ".join(pathlib.Path(f).name for f in n["trained_on"])
                 md += ["", f"The network trained on these real CTs (never scored by it): {names}."]
             if n.get("left_out"):
-                md += ["", "No network rows on: " + ", ".join(n["left_out"]) + " (trained on)."]
+                md += [
+                    "",
+                    "No network rows on: "
+                    + ", ".join(n["left_out"])
+                    + " (trained on); network cells marked (k of n) are means over the others "
+                    "only, so compare them with the per-volume CSV's rows on the same CTs.",
+                ]
     n_syn = s["phantoms"]
     seeds = "2,000,000" + (f"–{2_000_000 + n_syn - 1:,}" if n_syn > 1 else "")
     ct_dir = s["ct_dir"] and os.path.relpath(s["ct_dir"], ROOT)

@@ -117,3 +117,21 @@ def test_quality_table_bad_inputs(tmp_path, capsys):
         raise AssertionError("a missing --template was accepted")
     except SystemExit as e:
         assert e.code == 2
+
+
+def test_a_mean_over_fewer_volumes_is_marked():
+    """A method scored on fewer volumes than the others at that view count (a network left
+    out the CT it trained on) gets its count in the cell, not a silent mixed mean."""
+    rows = [
+        {"method": m, "views": 2, "kind": "chest", "volume": vol, "psnr": p, "ssim": 0.5}
+        for m, vol, p in [
+            ("tv", "a", 20.0),
+            ("tv", "b", 18.0),
+            ("network", "a", 21.0),
+        ]
+    ]
+    table = quality_table.markdown_table(
+        quality_table.summarise(rows, "chest", ("psnr", "ssim")), ["tv", "network"], [2]
+    )
+    assert "| 19.00 / 0.500 |" in table
+    assert "| 21.00 / 0.500 (1 of 2) |" in table
