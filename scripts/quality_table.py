@@ -600,7 +600,26 @@ def network_solvers(config, args, arc_deg: float) -> tuple[dict, dict]:
     if mismatch:
         info["skipped"] = "network rows left out: the checkpoint's " + ", ".join(mismatch)
         return {}, info
-    trained = int(config.data.num_views)
+    # What the run really was: the workdir's stored config (config.json) where it has one.
+    stored_path = pathlib.Path(args.checkpoint_workdir) / "config.json"
+    stored_json = stored_path.read_text(encoding="utf-8") if stored_path.is_file() else ""
+    stored = json.loads(stored_json).get("data", {}) if stored_json else {}
+    if stored_json:
+        from xct import experiment
+
+        differ = [
+            d
+            for d in experiment.config_differences(config, stored_json)
+            if not d.startswith(("mesh.", "distributed", "train.", "init_from", "eval."))
+        ]
+        if differ:
+            info["config_differences"] = differ
+            print(
+                f"--config {args.config} differs from {stored_path} in: " + "; ".join(differ[:4]),
+                file=sys.stderr,
+                flush=True,
+            )
+    trained = int(stored.get("num_views", config.data.num_views))
     info["trained_views"] = trained
     info["views"] = sorted(set(args.network_views or [trained]) & set(args.views))
     if not info["views"]:
@@ -612,8 +631,6 @@ def network_solvers(config, args, arc_deg: float) -> tuple[dict, dict]:
     exp, params, step = _restore_network(config, args.checkpoint_workdir, args.checkpoint)
     info["step"] = step
     # What the run really trained on: the workdir's stored config as well as --config.
-    stored = pathlib.Path(args.checkpoint_workdir) / "config.json"
-    stored = json.loads(stored.read_text(encoding="utf-8")).get("data") if stored.is_file() else {}
     info["trained_on"] = trained_on(config.data.to_dict(), stored)
 
     @functools.cache
@@ -865,6 +882,13 @@ def write_report(out: pathlib.Path, result: dict) -> str:
                     + ", ".join(n["left_out"])
                     + " (trained on); network cells marked (k of n) are means over the others "
                     "only, so compare them with the per-volume CSV's rows on the same CTs.",
+                ]
+            if n.get("config_differences"):
+                md += [
+                    "",
+                    "`--config` differs from the workdir's `config.json` in: "
+                    + "; ".join(n["config_differences"])
+                    + " (the views trained on are the workdir's).",
                 ]
     n_syn = s["phantoms"]
     seeds = "2,000,000" + (f"–{2_000_000 + n_syn - 1:,}" if n_syn > 1 else "")
