@@ -28,7 +28,7 @@ def test_shipped_model_loads_through_its_config(model):
 
 def test_there_are_shipped_models():
     names = {p.name for p in SHIPPED}
-    assert {"unet32_2v", "unrolled32_8v"} <= names, names
+    assert {"unet32_2v", "unrolled32_8v", "unrolled64_2v", "unrolled64_8v"} <= names, names
 
 
 def test_ship_repackages_a_workdir_and_names_a_wrong_override(tmp_path):
