@@ -73,6 +73,7 @@ def _losses(workdir):
     return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
 
 
+@pytest.mark.slow  # about 220 s on 2 cores; exact resume in one process: tests/test_train.py
 def test_two_processes_train_save_resume_and_match_one_process(tmp_path):
     multi, single = tmp_path / "multi", tmp_path / "single"
     outs = _run(multi, steps=2, processes=2, devices_per_process=2)

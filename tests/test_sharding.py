@@ -55,6 +55,7 @@ def _loss_and_grads(model, params, batch, mesh):
     return float(value), jax.device_get(grads), b
 
 
+@pytest.mark.slow  # about 170 s on 2 cores; data parallelism: tests/test_train.py
 def test_spatial_sharding_gives_the_loss_and_gradients_of_one_device():
     if len(jax.devices()) < 4:
         pytest.skip("needs 4 (fake) devices")

@@ -138,7 +138,8 @@ def test_step_on_four_devices_equals_one_device():
 def test_spatially_sharded_steps_equal_one_device():
     """The whole train step (optimiser, EMA, projection loss) with volumes split along z:
     data=2 x spatial=2 and spatial=4. (tests/test_sharding.py checks the model's loss and
-    gradients on these meshes in the default run; this compiles 3 full steps, minutes.)"""
+    gradients on these meshes, also under -m slow; the default run checks the lifting's z
+    slabs and the batch shardings there. This compiles 3 full steps, minutes.)"""
     if len(jax.devices()) < 4:
         pytest.skip("needs 4 (fake) devices")
     _check_same_training([{"data": 2, "spatial": 2}, {"data": 1, "spatial": 4}])
