@@ -3,9 +3,9 @@
 Each notebook is executed in a fresh kernel (nbclient, installed with nbmake) whose working
 directory is a temporary folder shared by the three, with ``XCT_NOTEBOOK_TEST=1`` so the
 notebooks shrink themselves; 03 evaluates the run 02 trained when both land on the same
-pytest worker and trains the same tiny model itself otherwise. A check cell appended to the
-in-memory copy asserts on the kernel's variables (the files on disk are not changed). The
-notebooks are stored without outputs.
+pytest worker (02 runs under ``-m slow``) and the shipped ``checkpoints/unet32_2v``
+otherwise. A check cell appended to the in-memory copy asserts on the kernel's variables
+(the files on disk are not changed). The notebooks are stored without outputs.
 
 Most of the time is XLA compiling the training step (02) and the model, the projector's
 gradient and the metrics (03); the persistent compilation cache that conftest.py sets up
@@ -39,7 +39,7 @@ assert pred_hu.shape == (2, RES, RES, RES) and np.isfinite(pred_hu).all()
     "03_evaluate": """
 assert summary["num_volumes"] == len(per_volume) >= 2 and np.isfinite(summary["psnr"])
 assert (eval_dir / "report.html").is_file() and (eval_dir / "metrics.json").is_file()
-assert gt_hu.shape == pred_hu.shape == (RES, RES, RES)
+assert gt_hu.shape == pred_hu.shape == (exp.acquisition.resolution,) * 3
 assert rmse[-1] < rmse[0], rmse
 assert all(np.isfinite(scores(v)[0]) for v in results.values())
 """,

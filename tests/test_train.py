@@ -80,11 +80,19 @@ def test_complexity_curriculum_pool_and_draws():
     np.testing.assert_allclose(np.asarray(early["ct"]), np.asarray(only_first["ct"]), atol=1e-6)
 
 
-@pytest.mark.xdist_group(name="unet_step")  # one worker: later ones hit the compile cache
-def test_train_step_lowers_loss_on_a_fixed_batch():
+@pytest.fixture(scope="module")
+def tiny_step():
+    """The tiny render config's experiment (``mesh.data = -1``: all 4 fake devices) and a
+    fixed batch. The tests below share its jitted train step, so it compiles once; they are
+    in one xdist group, so they run on one worker."""
     c = _render_config()
     exp = Experiment.from_config(c)
-    batch = exp.shard(_fixed_batch(c))
+    return exp, exp.shard(_fixed_batch(c))
+
+
+@pytest.mark.xdist_group(name="unet_step")
+def test_train_step_lowers_loss_on_a_fixed_batch(tiny_step):
+    exp, batch = tiny_step
     state = exp.init(jax.random.key(0), exp.dummy_batch())
     losses = []
     for i in range(8):
@@ -94,22 +102,27 @@ def test_train_step_lowers_loss_on_a_fixed_batch():
     assert int(state.step) == 8 and int(state.nonfinite_steps) == 0
 
 
-def _three_steps(c):
-    exp = Experiment.from_config(c)
-    batch = exp.shard(_fixed_batch(c))
+def _three_steps(exp, batch):
     state = exp.init(jax.random.key(0), exp.dummy_batch())
     ms = []
     for i in range(3):
         state, m = exp.train_step(state, batch, jax.random.key(i))
         ms.append({k: float(m[k]) for k in ("loss", "grad_norm")})
-    return batch, ms, jax.device_get(state.params)
+    return ms, jax.device_get(state.params)
 
 
-def _check_same_training(meshes):
-    _, ref, ref_params = _three_steps(_render_config(**{"mesh.data": 1, "mesh.spatial": 1}))
-    for mesh in meshes:
-        c = _render_config(**{f"mesh.{k}": v for k, v in mesh.items()})
-        batch, ms, params = _three_steps(c)
+def _on_mesh(mesh: dict):
+    c = _render_config(**{f"mesh.{k}": v for k, v in mesh.items()})
+    exp = Experiment.from_config(c)
+    return exp, exp.shard(_fixed_batch(c))
+
+
+def _check_same_training(runs):
+    """``runs``: ``(mesh, (exp, batch))`` pairs, each trained 3 steps and compared with one
+    device."""
+    ref, ref_params = _three_steps(*_on_mesh({"data": 1, "spatial": 1}))
+    for mesh, (exp, batch) in runs:
+        ms, params = _three_steps(exp, batch)
         assert len(batch["drr"].sharding.device_set) == 4
         ct_shards = {str(s.index) for s in batch["ct"].addressable_shards}
         assert len(ct_shards) == mesh["data"] * mesh["spatial"], (mesh, ct_shards)
@@ -123,15 +136,16 @@ def _check_same_training(meshes):
             float(np.max(np.abs(a - b)))
             for a, b in zip(jax.tree.leaves(ref_params), jax.tree.leaves(params), strict=True)
         )
-        assert diff < 3 * 3 * c.optim.learning_rate, (mesh, diff)
+        assert diff < 3 * 3 * exp.config.optim.learning_rate, (mesh, diff)
 
 
-@pytest.mark.xdist_group(name="unet_step")  # one worker: later ones hit the compile cache
-def test_step_on_four_devices_equals_one_device():
-    """data=4 gives the losses, gradient norms and parameters of one device."""
+@pytest.mark.xdist_group(name="unet_step")
+def test_step_on_four_devices_equals_one_device(tiny_step):
+    """data=4 (the shared step: ``mesh.data = -1`` on 4 devices) gives the losses, gradient
+    norms and parameters of one device."""
     if len(jax.devices()) < 4:
         pytest.skip("needs 4 (fake) devices")
-    _check_same_training([{"data": 4, "spatial": 1}])
+    _check_same_training([({"data": 4, "spatial": 1}, tiny_step)])
 
 
 @pytest.mark.slow
@@ -142,14 +156,13 @@ def test_spatially_sharded_steps_equal_one_device():
     slabs and the batch shardings there. This compiles 3 full steps, minutes.)"""
     if len(jax.devices()) < 4:
         pytest.skip("needs 4 (fake) devices")
-    _check_same_training([{"data": 2, "spatial": 2}, {"data": 1, "spatial": 4}])
+    meshes = [{"data": 2, "spatial": 2}, {"data": 1, "spatial": 4}]
+    _check_same_training([(m, _on_mesh(m)) for m in meshes])
 
 
-@pytest.mark.xdist_group(name="unet_step")  # one worker: later ones hit the compile cache
-def test_checkpoint_restore_gives_identical_next_loss(tmp_path):
-    c = _render_config()
-    exp = Experiment.from_config(c)
-    batch = exp.shard(_fixed_batch(c))
+@pytest.mark.xdist_group(name="unet_step")
+def test_checkpoint_restore_gives_identical_next_loss(tmp_path, tiny_step):
+    exp, batch = tiny_step
     state = exp.init(jax.random.key(0), exp.dummy_batch())
     state, _ = exp.train_step(state, batch, jax.random.key(0))
     ckpt = checkpoint.Checkpointer(tmp_path)
