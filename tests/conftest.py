@@ -6,7 +6,12 @@ The XLA flag must be set before JAX initialises its backends, hence at import ti
 import os
 import pathlib
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+# The tests' programs are tiny: most of their time is XLA compiling them, and half of that is
+# LLVM optimising machine code that then runs for milliseconds. Level 0 halves the compile
+# time of the train step (38 s -> 19 s on 2 cores) and changes no result the tests check.
+os.environ.setdefault(
+    "XLA_FLAGS", "--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=0"
+)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Compiled programs are shared between test workers and the subprocesses tests launch
 # (most of the suite's time is XLA compiling the same small models).

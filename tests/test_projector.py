@@ -158,8 +158,10 @@ def test_check_grads_volume_and_adjoint(method, kernel):
     x = jax.random.uniform(jax.random.key(0), SMALL_GRID.shape)
     y = jax.random.uniform(jax.random.key(1), (2, 6, 7))
     kw = dict(method=method, kernel=_kernel(kernel))
-    fp = lambda v: projector.forward_project(v, SMALL_GRID, geom, **kw)  # noqa: E731
-    bp = lambda d: projector.back_project(d, SMALL_GRID, geom, **kw)  # noqa: E731
+    # jitted: check_grads calls them many times, and eager op-by-op dispatch compiles each
+    # primitive (and every loop body) on its own, which costs more than one jit here.
+    fp = jax.jit(lambda v: projector.forward_project(v, SMALL_GRID, geom, **kw))
+    bp = jax.jit(lambda d: projector.back_project(d, SMALL_GRID, geom, **kw))
     check_grads(fp, (x,), order=1, modes=("rev",), eps=1e-2, atol=1e-2, rtol=1e-2)
     check_grads(bp, (y,), order=1, modes=("rev",), eps=1e-2, atol=1e-2, rtol=1e-2)
     # and the custom VJPs are exactly the matched operators
@@ -195,6 +197,7 @@ def test_pose_gradients(method):
         vol = jnp.asarray(_blob(grid, (3.0, -2.0, 1.0), 5.0), jnp.float64)
         target = jnp.asarray(target0, jnp.float64)
 
+        @jax.jit
         def loss(rotvec, trans):
             geom = geometry.from_pose_params(rotvec, trans, **kw)
             return jnp.sum(
@@ -216,7 +219,7 @@ def test_pose_gradients(method):
         geom = geometry.from_pose_params(rotvec, trans, **kw)
         return jnp.sum((projector.forward_project(vol32, grid, geom, method=method) - target0) ** 2)
 
-    g_rv, g_tr = jax.grad(loss32, argnums=(0, 1))(
+    g_rv, g_tr = jax.jit(jax.grad(loss32, argnums=(0, 1)))(
         jnp.asarray(rv0, jnp.float32), jnp.asarray(tr0, jnp.float32)
     )
     assert g_rv.dtype == jnp.float32
@@ -272,7 +275,7 @@ def test_rays_missing_the_volume_give_zero_and_finite_gradients(method, kernel):
     )
     x = jnp.ones(grid.shape)
     kw = dict(method=method, kernel=_kernel(kernel))
-    out = projector.forward_project(x, grid, geom, **kw)
+    out = jax.jit(lambda v: projector.forward_project(v, grid, geom, **kw))(x)
     assert float(jnp.abs(out[0]).max()) == 0.0
     assert float(out[1].min()) > 0
 
@@ -282,7 +285,8 @@ def test_rays_missing_the_volume_give_zero_and_finite_gradients(method, kernel):
         )
         return jnp.sum(projector.forward_project(v, grid, g, **kw) ** 2)
 
-    gv, gt = jax.grad(loss, argnums=(0, 1))(x, jnp.asarray([[200.0, 0.0, 0.0], [0.0, 0.0, 0.0]]))
+    t = jnp.asarray([[200.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    gv, gt = jax.jit(jax.grad(loss, argnums=(0, 1)))(x, t)
     assert np.all(np.isfinite(gv)) and np.all(np.isfinite(gt))
 
 

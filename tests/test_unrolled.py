@@ -46,7 +46,7 @@ def test_gradients_flow_through_the_projector(setup):
     def loss(p, x):
         return jnp.mean(jnp.abs(model.apply(p, x, angles)["ct"] - target))
 
-    gp, gx = jax.grad(loss, argnums=(0, 1))(params, x)
+    gp, gx = jax.jit(jax.grad(loss, argnums=(0, 1)))(params, x)
     # the first iteration's CNN only reaches the output through later projections
     first = gp["params"]["iter0"]
     assert float(jnp.abs(first["out"]["kernel"]).max()) > 0

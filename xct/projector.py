@@ -423,6 +423,10 @@ def _kernel_params(geom: Geometry, cfg: _Config, tile):
     )
 
 
+# Jitted (the config static) so that eager calls compile the whole operator once per shape
+# and config instead of dispatching (and compiling) it primitive by primitive; inside a
+# caller's jit it is inlined.
+@functools.partial(jax.jit, static_argnums=2)
 def _forward_raw(volume: jax.Array, geom: Geometry, cfg: _Config) -> jax.Array:
     volume = jnp.asarray(volume)
     if cfg.kernel == "native":
@@ -455,6 +459,7 @@ def _forward_raw(volume: jax.Array, geom: Geometry, cfg: _Config) -> jax.Array:
     return out[:num_rays].reshape(geom.num_views, rows, cols)
 
 
+@functools.partial(jax.jit, static_argnums=2)
 def _backward_raw(drr: jax.Array, geom: Geometry, cfg: _Config) -> jax.Array:
     """The transpose of ``_forward_raw`` in the volume: scatter-add with the same taps.
 
