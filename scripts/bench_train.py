@@ -91,7 +91,7 @@ def bench(config, steps: int) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--config", default="unet64", help="xct/configs/<name>.py")
+    p.add_argument("--config", default="unet64", help="configs/<name>.py")
     p.add_argument("--batch", type=int, default=0, help="global batch (0: the config's)")
     p.add_argument("--views", type=int, default=0, help="views (0: the config's)")
     p.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up")

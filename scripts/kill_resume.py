@@ -3,7 +3,7 @@ and check that it ends bit-identical to an uninterrupted run.
 
     python -m scripts.kill_resume --workdir=/tmp/xct/kill_resume     # 10 kills, 2.5 min on 2 cores
     python -m scripts.kill_resume --workdir=/tmp/xct/kr --kills=4 --seed=1 \\
-        --config=xct/configs/default.py:smoke --set train.num_steps=18
+        --config=configs/default.py:smoke --set train.num_steps=18
 
 1. ``python -m xct.main --config=CONFIG --workdir=WORKDIR/straight`` runs once, untouched,
    while this script watches its ``metrics.jsonl`` and ``checkpoints/`` to time its phases
@@ -50,7 +50,7 @@ import time
 from collections import Counter
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-DEFAULT_CONFIG = "xct/configs/default.py:smoke"
+DEFAULT_CONFIG = "configs/default.py:smoke"
 # A run of about 15 s once compiled (2-core CPU; 40-60 s the first time): every step logged,
 # checkpoints every 3 steps and validations every 4 (they meet only at the last step; try
 # --set train.eval_every=3 for a validation before each checkpoint), a tiny final evaluation.

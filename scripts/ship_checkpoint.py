@@ -165,7 +165,7 @@ def main(argv=None) -> int:
     p.add_argument("--name", required=True, help="checkpoints/NAME")
     p.add_argument("--step", type=int, default=None, help="which step (default: the last)")
     p.add_argument(
-        "--base", required=True, help="the shipped config it extends: NAME[:arg] of xct/configs"
+        "--base", required=True, help="the shipped config it extends: NAME[:arg] of configs/"
     )
     p.add_argument("--set", nargs="*", default=[], help="KEY=VALUE overrides the run used")
     p.add_argument("--title", required=True, help="first line of config.py's docstring")

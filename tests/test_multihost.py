@@ -38,7 +38,7 @@ def _run(workdir, steps: int, processes: int, devices_per_process: int):
         sys.executable,
         "-m",
         "xct.main",
-        "--config=xct/configs/baseline64.py:smoke",
+        "--config=configs/baseline64.py:smoke",
         f"--workdir={workdir}",
         f"--config.train.num_steps={steps}",
         *OVERRIDES,

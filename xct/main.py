@@ -1,7 +1,7 @@
 """xct entry point: ``python -m xct.main --config=unet64 --workdir=DIR``.
 
 ``--config`` takes a config file (``path/to/my_config.py[:arg]``) or the name of one of
-xct's own (``xct/configs/NAME.py``: ``quickstart``, ``unet64``, ... as ``NAME[:arg]``).
+xct's own (``configs/NAME.py``: ``quickstart``, ``unet64``, ... as ``NAME[:arg]``).
 
     --mode=train      train (resumes from DIR's last checkpoint), then validate
     --mode=evaluate   score the best checkpoint on config.eval.split -> DIR/metrics.json and
@@ -31,7 +31,7 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
     "config",
     None,
-    "config file FILE.py[:arg], or NAME[:arg] of xct/configs/NAME.py",
+    "config file FILE.py[:arg], or NAME[:arg] of configs/NAME.py",
     lock_config=True,
 )
 flags.DEFINE_string("workdir", None, "where checkpoints, logs and metrics go")
@@ -166,14 +166,17 @@ def _summary(r: dict) -> str:
 
 
 def config_path(spec: str) -> str:
-    """``NAME[:arg]`` of a config shipped in ``xct/configs`` -> its file path (``[:arg]``
+    """``NAME[:arg]`` of a config shipped in ``configs/`` -> its file path (``[:arg]``
     kept); anything else (a path, ``*.py``) unchanged."""
     import pathlib
+
+    import xct.configs
 
     name, sep, arg = spec.partition(":")
     if not name or "/" in name or "\\" in name or name.endswith(".py"):
         return spec
-    file = pathlib.Path(__file__).parent / "configs" / f"{name}.py"
+    # The top-level configs/ folder, installed as the package xct.configs (setup.cfg).
+    file = pathlib.Path(xct.configs.__file__).parent / f"{name}.py"
     if not file.is_file() or name in ("__init__", "common"):
         shipped = sorted(
             f.stem for f in file.parent.glob("*.py") if f.stem not in ("__init__", "common")

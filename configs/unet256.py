@@ -1,6 +1,6 @@
 """U-Net, 256^3, 2 views (a GPU config; see docs for memory).
 
-python -m xct.main --config=unet256 --workdir=/tmp/xct/unet256
+python -m xct.main --config=configs/unet256.py --workdir=/tmp/xct/unet256
 """
 
 from xct.configs import common, default
