@@ -19,14 +19,14 @@ quickstart: $(STAMP)  ## DRR demo, then train + evaluate the quickstart model (C
 		--config.data.data_dir=quickstart_out/data
 
 test: $(STAMP)  ## lint, then the default test suite (excludes slow and gpu tests)
-	$(PY) -m ruff check xct scripts tests data_pipelines
+	$(PY) -m ruff check xct configs scripts tests data_pipelines
 	$(PY) -m pytest -n 2 --dist loadgroup --durations=30 tests
 
 bench: $(STAMP)  ## projector throughput against RTK on this machine -> bench_out/ and a table
 	$(PY) -m scripts.bench_projector --out bench_out
 
 lint: $(STAMP)
-	$(PY) -m ruff check xct scripts tests data_pipelines
+	$(PY) -m ruff check xct configs scripts tests data_pipelines
 
 clean:
 	rm -rf quickstart_out bench_out .pytest_cache

@@ -59,6 +59,9 @@ class SyntheticChest(tfds.core.GeneratorBasedBuilder):
     RELEASE_NOTES = {"1.0.0": "First release."}
     BUILDER_CONFIGS = [
         _config("tiny_res32_views8", 32, 8, 8, 2, 2, "Tiny: for tests and demos."),
+        # `:smoke` configs get their own folder, so a smoke run never occupies the dataset a
+        # full run of the same config (the quickstart's 80 phantoms) builds in the same data_dir.
+        _config("smoke_res32_views8", 32, 8, 8, 2, 2, "Smoke runs of any config (:smoke)."),
         _config("res64_views8", 64, 8, 400, 40, 40, "64^3 CT (6.25 mm), 8 views of 64^2."),
         _config("res128_views8", 128, 8, 400, 40, 40, "128^3 CT (3.1 mm), 8 views of 128^2."),
         _config("res256_views8", 256, 8, 400, 40, 40, "256^3 CT (1.6 mm), 8 views of 256^2."),

@@ -515,8 +515,8 @@ def _load_config(spec: str):
     """``FILE.py[:arg]`` or ``NAME[:arg]`` (``configs/NAME.py``) -> ``get_config(arg)``."""
     path, _, arg = spec.partition(":")
     file = pathlib.Path(path)
-    if not file.is_file() and (ROOT / "xct" / "configs" / f"{path}.py").is_file():
-        file = ROOT / "xct" / "configs" / f"{path}.py"
+    if not file.is_file() and (ROOT / "configs" / f"{path}.py").is_file():
+        file = ROOT / "configs" / f"{path}.py"
     if not file.is_file():
         raise ValueError(f"--config: {path} is not a file")
     if str(ROOT) not in sys.path:
