@@ -80,7 +80,7 @@ def _rows(path):
         return list(csv.DictReader(f))
 
 
-def test_evaluate_split_writes_metrics_csv_volumes_and_report(run):
+def test_evaluate_split_writes_metrics_csv_volumes_and_report(run, browser_or_none):
     c, workdir = run
     out = evaluate.evaluate(c, workdir)
     assert out["checkpoint_step"] == 4 and out["num_volumes"] == 2
@@ -116,6 +116,8 @@ def test_evaluate_split_writes_metrics_csv_volumes_and_report(run):
     np.testing.assert_allclose(float(m["mae_hu"][0]), float(rows[0]["mae_hu"]), rtol=1e-4)
 
     report = (workdir / "eval" / "report.html").read_text()
+    if browser_or_none:
+        browser_or_none(workdir / "eval" / "report.html", min_images=2)
     assert evaluator.METRIC_DEFINITION in report and evaluator.DRR_DEFINITION in report
     # PSNR distribution, then one montage and one DRR figure (eval.report_volumes = 1).
     assert report.count("src='data:image/png;base64,") == 3
@@ -144,7 +146,7 @@ def _write_synthetic_ct(path, seed):
     grid = VolumeGrid((40, 48, 48), (12.0, 10.0, 10.0), origin_xyz_mm=(-200.0, 30.0, -240.0))
     proj_grid = VolumeGrid.centered((48, 40, 48), (10.0, 12.0, 10.0))  # the projector frame
     hu, _ = phantoms.chest_phantom(seed, proj_grid)
-    return io.write_ct(path, data.from_projector_frame(hu), grid)
+    return io.write_ct(path, io.from_projector_frame(hu), grid)
 
 
 def test_eval_ct_dir_renders_scores_and_skips_unreadable_files(run, tmp_path):
@@ -191,7 +193,7 @@ def test_finds_volume_files_and_dicom_series_in_the_shared_cts(shared_ct_dir):
 
 def test_projector_frame_round_trip():
     hu = np.arange(2 * 3 * 4, dtype=np.float32).reshape(2, 3, 4)
-    np.testing.assert_array_equal(data.from_projector_frame(io.to_projector_frame(hu)), hu)
+    np.testing.assert_array_equal(io.from_projector_frame(io.to_projector_frame(hu)), hu)
 
 
 def test_parse_checkpoints(tmp_path):
@@ -330,7 +332,9 @@ def test_a_checkpoint_of_another_config_names_the_differing_fields(run, tmp_path
 
 
 @pytest.mark.parametrize("with_template", [True, False])
-def test_predict_from_a_cr_radiograph_writes_ct_sidecar_and_report(run, tmp_path, with_template):
+def test_predict_from_a_cr_radiograph_writes_ct_sidecar_and_report(
+    run, tmp_path, with_template, browser_or_none
+):
     """A CR DICOM (MONOCHROME1, PixelSpacing 0\\0) through --mode=predict's path: read,
     calibrated against a template CT (or the model's own prediction), predicted; the NIfTI,
     the JSON sidecar and the HTML report are written."""
@@ -361,3 +365,5 @@ def test_predict_from_a_cr_radiograph_writes_ct_sidecar_and_report(run, tmp_path
     assert len(view["rotation_deg"]) == 3 and view["image_scale_px_per_model_px"] > 1.0
     assert np.all(np.diff(view["value_map"]["line_integrals"]) > 0)
     assert "data:image/png;base64" in (tmp_path / "ct.html").read_text(encoding="utf-8")
+    if browser_or_none:
+        browser_or_none(tmp_path / "ct.html")

@@ -30,7 +30,7 @@ def _phantom_views(tmp_path):
     return acq, hu, _views(tmp_path, np.asarray(hu), 400.0, [0.0, 90.0])
 
 
-def test_tv_support_from_npy(tmp_path):
+def test_tv_support_from_npy(tmp_path, browser_or_none):
     acq, hu, xrays = _phantom_views(tmp_path)
     out = tmp_path / "out"
     argv = ["--xrays", *xrays, "--angles_deg", "0", "90", "--resolution=16", "--iters=20"]
@@ -41,6 +41,8 @@ def test_tv_support_from_npy(tmp_path):
     assert img.GetSize() == (16, 16, 16)
     assert np.allclose(img.GetSpacing(), 25.0)
     assert "data:image/png;base64" in (out / "report.html").read_text(encoding="utf-8")
+    if browser_or_none:
+        browser_or_none(out / "report.html", min_images=2)
 
 
 def test_bad_inputs(tmp_path, capsys):
