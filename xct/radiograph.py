@@ -189,6 +189,33 @@ def read_radiograph(
         invalid ``polarity`` or argument, or an image with NaN/inf or no contrast.
     """
     path = pathlib.Path(path)
+    fields = _read_fields(path, polarity, force)
+    notes = fields.pop("notes")
+    image = fields.pop("image")
+    is_dicom = fields.pop("dicom")
+    stored_orientation = fields.pop("orientation")
+    _apply_caller_geometry(path, fields, notes, pixel_mm, sdd_mm, sod_mm)
+    angle = _view_angle(path, fields["view_position"], angle_deg, notes)
+    orientation = patient_orientation or stored_orientation
+    image = _orient(path, image, angle, orientation, is_dicom and not orientation, notes)
+    return Radiograph(
+        image=np.ascontiguousarray(image, np.float32),
+        angle_deg=angle,
+        path=path,
+        notes=tuple(notes),
+        **fields,
+    )
+
+
+def _read_fields(path: pathlib.Path, polarity: str | None, force: bool) -> dict:
+    """Read ``path`` by its type (see ``read_radiograph``).
+
+    Returns:
+      The ``Radiograph`` fields the file gives (``_empty_fields`` keys; distances in mm),
+      with ``image`` (``[rows, cols]`` float, attenuation-like, as stored: not yet
+      oriented), ``notes`` (a list of sentences), ``dicom`` (bool) and ``orientation``
+      (PatientOrientation as stored, "" when absent).
+    """
     if not path.is_file():
         raise RadiographError(
             f"{path}: file not found; expected a radiograph (DICOM, PNG, TIFF, .npy)"
@@ -197,20 +224,28 @@ def read_radiograph(
         raise RadiographError(f"{path}: polarity={polarity!r}; expected one of {POLARITIES}")
     suffix = path.suffix.lower()
     if suffix == ".npy":
-        fields = _read_npy(path, polarity)
-    elif suffix in _IMAGE_SUFFIXES:
-        fields = _read_image(path, polarity)
-    elif suffix in _DICOM_SUFFIXES or _is_dicom_file(path):
-        fields = _read_dicom(path, polarity, force)
-    else:
-        raise RadiographError(
-            f"{path}: unknown file type {suffix!r}; expected DICOM, .png, .tif/.tiff or .npy"
-        )
-    notes = fields.pop("notes")
-    image = fields.pop("image")
-    is_dicom = fields.pop("dicom")
-    stored_orientation = fields.pop("orientation")
+        return _read_npy(path, polarity)
+    if suffix in _IMAGE_SUFFIXES:
+        return _read_image(path, polarity)
+    if suffix in _DICOM_SUFFIXES or _is_dicom_file(path):
+        return _read_dicom(path, polarity, force)
+    raise RadiographError(
+        f"{path}: unknown file type {suffix!r}; expected DICOM, .png, .tif/.tiff or .npy"
+    )
 
+
+def _apply_caller_geometry(
+    path: pathlib.Path,
+    fields: dict,
+    notes: list[str],
+    pixel_mm: float | tuple[float, float] | None,
+    sdd_mm: float | None,
+    sod_mm: float | None,
+) -> None:
+    """Override ``fields``' ``pixel_mm`` (``(row, col)`` mm at the detector), ``sdd_mm`` and
+    ``sod_mm`` (mm) with the caller's values where given, check the distances, derive the
+    magnification ``sdd_mm / sod_mm`` when no tag gave it, and note what stays unknown.
+    Updates ``fields`` and ``notes`` in place."""
     if pixel_mm is not None:
         pixel_mm = _pixel_pair(path, "pixel_mm", pixel_mm)
         notes.append(f"pixel size {pixel_mm} mm given by the caller")
@@ -234,7 +269,11 @@ def read_radiograph(
     if fields["magnification"] is None and fields["sdd_mm"] and fields["sod_mm"]:
         fields["magnification"] = fields["sdd_mm"] / fields["sod_mm"]
 
-    view = fields["view_position"]
+
+def _view_angle(path: pathlib.Path, view: str, angle_deg: float | None, notes: list[str]) -> float:
+    """The view's gantry angle in degrees (xct's convention, ``VIEW_ANGLES_DEG``): the
+    caller's ``angle_deg`` if given, else from the ViewPosition ``view`` (upper case, ""
+    when absent: PA, with a note). Appends to ``notes`` what was assumed."""
     if angle_deg is not None:
         if not math.isfinite(angle_deg):
             raise RadiographError(f"{path}: angle_deg={angle_deg!r}; expected a finite angle")
@@ -257,15 +296,7 @@ def read_radiograph(
             f"{path}: ViewPosition (0018|5101) is {view!r}, which has no angle in xct's "
             f"convention (known: {', '.join(VIEW_ANGLES_DEG)}); pass angle_deg"
         )
-    orientation = patient_orientation or stored_orientation
-    image = _orient(path, image, angle, orientation, is_dicom and not orientation, notes)
-    return Radiograph(
-        image=np.ascontiguousarray(image, np.float32),
-        angle_deg=angle,
-        path=path,
-        notes=tuple(notes),
-        **fields,
-    )
+    return angle
 
 
 def check_covers(
@@ -381,6 +412,48 @@ def _read_image(path: pathlib.Path, polarity: str | None) -> dict:
 
 
 def _read_dicom(path: pathlib.Path, polarity: str | None, force: bool) -> dict:
+    """Read a CR/DX DICOM file: the fields of ``_read_fields``, from its tags."""
+    import SimpleITK as sitk
+
+    reader, meta = _open_dicom(path)
+    f = _empty_fields()
+    notes = f["notes"]
+    modality, pi, body = _check_dicom_header(path, reader, meta, force, notes)
+    try:
+        arr = sitk.GetArrayFromImage(reader.Execute()).astype(np.float64)
+    except RuntimeError as e:
+        raise RadiographError(f"{path}: cannot decode the pixel data ({_reason(e)})") from e
+    arr = _checked_2d(path, arr.reshape(arr.shape[-2:]) if arr.ndim == 3 else arr)
+    image = _dicom_attenuation_like(arr, meta, pi, polarity, notes)
+    window = (meta("0028|1050"), meta("0028|1051"))
+    if any(window) or reader.HasMetaDataKey("0028|3010"):
+        notes.append(
+            "display window / VOI LUT not applied (monotone display transform; "
+            f"WindowCenter {window[0] or '-'}, WindowWidth {window[1] or '-'})"
+        )
+    intent = meta("0008|0068").upper()
+    if intent:
+        notes.append(f"PresentationIntentType {intent}")
+
+    f.update(
+        image=image,
+        modality=modality,
+        photometric=pi,
+        body_part=body,
+        view_position=meta("0018|5101").upper(),
+        orientation=meta("0020|0020"),
+        sdd_mm=_positive(meta("0018|1110")),
+        sod_mm=_positive(meta("0018|1111")),
+        magnification=_positive(meta("0018|1114")),
+        dicom=True,
+    )
+    f["pixel_mm"] = _dicom_pixel_mm(path, meta, f, notes)
+    return f
+
+
+def _open_dicom(path: pathlib.Path):
+    """A SimpleITK GDCM reader with the header of ``path`` read (pixels not yet decoded),
+    and ``meta(tag)``: the value of a ``"gggg|eeee"`` tag, stripped, "" when absent."""
     import SimpleITK as sitk
 
     reader = sitk.ImageFileReader()
@@ -390,12 +463,21 @@ def _read_dicom(path: pathlib.Path, polarity: str | None, force: bool) -> dict:
         reader.ReadImageInformation()
     except RuntimeError as e:
         raise RadiographError(f"{path}: cannot read as DICOM ({_reason(e)})") from e
-    f = _empty_fields()
-    notes = f["notes"]
 
     def meta(key):
         return reader.GetMetaData(key).strip(" \0") if reader.HasMetaDataKey(key) else ""
 
+    return reader, meta
+
+
+def _check_dicom_header(path: pathlib.Path, reader, meta, force: bool, notes: list[str]):
+    """Refuse what is not one grayscale chest radiograph (Modality, photometric
+    interpretation, samples per pixel, frames, BodyPartExamined unless ``force``).
+
+    Returns:
+      ``(modality, photometric, body_part)``, upper case ("" for an absent photometric
+      interpretation or body part; a note says a chest was assumed).
+    """
     modality = meta("0008|0060").upper()
     if not modality:
         raise RadiographError(
@@ -430,13 +512,16 @@ def _read_dicom(path: pathlib.Path, polarity: str | None, force: bool) -> dict:
                 "radiograph (CHEST, THORAX, LUNG); pass force=True (--force) to read it anyway"
             )
         notes.append(f"BodyPartExamined {body!r} is not a chest; read because force=True")
+    return modality, pi, body
 
-    try:
-        arr = sitk.GetArrayFromImage(reader.Execute()).astype(np.float64)
-    except RuntimeError as e:
-        raise RadiographError(f"{path}: cannot decode the pixel data ({_reason(e)})") from e
-    arr = _checked_2d(path, arr.reshape(arr.shape[-2:]) if arr.ndim == 3 else arr)
 
+def _dicom_attenuation_like(
+    arr: np.ndarray, meta, pi: str, polarity: str | None, notes: list[str]
+) -> np.ndarray:
+    """``[rows, cols]`` float64 attenuation-like values (bone high) from SimpleITK's pixel
+    array ``arr`` (the modality values, MONOCHROME1 maybe inverted; see the module
+    docstring), following the photometric interpretation ``pi``, a Presentation LUT Shape
+    INVERSE and the caller's ``polarity``. Appends to ``notes`` what was applied."""
     # The modality values M = rescale(stored) and the constant c for which SimpleITK's
     # MONOCHROME1 output is c - M (it inverts the stored values, then rescales).
     slope = _float(meta("0028|1053")) or 1.0
@@ -459,30 +544,7 @@ def _read_dicom(path: pathlib.Path, polarity: str | None, force: bool) -> dict:
     image = modality_values if bone_bright else c - modality_values
     if slope != 1.0 or intercept != 0.0:
         notes.append(f"rescale slope {slope:g}, intercept {intercept:g} applied")
-    window = (meta("0028|1050"), meta("0028|1051"))
-    if any(window) or reader.HasMetaDataKey("0028|3010"):
-        notes.append(
-            "display window / VOI LUT not applied (monotone display transform; "
-            f"WindowCenter {window[0] or '-'}, WindowWidth {window[1] or '-'})"
-        )
-    intent = meta("0008|0068").upper()
-    if intent:
-        notes.append(f"PresentationIntentType {intent}")
-
-    f.update(
-        image=image,
-        modality=modality,
-        photometric=pi,
-        body_part=body,
-        view_position=meta("0018|5101").upper(),
-        orientation=meta("0020|0020"),
-        sdd_mm=_positive(meta("0018|1110")),
-        sod_mm=_positive(meta("0018|1111")),
-        magnification=_positive(meta("0018|1114")),
-        dicom=True,
-    )
-    f["pixel_mm"] = _dicom_pixel_mm(path, meta, f, notes)
-    return f
+    return image
 
 
 def _dicom_pixel_mm(path, meta, f, notes) -> tuple[float, float] | None:
