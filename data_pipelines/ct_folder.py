@@ -5,7 +5,7 @@
 
 Sources: every NIfTI / MHA / MHD / NRRD file, and every folder holding a DICOM series (a
 LIDC-IDRI tree works: each series folder is one volume), under ``source_dir``. Each is
-read with ``xct.io.read_ct``, preprocessed with ``xct.io.preprocess`` (canonical
+read with ``xct.io.load_cube``: ``read_ct``, then ``preprocess`` (canonical
 orientation, couch removal, crop/pad to a ``fov_mm`` cube, resize), turned into the
 projector frame (``xct.io.to_projector_frame``: 0 degrees is a PA view), and projected. The
 split of a volume is a stable hash of its patient id (its path relative to
@@ -69,10 +69,10 @@ def make_ct_example(
     ``series_uid`` chooses the series of a DICOM folder (``io.read_ct``)."""
     from xct import io
 
-    hu, grid = io.read_ct(path, series_uid=series_uid or None)
-    io.check_ct_volume(path, grid)
-    hu, _ = io.preprocess(hu, grid, spec.resolution, spec.fov_mm)
-    return common.render_example(io.to_projector_frame(hu), spec, patient_id)
+    cube = io.load_cube(
+        path, resolution=spec.resolution, fov_mm=spec.fov_mm, series_uid=series_uid
+    )
+    return common.render_example(cube.hu, spec, patient_id)
 
 
 class CtFolder(tfds.core.GeneratorBasedBuilder):

@@ -76,11 +76,11 @@ def describe(hu: np.ndarray, side_mm: float, r: int) -> dict:
 
 
 def phantom_cube(seed: int, version: int, r: int) -> tuple[np.ndarray, float]:
-    from xct import data, geometry, io, phantoms
+    from xct import geometry, io, phantoms
 
     grid = geometry.VolumeGrid.centered((125, 125, 125), 4.0)
     hu, _ = phantoms.chest_phantom(seed, grid, version=version, nodules=True)
-    lps = data.from_projector_frame(hu)
+    lps = io.from_projector_frame(hu)
     cube, _, side = io.preprocess_body_cube(lps, geometry.VolumeGrid.centered(lps.shape, 4.0), r)
     return io.to_projector_frame(cube), side
 

@@ -24,13 +24,9 @@ def load_volume(n: int, fov_mm: float):
     from xct import geometry, io, phantoms, physics
 
     if CHEST.exists():
-        hu, grid = io.read_ct(CHEST)
-        hu, grid = io.canonical_orientation(hu, grid)
-        hu, grid = io.resample_to_cube(hu, grid, n, fov_mm)
-        # The orbit turns about +y: put the patient's long axis on y, head at row 0.
-        hu = io.to_projector_frame(hu)
-        grid = geometry.VolumeGrid.centered(hu.shape, grid.spacing_mm)
-        return np.asarray(physics.hu_to_mu(hu)), grid, f"real chest CT ({CHEST.name})"
+        # The scan as it is (couch kept), on the orbit's frame: long axis on y, head at row 0.
+        cube = io.load_cube(CHEST, resolution=n, fov_mm=fov_mm, crop="scan")
+        return np.asarray(physics.hu_to_mu(cube.hu)), cube.grid, f"real chest CT ({CHEST.name})"
     grid = geometry.VolumeGrid.centered((n, n, n), fov_mm / n)
     ells = phantoms.shepp_logan_3d(0.45 * fov_mm, scale=physics.MU_WATER_PER_MM)
     return np.asarray(phantoms.voxelize(ells, grid, supersample=2)), grid, "3D Shepp-Logan phantom"

@@ -237,7 +237,7 @@ def test_cli_prints_one_error_line(tmp_path, capsys):
 
     argv = [
         "xct.main",
-        f"--config={ROOT / 'xct' / 'configs' / 'quickstart.py'}:smoke",
+        f"--config={ROOT / 'configs' / 'quickstart.py'}:smoke",
         f"--workdir={tmp_path}",
         "--mode=evaluate",
         f"--eval_ct_dir={tmp_path / 'missing'}",
@@ -256,7 +256,7 @@ def test_main_trains_then_evaluates(tmp_path):
         sys.executable,
         "-m",
         "xct.main",
-        f"--config={ROOT / 'xct' / 'configs' / 'quickstart.py'}:smoke",
+        f"--config={ROOT / 'configs' / 'quickstart.py'}:smoke",
         f"--workdir={tmp_path / 'run'}",
         f"--config.data.data_dir={tmp_path / 'data'}",
     ]

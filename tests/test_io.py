@@ -451,3 +451,81 @@ def test_preprocess_clips_padding(shared_ct_dir):
     out, _ = io.preprocess(hu, grid, 16, 400.0)
     assert out.shape == (16, 16, 16)
     assert out.min() >= -1024.0 and out.max() <= 3071.0
+
+
+# --------------------------------------------------------------------------------------
+# load_cube: the one read path gives what each former copy of it gave
+
+
+@pytest.fixture(scope="module")
+def phantom_nifti(tmp_path_factory):
+    """A chest phantom on a couch written as a scan: anisotropic voxels, off-centre, x flipped."""
+    from xct import phantoms
+
+    proj_grid = VolumeGrid.centered((40, 24, 40), (10.0, 12.0, 10.0))  # projector frame
+    hu, _ = phantoms.chest_phantom(3, proj_grid, couch=True)
+    grid = VolumeGrid(
+        (24, 40, 40), (12.0, 10.0, 10.0), (190.0, 30.0, -120.0), (-1, 0, 0) + (0, 1, 0, 0, 0, 1)
+    )
+    lps = io.from_projector_frame(hu)[:, :, ::-1]  # x flipped: the direction above undoes it
+    return io.write_ct(tmp_path_factory.mktemp("cube") / "chest.nii.gz", lps, grid)
+
+
+@pytest.mark.parametrize("fov", [400.0, "body"])
+def test_load_cube_is_the_dataset_preprocessing(phantom_nifti, fov):
+    hu, grid = io.read_ct(phantom_nifti)
+    io.check_ct_volume(phantom_nifti, grid)
+    if fov == "body":
+        want, want_grid, side = io.preprocess_body_cube(hu, grid, 16)
+    else:
+        (want, want_grid), side = io.preprocess(hu, grid, 16, fov), fov
+    want = io.to_projector_frame(want)
+    cube = io.load_cube(phantom_nifti, resolution=16, fov_mm=fov)
+    np.testing.assert_array_equal(cube.hu, want)
+    assert cube.hu.dtype == np.float32 and cube.hu.shape == (16, 16, 16)
+    assert cube.lps_grid == want_grid and cube.fov_mm == side and cube.body is None
+    assert cube.grid == VolumeGrid.centered((16, 16, 16), side / 16)
+    assert cube.source_grid == grid and cube.source_spacing_mm == (12.0, 10.0, 10.0)
+    np.testing.assert_array_equal(cube.lps(), io.from_projector_frame(want))
+    assert np.count_nonzero(cube.hu > -500) > 0.05 * cube.hu.size  # the body is there
+
+
+def test_load_cube_stored_with_body_is_the_quality_table_cube(phantom_nifti):
+    hu, grid = io.read_ct(phantom_nifti)
+    want, _, side = io.preprocess_body_cube(hu, grid, 16)
+    want = io.to_projector_frame(want)
+    want = np.clip(np.round(want), -1024, 3071).astype(np.int16).astype(np.float32)
+    want_body = io.body_mask(want, VolumeGrid.centered(want.shape, side / 16))
+    cube = io.load_cube(phantom_nifti, resolution=16, fov_mm="body", stored=True, body=True)
+    np.testing.assert_array_equal(cube.hu, want)
+    np.testing.assert_array_equal(cube.body, want_body)
+    assert cube.body.dtype == bool and 0.05 < cube.body.mean() < 0.95
+
+
+def test_load_cube_scan_crop_is_the_quickstart_cube(phantom_nifti):
+    hu, grid = io.read_ct(phantom_nifti)
+    hu, grid = io.canonical_orientation(hu, grid)
+    want, want_grid = io.resample_to_cube(hu, grid, 16, 512.0)
+    cube = io.load_cube(phantom_nifti, resolution=16, fov_mm=512.0, crop="scan")
+    np.testing.assert_array_equal(cube.hu, io.to_projector_frame(want))
+    assert cube.grid == VolumeGrid.centered((16, 16, 16), want_grid.spacing_mm)
+    assert cube.hu.max() > 150.0  # the couch is kept
+
+
+def test_load_cube_errors_name_the_file(tmp_path, phantom_nifti):
+    thin = tmp_path / "slab.nii.gz"
+    slab = np.full((4, 40, 40), -1000.0, np.float32)
+    slab[:, 10:30, 10:30] = 40.0
+    io.write_ct(thin, slab, VolumeGrid(slab.shape, (2.0, 2.0, 2.0)))
+    with pytest.raises(ValueError, match="slab.nii.gz.*not a CT volume"):
+        io.load_cube(thin, resolution=8, fov_mm=400.0)
+    with pytest.raises(ValueError, match="crop"):
+        io.load_cube(phantom_nifti, resolution=8, fov_mm=400.0, crop="middle")
+    with pytest.raises(ValueError, match="fov_mm='body'"):
+        io.load_cube(phantom_nifti, resolution=8, fov_mm="body", crop="scan")
+
+
+def test_projector_frame_round_trip():
+    hu = np.arange(2 * 3 * 4, dtype=np.float32).reshape(2, 3, 4)
+    np.testing.assert_array_equal(io.from_projector_frame(io.to_projector_frame(hu)), hu)
+    assert io.to_projector_frame(hu).shape == (3, 2, 4)

@@ -209,7 +209,7 @@ class TfdsSource:
             ex = t(raw)
             name = raw.get("id", f"{split}-{i:05d}")
             name = name.decode() if isinstance(name, bytes) else str(name)
-            # Outputs go back to the patient (LPS) frame: from_projector_frame swaps the
+            # Outputs go back to the patient (LPS) frame: io.from_projector_frame swaps the
             # first two axes, so their spacings swap too.
             sz, sy, sx = (float(s) for s in ex["spacing_mm"])
             r = ex["ct"].shape
@@ -313,16 +313,13 @@ class RenderSource:
         acq, vols, names = self.acquisition, [], []
         for name, path in self.real_sources():
             try:
-                hu, grid = io.read_ct(path)
-                io.check_ct_volume(path, grid)
-                if self.real_fov == "body":
-                    hu, _, _ = io.preprocess_body_cube(hu, grid, acq.resolution)
-                else:
-                    hu, _ = io.preprocess(hu, grid, acq.resolution, acq.fov_mm)
+                cube = io.load_cube(
+                    path, resolution=acq.resolution, fov_mm=self.real_fov or acq.fov_mm
+                )
             except ValueError as e:
                 print(f"real_ct_dir: skipped {name}: {str(e).splitlines()[0]}", flush=True)
                 continue
-            vols.append(io.to_projector_frame(hu).astype(np.float32))
+            vols.append(cube.hu)
             names.append(name)
         if not vols:
             raise ValueError(
@@ -494,11 +491,6 @@ def eval_view_angles(acquisition: geometry.Acquisition, num_views: int) -> np.nd
     return acquisition.view_angles(max(num_views, DATASET_VIEWS))[:num_views]
 
 
-def from_projector_frame(vol: np.ndarray) -> np.ndarray:
-    """Inverse of ``io.to_projector_frame``: a projector-frame volume back to LPS ``[z, y, x]``."""
-    return np.ascontiguousarray(np.transpose(np.flip(np.asarray(vol), axis=1), (1, 0, 2)))
-
-
 def ct_example(
     path,
     example_id: str,
@@ -508,13 +500,16 @@ def ct_example(
     series_uid: str | None = None,
 ) -> Example:
     """One CT file or DICOM folder, preprocessed and rendered as ``ct_folder`` does
-    (``io.read_ct`` -> ``io.preprocess`` to the acquisition's cube -> ``io.
-    to_projector_frame`` -> DRRs at the first ``num_views`` nested angles)."""
+    (``io.load_cube`` to the acquisition's cube -> DRRs at the first ``num_views`` nested
+    angles)."""
     render = render or drr_renderer(acquisition)
-    hu, grid = io.read_ct(path, series_uid=series_uid or None)
-    io.check_ct_volume(path, grid)
-    hu, lps_grid = io.preprocess(hu, grid, acquisition.resolution, acquisition.fov_mm)
-    hu = io.to_projector_frame(hu)
+    cube = io.load_cube(
+        path,
+        resolution=acquisition.resolution,
+        fov_mm=acquisition.fov_mm,
+        series_uid=series_uid,
+    )
+    hu, lps_grid = cube.hu, cube.lps_grid
     angles = eval_view_angles(acquisition, num_views)
     drr = np.asarray(render(hu, angles), np.float32)
     # As stored by the dataset builder (int16 HU), then normalised as ExampleTransform does.

@@ -359,19 +359,17 @@ def predict(
     )[0]
     hu = np.clip(hu, physics.HU_MIN, physics.HU_MAX)  # the range the model was trained on
     # In the patient (LPS) frame, so 3D Slicer's axial view is axial.
-    return io.write_ct(output, data.from_projector_frame(hu), exp.acquisition.grid())
+    return io.write_ct(output, io.from_projector_frame(hu), exp.acquisition.grid())
 
 
 def _template_mu(path, acq) -> np.ndarray:
     """A template CT file as attenuation per mm on the model's cube (``ct_folder``'s
     preprocessing)."""
     try:
-        hu, grid = io.read_ct(path)
-        io.check_ct_volume(path, grid)
-        hu, _ = io.preprocess(hu, grid, acq.resolution, acq.fov_mm)
+        hu = io.load_cube(path, resolution=acq.resolution, fov_mm=acq.fov_mm).hu
     except ValueError as e:
         raise ValueError(f"--template {path}: {e}") from None
-    return np.maximum(np.asarray(physics.hu_to_mu(io.to_projector_frame(hu))), 0.0)
+    return np.maximum(np.asarray(physics.hu_to_mu(hu)), 0.0)
 
 
 def predict_radiographs(
@@ -423,7 +421,7 @@ def predict_radiographs(
             sod_mm=[g.sod_mm for g in rads],
         )
         hu, tmpl = predict_mu([f.line_integrals for f in fits])
-    out = io.write_ct(output, data.from_projector_frame(hu), acq.grid())
+    out = io.write_ct(output, io.from_projector_frame(hu), acq.grid())
     reproj = np.asarray(exp.evaluator.render(hu, angles))
     reproj = np.asarray(physics.denormalize_drr(reproj))
     views = []

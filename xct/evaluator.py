@@ -211,7 +211,7 @@ class Evaluator:
                     stem = safe_name(e.id, taken)
                     for kind, vol in (("pred", pred_hu[i]), ("gt", true_hu[i])):
                         rel = f"volumes/{stem}_{kind}.nii.gz"
-                        io.write_ct(out_dir / rel, data.from_projector_frame(vol), e.grid)
+                        io.write_ct(out_dir / rel, io.from_projector_frame(vol), e.grid)
                         row[f"{kind}_nifti"] = rel
                 if (report_volumes and not report_ids) or e.id in report_ids:
                     candidates.append(

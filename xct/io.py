@@ -8,6 +8,10 @@ some checks ours rather than the library's: it reads a truncated NIfTI (``.nii``
 ``.nii.gz``) without error, zero-filling the missing voxels, and its DICOM series reader
 only warns about missing slices or non-uniform slice spacing.
 
+``load_cube`` is the one path from a file to a model's cube: read, check, preprocess, then
+the projector frame (``to_projector_frame`` and its inverse ``from_projector_frame``); every
+reader of CTs for datasets, evaluation, templates and demos goes through it.
+
 Preprocessing (pure NumPy/SimpleITK, for dataset builders): ``canonical_orientation``,
 ``resample_isotropic``, ``body_mask``, ``remove_couch``, ``crop_or_pad_cube``, ``resize``
 and ``preprocess``, which chains them. Every transform takes and returns ``(hu, grid)``
@@ -20,6 +24,7 @@ decompressed length of a ``.nii.gz``).
 
 from __future__ import annotations
 
+import dataclasses
 import pathlib
 import zlib
 
@@ -1142,6 +1147,11 @@ def to_projector_frame(hu_lps: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.flip(np.transpose(np.asarray(hu_lps), (1, 0, 2)), axis=1))
 
 
+def from_projector_frame(vol: np.ndarray) -> np.ndarray:
+    """Inverse of ``to_projector_frame``: a projector-frame volume back to LPS ``[z, y, x]``."""
+    return np.ascontiguousarray(np.transpose(np.flip(np.asarray(vol), axis=1), (1, 0, 2)))
+
+
 def body_fov_mm(mask: np.ndarray, grid: VolumeGrid, margin_mm: float = 0.0) -> float:
     """The side (mm) of the smallest axial square that holds the body mask: the larger of
     the body's left-right and front-back extents, plus ``2 * margin_mm``.
@@ -1184,3 +1194,91 @@ def preprocess_body_cube(
     hu, grid = crop_or_pad_cube(hu, grid, fov, fill_hu, mask=mask)
     hu, grid = resize(hu, grid, n, fill_hu=fill_hu)
     return hu, grid, float(n * grid.spacing_mm[0])  # the cube's side: whole voxels of the scan
+
+
+# --------------------------------------------------------------------------------------
+# The one read path: file -> checked -> cube -> projector frame
+# --------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Cube:
+    """One CT as a model's cube (``load_cube``)."""
+
+    hu: np.ndarray  # [r, r, r] float32 HU in the projector frame (``to_projector_frame``)
+    grid: VolumeGrid  # ``hu``'s grid: centred on the isocentre, voxels of fov_mm / r
+    lps_grid: VolumeGrid  # the cube in the patient's LPS frame, at the scan's world position
+    fov_mm: float  # the cube's side
+    body: np.ndarray | None  # [r, r, r] bool, ``body_mask(hu, grid)`` (``body=True``)
+    path: pathlib.Path  # the file or DICOM folder read
+    source_grid: VolumeGrid  # the scan as read: its shape, spacing, origin and direction
+
+    @property
+    def source_spacing_mm(self) -> tuple[float, float, float]:
+        """The scan's voxel spacing ``(z, y, x)`` in mm, as read."""
+        return self.source_grid.spacing_mm
+
+    def lps(self) -> np.ndarray:
+        """``hu`` back in the patient's LPS frame (``[z, y, x]`` on ``lps_grid``)."""
+        return from_projector_frame(self.hu)
+
+
+def load_cube(
+    path: str | pathlib.Path,
+    *,
+    resolution: int,
+    fov_mm: float | str,
+    series_uid: str | None = None,
+    crop: str = "body",
+    body: bool = False,
+    stored: bool = False,
+) -> Cube:
+    """Read a CT and make it a model's ``[r, r, r]`` cube in the projector frame.
+
+    ``read_ct`` -> ``check_ct_volume`` -> the cube -> ``to_projector_frame``. The cube
+    (``crop``):
+
+    * ``"body"``: the datasets' preprocessing (``ct_folder``): LPS, HU clipped to
+      ``HU_CLIP``, couch and clutter removed, centred on the body, resized to ``r^3``
+      (``preprocess``); ``fov_mm="body"`` takes the side the body fills
+      (``preprocess_body_cube``), a number that side in mm.
+    * ``"scan"``: the scan as it is (couch kept, values unclipped) in LPS, resampled onto a
+      ``fov_mm`` cube centred on the scan's centre (``resample_to_cube``).
+
+    Args:
+      resolution: ``r``, voxels per side.
+      series_uid: for a DICOM folder with several CT series, the one to read.
+      body: also compute ``body_mask`` of the returned cube (on its projector-frame grid).
+      stored: round and clip to ``HU_CLIP`` as the datasets store a CT (int16 values).
+
+    Raises:
+      ValueError: naming ``path``, for input ``read_ct`` or ``check_ct_volume`` refuses, or
+        a scan without a body when the cube is centred on it.
+    """
+    path = pathlib.Path(path)
+    r = int(resolution)
+    if crop not in ("body", "scan"):
+        raise ValueError(f"crop: expected 'body' or 'scan', got {crop!r}")
+    if fov_mm == "body" and crop == "scan":
+        raise ValueError("fov_mm='body' needs crop='body' (the body's extent)")
+    raw, source_grid = read_ct(path, series_uid=series_uid or None)
+    check_ct_volume(path, source_grid)
+    try:
+        if crop == "scan":
+            hu, grid = canonical_orientation(raw, source_grid)
+            hu, lps_grid = resample_to_cube(hu, grid, r, float(fov_mm))
+            side = float(fov_mm)
+        elif fov_mm == "body":
+            hu, lps_grid, side = preprocess_body_cube(raw, source_grid, r)
+        else:
+            hu, lps_grid = preprocess(raw, source_grid, r, float(fov_mm))
+            side = float(fov_mm)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+    hu = to_projector_frame(hu)
+    if stored:
+        hu = np.clip(np.round(hu), *HU_CLIP).astype(np.int16)
+    hu = hu.astype(np.float32)
+    grid = VolumeGrid.centered(hu.shape, side / r)
+    mask = body_mask(hu, grid) if body else None
+    return Cube(hu, grid, lps_grid, side, mask, path, source_grid)

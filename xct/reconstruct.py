@@ -141,7 +141,7 @@ def reconstruct(args: argparse.Namespace) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from xct import data, evaluate, geometry, io, physics, projector, recon
+    from xct import evaluate, geometry, io, physics, projector, recon
     from xct.recon import priors, template
 
     t0 = time.perf_counter()
@@ -175,13 +175,11 @@ def reconstruct(args: argparse.Namespace) -> dict:
         vols, names = [], []
         for f in args.template:
             try:
-                hu_t, grid_t = io.read_ct(f)
-                hu_t, _, side = io.preprocess_body_cube(hu_t, grid_t, r)
+                cube = io.load_cube(f, resolution=r, fov_mm="body")
             except ValueError as e:
                 raise ValueError(f"--template {f}: {e}") from None
-            template.check_template_size(pathlib.Path(f).name, side, acq.fov_mm)
-            hu_t = io.to_projector_frame(hu_t)
-            vols.append(jnp.maximum(physics.hu_to_mu(jnp.asarray(hu_t)), 0.0))
+            template.check_template_size(pathlib.Path(f).name, cube.fov_mm, acq.fov_mm)
+            vols.append(jnp.maximum(physics.hu_to_mu(jnp.asarray(cube.hu)), 0.0))
             names.append(str(f))
         print(f"registering {len(vols)} template(s) to {len(args.xrays)} X-ray(s)...", flush=True)
         best, reg, mismatch = template.best_template(vols, drr, geom, grid)
@@ -222,7 +220,7 @@ def reconstruct(args: argparse.Namespace) -> dict:
     if method == "template_tv":
         summary["prior_weight"] = args.prior_weight
     hu = np.asarray(physics.mu_to_hu(mu))
-    hu_lps = data.from_projector_frame(hu)
+    hu_lps = io.from_projector_frame(hu)
     path = io.write_ct(out / "reconstruction.nii.gz", hu_lps, grid)
     summary["output"] = str(path)
     summary["seconds"] = round(time.perf_counter() - t0, 2)
