@@ -188,34 +188,13 @@ def refine(
       ``RefineResult(volume, loss, data_loss)``: the refined volume in ``units`` and the
       per-iteration objective and data term.
     """
-    _check_units(units)
+    x_pred, d = _checked_inputs(pred, drr, geom, grid, units, num_iters, tv_eps, mu_water_per_mm)
     num_iters = int(num_iters)
-    if num_iters < 0:
-        raise ValueError(f"num_iters: expected >= 0, got {num_iters}")
-    if not (float(tv_eps) > 0.0):
-        raise ValueError(f"tv_eps: expected a positive smoothing, got {tv_eps!r}")
-    if not isinstance(grid, VolumeGrid):
-        raise ValueError(f"grid: expected a geometry.VolumeGrid, got {type(grid).__name__}")
-    if not isinstance(geom, Geometry):
-        raise ValueError(f"geom: expected a geometry.Geometry, got {type(geom).__name__}")
-    x_pred = to_relative(pred, units, mu_water_per_mm)
-    if x_pred.shape != tuple(grid.shape):
-        raise ValueError(
-            f"pred: shape {x_pred.shape} does not match the grid's [z, y, x] {grid.shape} "
-            "(use jax.vmap for batches)"
-        )
-    d = jnp.asarray(drr, x_pred.dtype)
-    expected = (geom.num_views, *geom.det_shape)
-    if d.shape != expected:
-        raise ValueError(f"drr: shape {d.shape} does not match [views, rows, cols] {expected}")
     opt = optax.adam(learning_rate) if optimizer is None else optimizer
     constraints = priors.check(constraints, grid)
 
     def project(x):
-        x = jnp.maximum(x, 0.0)
-        if constraints is None:
-            return x
-        return constraints.project(x * mu_water_per_mm) / mu_water_per_mm
+        return _feasible(x, constraints, mu_water_per_mm)
 
     def objective(x):
         return refine_objective(
@@ -243,3 +222,53 @@ def refine(
 
     (x, _), (loss, data) = jax.lax.scan(step, (x_start, opt.init(x_start)), length=num_iters)
     return RefineResult(from_relative(x, units, mu_water_per_mm), loss, data)
+
+
+def _checked_inputs(
+    pred: jax.typing.ArrayLike,
+    drr: jax.typing.ArrayLike,
+    geom: Geometry,
+    grid: VolumeGrid,
+    units: str,
+    num_iters: int,
+    tv_eps: float,
+    mu_water_per_mm: float,
+) -> tuple[jax.Array, jax.Array]:
+    """``refine``'s arguments checked (a ``ValueError`` naming the argument otherwise).
+
+    Returns:
+      ``(x_pred, drr)``: the prediction as relative attenuation ``[nz, ny, nx]`` (on
+      ``grid``) and the measured line integrals ``[views, rows, cols]`` in its dtype.
+    """
+    _check_units(units)
+    num_iters = int(num_iters)
+    if num_iters < 0:
+        raise ValueError(f"num_iters: expected >= 0, got {num_iters}")
+    if not (float(tv_eps) > 0.0):
+        raise ValueError(f"tv_eps: expected a positive smoothing, got {tv_eps!r}")
+    if not isinstance(grid, VolumeGrid):
+        raise ValueError(f"grid: expected a geometry.VolumeGrid, got {type(grid).__name__}")
+    if not isinstance(geom, Geometry):
+        raise ValueError(f"geom: expected a geometry.Geometry, got {type(geom).__name__}")
+    x_pred = to_relative(pred, units, mu_water_per_mm)
+    if x_pred.shape != tuple(grid.shape):
+        raise ValueError(
+            f"pred: shape {x_pred.shape} does not match the grid's [z, y, x] {grid.shape} "
+            "(use jax.vmap for batches)"
+        )
+    d = jnp.asarray(drr, x_pred.dtype)
+    expected = (geom.num_views, *geom.det_shape)
+    if d.shape != expected:
+        raise ValueError(f"drr: shape {d.shape} does not match [views, rows, cols] {expected}")
+    return x_pred, d
+
+
+def _feasible(
+    x: jax.Array, constraints: priors.Constraints | None, mu_water_per_mm: float
+) -> jax.Array:
+    """``[nz, ny, nx]`` relative attenuation projected onto ``x >= 0`` and, when given, onto
+    ``constraints`` (support and bounds in mu per mm)."""
+    x = jnp.maximum(x, 0.0)
+    if constraints is None:
+        return x
+    return constraints.project(x * mu_water_per_mm) / mu_water_per_mm
