@@ -37,7 +37,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from xct import checkpoint, data, evaluator, experiment, io, physics, report, sharding
+from xct import checkpoint, data, evaluator, experiment, io, physics, radiograph, report, sharding
 
 # ---------------------------------------------------------------------------------------
 # Checkpoints and ensembles
@@ -275,50 +275,6 @@ def _write_csv(path: pathlib.Path, rows: list[dict]) -> None:
 # Prediction from X-ray images
 
 
-def load_xray(path, size: int) -> np.ndarray:
-    """One X-ray as line integrals ``[size, size]`` (uncalibrated for .png / .dcm).
-
-    ``.npy``: already line integrals. ``.png``: detector intensities, so it must be
-    *bone-dark* (bright = more photons: lungs and air bright, bone dark); it is converted
-    with ``-log(I / I_air)``, ``I_air`` the 99.9th percentile. A radiograph exported the
-    way it is displayed (bone white) comes out inverted: convert it first. ``.dcm``:
-    read with ``xct.radiograph.read_radiograph`` (MONOCHROME1/2, rescale and the
-    modality/body-part checks), whose attenuation-like image is reflected into bone-dark
-    intensities and converted like a PNG, so the polarity is right either way; the
-    intensity calibration to line integrals is not done here.
-    """
-    p = pathlib.Path(path)
-    if not p.exists():
-        raise ValueError(f"--xrays: {p} not found")
-    suffix = p.suffix.lower()
-    if suffix == ".npy":
-        img = np.load(p).astype(np.float32)
-    elif suffix in (".png", ".dcm", ".dicom"):
-        import SimpleITK as sitk
-
-        if suffix == ".png":
-            arr = sitk.GetArrayFromImage(sitk.ReadImage(str(p))).astype(np.float32)
-        else:  # SimpleITK alone inverts MONOCHROME1: bone bright, read as many photons
-            from xct import radiograph
-
-            att = radiograph.read_radiograph(p).image
-            arr = att.max() + max(float(att.min()), 1.0) - att  # positive, air brightest
-        arr = arr.reshape(arr.shape[-2:]) if arr.ndim > 2 and arr.shape[0] == 1 else arr
-        if arr.ndim == 3:  # RGB(A) PNG
-            arr = arr[..., :3].mean(-1)
-        air = np.percentile(arr, 99.9)
-        img = -np.log(np.clip(arr, 1e-3 * air, None) / air)
-    else:
-        raise ValueError(f"--xrays: {p}: expected .npy (line integrals), .png or .dcm")
-    if img.ndim != 2:
-        raise ValueError(f"--xrays: {p}: expected a 2-D image, got shape {img.shape}")
-    if img.shape != (size, size):
-        import jax.image
-
-        img = np.asarray(jax.image.resize(img, (size, size), "linear"))
-    return img
-
-
 def predict(
     exp: experiment.Experiment | Any,
     workdir,
@@ -350,7 +306,7 @@ def predict(
         raise ValueError(f"--angles_deg: {len(angles_deg)} angles for {len(xray_paths)} X-rays")
     members = restore_members(exp, workdir, which)
     r = exp.acquisition.resolution
-    drr = np.stack([load_xray(p, r) for p in xray_paths])[None]
+    drr = np.stack([radiograph.load_xray(p, r) for p in xray_paths])[None]
     drr = np.asarray(physics.normalize_drr(drr), np.float32)
     angles = np.asarray(angles_deg, np.float32)[None]
     n = sharding.batch_axis_size(exp.mesh, exp.rules)
@@ -407,7 +363,7 @@ def predict_radiographs(
     if template is not None:
         tmpl, rounds, source = _template_mu(template, acq), 1, str(template)
     else:  # bootstrap: the prediction from an uncalibrated conversion is the first template
-        crude = [load_xray(p, r) for p in paths]
+        crude = [radiograph.load_xray(p, r) for p in paths]
         _, tmpl = predict_mu(crude)
         rounds, source = 2, "the model's own prediction (2 rounds)"
     for _ in range(rounds):

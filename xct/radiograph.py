@@ -47,8 +47,8 @@ or a magnification factor says it was measured at the patient). A missing, zero 
 spacing leaves ``pixel_mm`` None and says so in the notes: it must be estimated, never
 guessed.
 
-Only NumPy, SimpleITK and the standard library are used; SimpleITK is imported inside the
-functions, as in ``xct.io``.
+Only NumPy, SimpleITK and the standard library are used (and JAX's image resize in
+``load_xray``); SimpleITK is imported inside the functions, as in ``xct.io``.
 """
 
 from __future__ import annotations
@@ -340,6 +340,48 @@ def check_covers(
             f"field of view magnified by {sdd:g}/{sod:g} needs {need:.0f} mm along both axes"
         )
     return None
+
+
+def load_xray(path, size: int) -> np.ndarray:
+    """One X-ray as line integrals ``[size, size]`` (uncalibrated for .png / .dcm).
+
+    ``.npy``: already line integrals. ``.png``: detector intensities, so it must be
+    *bone-dark* (bright = more photons: lungs and air bright, bone dark); it is converted
+    with ``-log(I / I_air)``, ``I_air`` the 99.9th percentile. A radiograph exported the
+    way it is displayed (bone white) comes out inverted: convert it first. ``.dcm``:
+    read with ``read_radiograph`` (MONOCHROME1/2, rescale and the
+    modality/body-part checks), whose attenuation-like image is reflected into bone-dark
+    intensities and converted like a PNG, so the polarity is right either way; the
+    intensity calibration to line integrals is not done here.
+    """
+    p = pathlib.Path(path)
+    if not p.exists():
+        raise ValueError(f"--xrays: {p} not found")
+    suffix = p.suffix.lower()
+    if suffix == ".npy":
+        img = np.load(p).astype(np.float32)
+    elif suffix in (".png", ".dcm", ".dicom"):
+        import SimpleITK as sitk
+
+        if suffix == ".png":
+            arr = sitk.GetArrayFromImage(sitk.ReadImage(str(p))).astype(np.float32)
+        else:  # SimpleITK alone inverts MONOCHROME1: bone bright, read as many photons
+            att = read_radiograph(p).image
+            arr = att.max() + max(float(att.min()), 1.0) - att  # positive, air brightest
+        arr = arr.reshape(arr.shape[-2:]) if arr.ndim > 2 and arr.shape[0] == 1 else arr
+        if arr.ndim == 3:  # RGB(A) PNG
+            arr = arr[..., :3].mean(-1)
+        air = np.percentile(arr, 99.9)
+        img = -np.log(np.clip(arr, 1e-3 * air, None) / air)
+    else:
+        raise ValueError(f"--xrays: {p}: expected .npy (line integrals), .png or .dcm")
+    if img.ndim != 2:
+        raise ValueError(f"--xrays: {p}: expected a 2-D image, got shape {img.shape}")
+    if img.shape != (size, size):
+        import jax.image
+
+        img = np.asarray(jax.image.resize(img, (size, size), "linear"))
+    return img
 
 
 # --------------------------------------------------------------------------------------

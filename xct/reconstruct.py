@@ -141,7 +141,7 @@ def reconstruct(args: argparse.Namespace) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from xct import evaluate, geometry, io, physics, projector, recon
+    from xct import geometry, io, physics, projector, radiograph, recon
     from xct.recon import priors, template
 
     t0 = time.perf_counter()
@@ -151,7 +151,7 @@ def reconstruct(args: argparse.Namespace) -> dict:
     acq = geometry.Acquisition(resolution=args.resolution, fov_mm=args.fov_mm, **kw)
     grid = acq.grid()
     r = args.resolution
-    drr = jnp.asarray(np.stack([evaluate.load_xray(p, r) for p in args.xrays]), jnp.float32)
+    drr = jnp.asarray(np.stack([radiograph.load_xray(p, r) for p in args.xrays]), jnp.float32)
     geom = acq.orbit(np.asarray(args.angles_deg, np.float32))
     method = args.method
     summary: dict = {
