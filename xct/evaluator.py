@@ -36,22 +36,60 @@ DRR_DEFINITION = (
 PRIMARY = ("psnr", "ssim", "mae_hu", "rmse_hu", "drr_psnr")
 
 
-def volume_scores(pred_hu, true_hu, pred_drr, input_drr) -> dict[str, jax.Array]:
-    """Per-volume scores, each ``[B]``: ``metrics.volume_metrics``, ``x2ct_metrics`` (keys
-    prefixed ``x2ct_``) and ``drr_psnr``.
-
-    Args:
-      pred_hu, true_hu: ``[B, Z, Y, X]`` HU.
-      pred_drr, input_drr: ``[B, V, rows, cols]`` in ``normalize_drr`` units.
-    """
-    out = dict(metrics.volume_metrics(pred_hu, true_hu))
+def _scores_of(pred_hu, true_hu, pred_drr, input_drr, body) -> dict[str, jax.Array]:
+    out = dict(metrics.volume_metrics(pred_hu, true_hu, body))
     for k, v in metrics.x2ct_metrics(pred_hu, true_hu).items():
         out[k if k.startswith("x2ct") else f"x2ct_{k}"] = v
-    out["drr_psnr"] = metrics.drr_psnr(pred_drr, input_drr, 1.0)
+    if pred_drr is not None:
+        out["drr_psnr"] = metrics.drr_psnr(pred_drr, input_drr, 1.0)
     return out
 
 
-_scores = jax.jit(volume_scores)
+_scores = jax.jit(_scores_of)
+_x2ct = jax.jit(metrics.x2ct_metrics)
+
+
+def body_box(body: np.ndarray) -> tuple[slice, ...]:
+    """The bounding box of a body mask ``[Z, Y, X]``, at least 7 voxels per side (x2ct's
+    SSIM window); the whole volume where the mask is empty."""
+    box = []
+    for k in range(3):
+        idx = np.flatnonzero(body.any(axis=tuple({0, 1, 2} - {k})))
+        lo, hi = (int(idx[0]), int(idx[-1]) + 1) if idx.size else (0, body.shape[k])
+        while hi - lo < 7:
+            lo, hi = max(0, lo - 1), min(body.shape[k], hi + 1)
+        box.append(slice(lo, hi))
+    return tuple(box)
+
+
+def volume_scores(pred_hu, true_hu, pred_drr=None, input_drr=None, *, body=None) -> dict:
+    """Per-volume scores, each ``[B]``: ``metrics.volume_metrics`` (``psnr``, ``ssim``,
+    ``mae_hu``, ``rmse_hu``), ``x2ct_metrics`` (keys prefixed ``x2ct_``), ``drr_psnr`` when
+    DRRs are given, and with a ``body`` mask the same inside the body: ``psnr_body``,
+    ``ssim_body``, ``mae_hu_body``, ``rmse_hu_body`` (restricted to the mask; SSIM windows
+    see the whole volume) and ``x2ct_*_body`` (on the body's bounding box, ``body_box``, as
+    X2CT's metrics take no mask). The one scorer of the evaluator and the quality table
+    (``xct.scoring``).
+
+    Args:
+      pred_hu, true_hu: ``[B, Z, Y, X]`` HU.
+      pred_drr, input_drr: ``[B, V, rows, cols]`` in ``normalize_drr`` units, or None.
+      body: ``[B, Z, Y, X]`` boolean body mask of ``true_hu``, or None.
+    """
+    out = dict(_scores(pred_hu, true_hu, pred_drr, input_drr, body))
+    if body is None:
+        return out
+    for k in ("psnr", "ssim", "mae_hu", "rmse_hu"):
+        out[f"{k}_body"] = out.pop(f"{k}_mask")
+    body = np.asarray(body)
+    inside = []
+    for i in range(body.shape[0]):
+        box = body_box(body[i])
+        inside.append(_x2ct(pred_hu[i][box][None], true_hu[i][box][None]))
+    for k in inside[0]:
+        name = k if k.startswith("x2ct") else f"x2ct_{k}"
+        out[f"{name}_body"] = np.concatenate([np.asarray(d[k]) for d in inside])
+    return out
 
 
 def definitions() -> dict[str, str]:
@@ -180,7 +218,7 @@ class Evaluator:
         pred_hu = self.reconstruct(params_list, drr, angles)
         pred_drr = np.stack([np.asarray(self.render(pred_hu[i], angles[i])) for i in range(n)])
         pred_drr = np.concatenate([pred_drr, np.repeat(pred_drr[-1:], b - n, 0)])
-        scores = jax.device_get(_scores(pred_hu, true_hu, pred_drr, drr))
+        scores = jax.device_get(volume_scores(pred_hu, true_hu, pred_drr, drr))
         return true_hu, pred_hu, pred_drr, scores
 
     def run(
