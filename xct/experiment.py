@@ -167,6 +167,33 @@ class Experiment:
             ),
         )
 
+    def with_acquisition(self, acq: geometry.Acquisition) -> Experiment:
+        """The same model, settings and mesh on another acquisition ``acq`` (another cube
+        side, detector or orbit; the same resolution), with its own jitted ``predict_hu``
+        and evaluator: a trained model's parameters predict there unchanged, as every
+        model is geometry-aware. For prediction and evaluation: ``data`` stays the
+        config's training source."""
+        if acq.resolution != self.acquisition.resolution:
+            raise ValueError(
+                f"with_acquisition: resolution {acq.resolution}, the model's is "
+                f"{self.acquisition.resolution}"
+            )
+        setup = dataclasses.replace(
+            self.setup, model=self.setup.model.clone(acquisition=acq), acquisition=acq
+        )
+        predict_hu = MeshFunction(
+            jax.jit(functools.partial(_predict_hu, setup)), self.mesh, self.rules
+        )
+        return dataclasses.replace(
+            self,
+            acquisition=acq,
+            setup=setup,
+            predict_hu=predict_hu,
+            evaluator=evaluator.Evaluator(
+                predict_hu, acq, self.mesh, self.rules, self.eval.batch_size, self.eval.num_views
+            ),
+        )
+
     def dummy_batch(self, batch_size: int | None = None) -> dict:
         """Zeros in the shapes of a training batch."""
         return data.dummy_batch(
@@ -195,6 +222,31 @@ def _predict_hu(setup: steps.Setup, params, drr, angles_deg):
     return physics.denormalize_ct(
         steps.predict_ct(setup, params, {"drr": drr, "angles_deg": angles_deg})
     )
+
+
+def load_config(spec: str):
+    """``FILE.py[:arg]`` or ``NAME[:arg]`` (``configs/NAME.py``, installed as
+    ``xct.configs``) -> the file's ``get_config(arg)`` (``get_config(None)`` without one).
+
+    Raises:
+      ValueError: naming ``spec`` when it is neither a file nor a shipped config.
+    """
+    import importlib.util
+    import pathlib
+
+    import xct.configs
+
+    path, _, arg = spec.partition(":")
+    file = pathlib.Path(path)
+    shipped = pathlib.Path(xct.configs.__file__).parent / f"{path}.py"
+    if not file.is_file() and shipped.is_file():
+        file = shipped
+    if not file.is_file():
+        raise ValueError(f"--config: {path} is not a file nor a config in {shipped.parent}")
+    module_spec = importlib.util.spec_from_file_location(f"_xct_config_{file.stem}", file)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg or None)
 
 
 def acquisition_from_config(config) -> geometry.Acquisition:
