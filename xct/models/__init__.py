@@ -1,12 +1,15 @@
 """Flax modules for few-view X-ray to CT: view encoders, 2D->3D lifting, 3D U-Net, PatchGAN.
 
-``get_model(name, **kwargs)`` builds a module from a config section
-(``models.get_model(**config.model)`` with ``config.model.name`` one of ``MODELS``).
+``get_model(name, **kwargs)`` builds a module from a config section: ``config.model``
+without its ``name`` (one of ``MODELS``) is the keyword arguments, and a generator gets its
+acquisition geometry as one object (``xct.experiment.make_model`` does
+``get_model(name, acquisition=acq, **rest)``); ``model_kwargs(name)`` lists what it accepts.
 
 Generators (``"baseline"``, ``"unet"``, ``"unrolled"``: learned gradient descent through the
 projector, ``xct.models.unrolled``)::
 
-    model = get_model("unet", resolution=64, lifting="backproject")
+    acq = xct.geometry.Acquisition(resolution=32)      # D = 32: the cube and each DRR
+    model = get_model("unet", acquisition=acq, lifting="backproject", num_levels=3)
     variables = model.init(key, drr, angles_deg)            # {"params"} only
     out = model.apply(variables, drr, angles_deg, train=True)
     out["ct"]            # [B, D, D, D] float32, normalised CT (linear head)
@@ -65,7 +68,7 @@ def _model_class(name: str) -> type[nn.Module]:
 
 
 def get_model(name: str, **kwargs) -> nn.Module:
-    """The module registered as ``name`` (``"baseline"``, ``"unet"``, ``"patchgan"``).
+    """The module registered as ``name`` (a key of ``MODELS``).
 
     ``dtype`` may be a string (``"bfloat16"``, as configs hold it) or a dtype. Raises
     ``ValueError`` naming an unknown model, an unknown keyword, or a bad value.
