@@ -99,17 +99,31 @@ def _rotation(rotvec: jax.Array) -> jax.Array:
     return eye + jnp.sin(theta) * kx + (1.0 - jnp.cos(theta)) * (kx @ kx)
 
 
+def _interp_matrix(c: int, n: int, dtype) -> jax.Array:
+    """``[n, c]``: linear interpolation from ``c`` control points to ``n`` samples, corners
+    aligned (sample ``i`` sits at control coordinate ``i (c - 1) / (n - 1)``)."""
+    pos = np.linspace(0.0, c - 1.0, n)
+    lo = np.clip(np.floor(pos).astype(int), 0, max(c - 2, 0))
+    frac = pos - lo
+    m = np.zeros((n, c), np.float64)
+    m[np.arange(n), lo] += 1.0 - frac
+    if c > 1:
+        m[np.arange(n), lo + 1] += frac
+    return jnp.asarray(m, dtype)
+
+
 def _upsample(field: jax.Array, shape) -> jax.Array:
     """A coarse control grid ``[..., c, c, c]`` resampled (trilinear, corners aligned) to
-    ``[..., *shape]``."""
-    lead = field.shape[:-3]
-    c = field.shape[-3:]
-    coords = jnp.meshgrid(
-        *[jnp.linspace(0.0, ci - 1.0, n) for ci, n in zip(c, shape, strict=True)], indexing="ij"
+    ``[..., *shape]``.
+
+    Trilinear interpolation on a grid is separable: three small matrix products. Unlike
+    ``map_coordinates`` its gradient with respect to the control grid is a matrix product
+    too, not a scatter-add of every voxel into a few control points (0.7 s of a 64^3
+    registration step on a 2-core CPU)."""
+    mz, my, mx = (
+        _interp_matrix(c, n, field.dtype) for c, n in zip(field.shape[-3:], shape, strict=True)
     )
-    flat = field.reshape(-1, *c)
-    out = jax.vmap(lambda f: jax.scipy.ndimage.map_coordinates(f, coords, order=1))(flat)
-    return out.reshape(*lead, *shape)
+    return jnp.einsum("...abc,za,yb,xc->...zyx", field, mz, my, mx)
 
 
 def _sq_grad(field: jax.Array) -> jax.Array:
