@@ -2,10 +2,18 @@
 
 The acquisition (``xct.geometry.Acquisition(**config.geometry)``), the model and its
 optimiser and losses (``steps.Setup``), the device mesh and its logical axis rules, the
-data source (``xct.data``), the evaluator, and the jitted ``init`` / ``train_step`` /
-``predict_hu``, each compiled once under the mesh and its rules. ``train``, ``evaluate``,
-the scripts, notebooks and tests all start here; only this module (and ``main``) reads a
-``ConfigDict``.
+data source (``xct.data``), the loop's schedule (``Loop``) and evaluation settings
+(``EvalSettings``), the evaluator, and the jitted ``init`` / ``train_step`` /
+``predict_hu``, each traced and run under the mesh and its rules. ``train``, ``evaluate``,
+the scripts, notebooks and tests all start here.
+
+This module turns a ``ConfigDict`` into those objects, but it is not the only reader of
+one: ``from_config`` also starts ``jax.distributed`` when ``config.distributed`` (or the
+environment) asks, and the ``Experiment`` keeps the ``ConfigDict`` it was made from
+(``Experiment.config``), which is read again after the build: by ``dummy_batch``
+(``config.model.seg_classes``), by ``config_json`` (``WORKDIR/config.json``) and by the
+modules handed an ``Experiment`` (``xct.evaluate`` reads its mesh, data source and dataset
+and compares it with a stored run's config).
 
     exp = Experiment.from_config(config)
     state = exp.init(key, exp.dummy_batch())
