@@ -342,7 +342,7 @@ def test_predict_from_a_cr_radiograph_writes_ct_sidecar_and_report(
 
     from test_radiograph import _write_dicom
 
-    from xct import projector
+    from xct import predict, projector
 
     exp, workdir = run
     acq = exp.acquisition
@@ -357,7 +357,7 @@ def test_predict_from_a_cr_radiograph_writes_ct_sidecar_and_report(
     if with_template:
         template = io.write_ct(tmp_path / "template.nii.gz", np.asarray(hu), acq.grid())
     out = tmp_path / "ct.nii.gz"
-    path = evaluate.predict(exp, workdir, [dcm], [], out, "best", template=template)
+    path = predict.predict(exp, workdir, [dcm], [], out, "best", template=template)
     assert path.exists()
     sidecar = json.loads((tmp_path / "ct.json").read_text(encoding="utf-8"))
     (view,) = sidecar["views"]

@@ -73,13 +73,13 @@ def test_shipped_model_predicts_from_the_real_cr_end_to_end(tmp_path):
     through ``--mode=predict`` with a shipped model and the model's own prediction as
     template: the NIfTI, the sidecar with everything estimated, and the report."""
     from scripts.quality_table import _load_config
-    from xct import evaluate, experiment, io
+    from xct import experiment, io, predict
 
     model = tmp_path / "unet32_2v"
     shutil.copytree(ROOT / "checkpoints" / "unet32_2v", model)
     exp = experiment.Experiment.from_config(_load_config(str(model / "config.py")))
     out = tmp_path / "ct.nii.gz"
-    evaluate.predict(exp, model, [REAL_CR], [], out, "last")
+    predict.predict(exp, model, [REAL_CR], [], out, "last")
     hu, _ = io.read_ct(out, check_hu=False)  # one real view: a poor CT (README), but a CT
     assert hu.shape == (32, 32, 32) and -1024 <= hu.min() and hu.max() <= 3071
     sidecar = json.loads((tmp_path / "ct.json").read_text(encoding="utf-8"))

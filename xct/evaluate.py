@@ -1,4 +1,4 @@
-"""Checkpoint-based evaluation and prediction from X-ray images.
+"""Checkpoint-based evaluation: restoring checkpoints and ensembles, ``--mode=evaluate``.
 
 ``evaluate(exp, workdir)`` restores the best (or last, or a given step) checkpoint's EMA
 parameters, reconstructs every volume of ``config.eval.split`` -- or, with ``ct_dir``, of
@@ -22,8 +22,7 @@ Ensembles: ``which`` (``--checkpoint``) is a comma-separated list; each item is 
 ``last`` or a step of ``workdir``, or ``DIR[:best|last|STEP]`` for another workdir trained
 with the same config. The prediction is the plain mean of the members' HU volumes.
 
-``predict(exp, workdir, xray_paths, angles_deg, output)`` reconstructs a NIfTI volume
-from X-ray images.
+Prediction from X-ray images (``--mode=predict``) is ``xct.predict``.
 """
 
 from __future__ import annotations
@@ -37,7 +36,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from xct import checkpoint, data, evaluator, experiment, io, physics, radiograph, report, sharding
+from xct import checkpoint, data, evaluator, experiment, report
 
 # ---------------------------------------------------------------------------------------
 # Checkpoints and ensembles
@@ -171,7 +170,8 @@ def restore_members(exp: experiment.Experiment, workdir, which: str = "best") ->
     return members
 
 
-def _experiment(exp_or_config) -> experiment.Experiment:
+def as_experiment(exp_or_config) -> experiment.Experiment:
+    """``exp_or_config`` if it is an Experiment, else the Experiment built from that config."""
     if isinstance(exp_or_config, experiment.Experiment):
         return exp_or_config
     return experiment.Experiment.from_config(exp_or_config)
@@ -201,7 +201,7 @@ def evaluate(
     if ct_dir:
         ct_dir = pathlib.Path(ct_dir).expanduser()
         data.find_ct_sources(ct_dir)  # a missing folder fails before the model is built
-    exp = _experiment(exp)
+    exp = as_experiment(exp)
     views = exp.eval.num_views
     if not ct_dir:
         exp.data.prepare()
@@ -269,211 +269,3 @@ def _write_csv(path: pathlib.Path, rows: list[dict]) -> None:
         w.writeheader()
         for r in rows:
             w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
-
-
-# ---------------------------------------------------------------------------------------
-# Prediction from X-ray images
-
-
-def predict(
-    exp: experiment.Experiment | Any,
-    workdir,
-    xray_paths,
-    angles_deg,
-    output,
-    which: str = "best",
-    *,
-    template=None,
-    calibrate: bool = True,
-) -> pathlib.Path:
-    """Reconstruct one volume from X-rays (an ensemble's mean when ``which`` lists several).
-
-    ``exp``: an Experiment or the config to build one from. Prediction runs on the
-    experiment's mesh (a ``spatial`` mesh splits the volume along z); the batch of one is
-    repeated to fill the batch axis.
-
-    Radiographs (DICOM ``.dcm``) are calibrated first (``calibrate=True``,
-    ``predict_radiographs``): read with ``xct.radiograph`` (angles from ViewPosition unless
-    ``angles_deg`` is given), registered to DRRs of ``template`` (a CT file) or, without
-    one, of the model's own prediction (twice), and mapped to line integrals; a JSON sidecar
-    and an HTML report are written beside ``output``.
-    """
-    exp = _experiment(exp)
-    paths = [pathlib.Path(x) for x in xray_paths]
-    if calibrate and paths and all(x.suffix.lower() in (".dcm", ".dicom") for x in paths):
-        return predict_radiographs(exp, workdir, paths, angles_deg, output, which, template)
-    if len(xray_paths) != len(angles_deg):
-        raise ValueError(f"--angles_deg: {len(angles_deg)} angles for {len(xray_paths)} X-rays")
-    members = restore_members(exp, workdir, which)
-    r = exp.acquisition.resolution
-    drr = np.stack([radiograph.load_xray(p, r) for p in xray_paths])[None]
-    drr = np.asarray(physics.normalize_drr(drr), np.float32)
-    angles = np.asarray(angles_deg, np.float32)[None]
-    n = sharding.batch_axis_size(exp.mesh, exp.rules)
-    hu = exp.evaluator.reconstruct(
-        [m.params for m in members], np.repeat(drr, n, 0), np.repeat(angles, n, 0)
-    )[0]
-    hu = np.clip(hu, physics.HU_MIN, physics.HU_MAX)  # the range the model was trained on
-    # In the patient (LPS) frame, so 3D Slicer's axial view is axial.
-    return io.write_ct(output, io.from_projector_frame(hu), exp.acquisition.grid())
-
-
-def _template_mu(path, acq) -> np.ndarray:
-    """A template CT file as attenuation per mm on the model's cube (``ct_folder``'s
-    preprocessing)."""
-    try:
-        hu = io.load_cube(path, resolution=acq.resolution, fov_mm=acq.fov_mm).hu
-    except ValueError as e:
-        raise ValueError(f"--template {path}: {e}") from None
-    return np.maximum(np.asarray(physics.hu_to_mu(hu)), 0.0)
-
-
-def predict_radiographs(
-    exp: experiment.Experiment, workdir, paths, angles_deg, output, which="best", template=None
-) -> pathlib.Path:
-    """``predict`` for clinical radiographs: read, calibrate (``xct.calibrate``), predict.
-
-    Writes the NIfTI ``output``, ``output`` with ``.json`` (everything estimated: per view
-    the pose, image scale, pixel size, distances, value map and residual mismatch) and
-    ``.html`` (each calibrated radiograph beside the DRR of the result and their difference).
-    """
-    from xct import calibrate as cal
-    from xct import radiograph
-
-    if angles_deg and len(angles_deg) != len(paths):
-        raise ValueError(f"--angles_deg: {len(angles_deg)} angles for {len(paths)} X-rays")
-    acq = exp.acquisition
-    r = acq.resolution
-    rads = [
-        radiograph.read_radiograph(p, angle_deg=angles_deg[i] if angles_deg else None)
-        for i, p in enumerate(paths)
-    ]
-    angles = np.asarray([g.angle_deg for g in rads], np.float32)
-    members = restore_members(exp, workdir, which)
-    n = sharding.batch_axis_size(exp.mesh, exp.rules)
-
-    def predict_mu(li):
-        drr = np.asarray(physics.normalize_drr(np.stack(li)[None]), np.float32)
-        hu = exp.evaluator.reconstruct(
-            [m.params for m in members], np.repeat(drr, n, 0), np.repeat(angles[None], n, 0)
-        )[0]
-        hu = np.clip(hu, physics.HU_MIN, physics.HU_MAX)  # the model's training range
-        return hu, np.maximum(np.asarray(physics.hu_to_mu(hu)), 0.0)
-
-    if template is not None:
-        tmpl, rounds, source = _template_mu(template, acq), 1, str(template)
-    else:  # bootstrap: the prediction from an uncalibrated conversion is the first template
-        crude = [radiograph.load_xray(p, r) for p in paths]
-        _, tmpl = predict_mu(crude)
-        rounds, source = 2, "the model's own prediction (2 rounds)"
-    for _ in range(rounds):
-        fits = cal.calibrate_views(  # jointly: one patient, one pose
-            [g.image for g in rads],
-            tmpl,
-            acq,
-            angles,
-            pixel_mm=[_mean_pixel(g) for g in rads],
-            sdd_mm=[g.sdd_mm for g in rads],
-            sod_mm=[g.sod_mm for g in rads],
-        )
-        hu, tmpl = predict_mu([f.line_integrals for f in fits])
-    out = io.write_ct(output, io.from_projector_frame(hu), acq.grid())
-    reproj = np.asarray(exp.evaluator.render(hu, angles))
-    reproj = np.asarray(physics.denormalize_drr(reproj))
-    views = []
-    for g, f, a, rp in zip(rads, fits, angles, reproj, strict=True):
-        v = f.valid
-        li = f.line_integrals
-        resid = float(np.sqrt(np.sum((rp - li)[v] ** 2) / max(np.sum(li[v] ** 2), 1e-12)))
-        views.append(
-            {
-                "file": str(g.path),
-                "angle_deg": float(a),
-                "view_position": g.view_position,
-                "rotation_deg": [round(float(x), 3) for x in f.rotation_deg],
-                "translation_mm": [round(float(x), 2) for x in f.translation_mm],
-                "image_scale_px_per_model_px": round(f.image_scale, 4),
-                "pixel_mm": f.pixel_mm,
-                "pixel_mm_source": "tags"
-                if _mean_pixel(g)
-                else (
-                    "estimated: the fitted image scale and the tagged distances"
-                    if f.pixel_mm
-                    else "unknown (needs DistanceSourceToDetector and DistanceSourceToPatient)"
-                ),
-                "pixel_at_isocentre_mm": round(f.pixel_iso_mm, 4),
-                "pixel_at_isocentre_source": "estimated: the fitted image scale, assuming the "
-                "patient is the template's size",
-                "sdd_mm": g.sdd_mm,
-                "sod_mm": g.sod_mm,
-                "value_map": {"range": list(f.map_range), "line_integrals": f.map_values.tolist()},
-                "unsharp_masking_undone": {
-                    "amount": round(f.unsharp[0], 4),
-                    "sigma_model_px": round(f.unsharp[1], 4),
-                },
-                "calibration_mismatch": round(f.mismatch, 4),
-                "prediction_drr_mismatch": round(resid, 4),
-                "notes": list(g.notes),
-            }
-        )
-    sidecar = {
-        "output": str(out),
-        "template": source,
-        "model_geometry": {
-            "resolution": r,
-            "fov_mm": acq.fov_mm,
-            "sod_mm": acq.sod_mm,
-            "sdd_mm": acq.sdd_mm,
-            "detector_pixel_mm": acq.detector_pixel_mm,
-        },
-        "views": views,
-    }
-    stem = str(output).removesuffix(".gz").removesuffix(".nii")
-    pathlib.Path(stem + ".json").write_text(json.dumps(sidecar, indent=1), encoding="utf-8")
-    _radiograph_report(pathlib.Path(stem + ".html"), fits, reproj, views)
-    return out
-
-
-def _mean_pixel(g) -> float | None:
-    return None if g.pixel_mm is None else float(np.mean(g.pixel_mm))
-
-
-def _radiograph_report(path: pathlib.Path, fits, reproj, views) -> None:
-    import base64
-    import html
-    import io as _io
-
-    from matplotlib.figure import Figure
-
-    v = len(fits)
-    fig = Figure(figsize=(10, 3.4 * v), layout="constrained")
-    axes = fig.subplots(v, 3, squeeze=False)
-    for i, (f, rp, meta) in enumerate(zip(fits, reproj, views, strict=True)):
-        top = float(np.percentile(f.line_integrals[f.valid], 99.5)) if f.valid.any() else 1.0
-        panels = (
-            ("radiograph, calibrated to line integrals", np.where(f.valid, f.line_integrals, 0)),
-            ("DRR of the predicted CT", rp),
-            ("difference (DRR - radiograph)", np.where(f.valid, rp - f.line_integrals, 0)),
-        )
-        for c, (title, img) in enumerate(panels):
-            ax = axes[i, c]
-            if c < 2:
-                ax.imshow(img, cmap="gray", vmin=0, vmax=top)
-            else:
-                ax.imshow(img, cmap="RdBu_r", vmin=-0.3 * top, vmax=0.3 * top)
-            ax.set_title(f"{meta['angle_deg']:g}°: {title}", fontsize=9)
-            ax.axis("off")
-    buf = _io.BytesIO()
-    fig.savefig(buf, format="png", dpi=80)
-    src = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
-    rows = "".join(
-        f"<tr><th>{html.escape(m['file'])}</th><td>{html.escape(json.dumps(m))}</td></tr>"
-        for m in views
-    )
-    path.write_text(
-        "<!doctype html><meta charset='utf-8'><title>xct prediction from radiographs</title>"
-        "<style>body{font-family:sans-serif;max-width:1000px;margin:auto}td,th{font-size:12px;"
-        "text-align:left;vertical-align:top}</style><h1>Prediction from radiographs</h1>"
-        f"<img src='{src}'><h2>Estimated</h2><table>{rows}</table>",
-        encoding="utf-8",
-    )

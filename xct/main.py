@@ -104,8 +104,10 @@ def main(argv) -> int:
             )
             print(_summary(result))
         else:
+            from xct import predict
+
             angles = [float(a) for a in FLAGS.angles_deg]
-            path = evaluate.predict(
+            path = predict.predict(
                 Experiment.from_config(config),
                 FLAGS.workdir,
                 FLAGS.xrays,
