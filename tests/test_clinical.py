@@ -132,3 +132,18 @@ def test_resize_xrays_stretches_to_size_squared():
     assert out.shape == (1, 10, 10) and pix == pytest.approx((6.0, 10.0))
     np.testing.assert_allclose(out, 1.0, atol=1e-5)
     assert clinical.footprint_pixel_mm(4.0) == pytest.approx(6.0)
+
+
+@pytest.mark.parametrize("sampling", ["footprint", "resize"])
+def test_xrays_for_grid_keeps_the_detector_extent(sampling):
+    img = np.ones((2, 30, 48), np.float32)
+    grid = geometry.VolumeGrid.centered((8, 8, 8), 4.0)  # footprint 6 mm at the detector
+    out, geom = clinical.xrays_for_grid(img, 2.0, [0.0, 90.0], grid, sampling=sampling)
+    assert out.shape == ((2, 10, 16) if sampling == "footprint" else (2, 8, 8))
+    assert geom.det_shape == out.shape[1:] and geom.num_views == 2
+    extent = np.asarray(out.shape[1:]) * np.linalg.norm(
+        [np.asarray(geom.det_v_xyz_mm[0]), np.asarray(geom.det_u_xyz_mm[0])], axis=1
+    )
+    np.testing.assert_allclose(extent, [60.0, 96.0], rtol=1e-5)
+    with pytest.raises(ValueError, match="sampling"):
+        clinical.xrays_for_grid(img, 2.0, [0.0, 90.0], grid, sampling="stretch")

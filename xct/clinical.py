@@ -320,3 +320,36 @@ def orbit(
         det_shape=det_shape,
         pixel_mm=pixel_mm,
     )
+
+
+DETECTOR_SAMPLINGS = ("footprint", "resize")
+
+
+def xrays_for_grid(
+    drr: jax.typing.ArrayLike,
+    pixel_mm: float | tuple[float, float],
+    angles_deg: Sequence[float],
+    grid: VolumeGrid,
+    *,
+    sampling: str = "footprint",
+    footprint_factor: float = 1.0,
+    sod_mm: float = geometry.DEFAULT_SOD_MM,
+    sdd_mm: float = geometry.DEFAULT_SDD_MM,
+) -> tuple[np.ndarray, Geometry]:
+    """Fine X-rays ``[V, rows, cols]`` (pitch ``pixel_mm`` at the detector) brought to what
+    a reconstruction on ``grid`` can explain: ``(images, geometry of the new detector)``.
+
+    ``sampling``: ``"footprint"`` area-averages to square pixels of ``footprint_factor``
+    times the voxel's footprint at the detector (``footprint_pixel_mm``; ``bin_xrays``);
+    ``"resize"`` is today's ``grid.shape[0]`` x ``grid.shape[0]`` resampling
+    (``resize_xrays``).
+    """
+    if sampling == "footprint":
+        new_mm = footprint_factor * footprint_pixel_mm(min(grid.spacing_mm), sod_mm, sdd_mm)
+        out, pix = bin_xrays(drr, pixel_mm, new_mm)
+    elif sampling == "resize":
+        out, pix = resize_xrays(drr, pixel_mm, grid.shape[0])
+    else:
+        raise ValueError(f"sampling: expected one of {DETECTOR_SAMPLINGS}, got {sampling!r}")
+    geom = orbit(angles_deg, out.shape[1:], pix, sod_mm=sod_mm, sdd_mm=sdd_mm)
+    return out, geom
