@@ -105,6 +105,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
     c.train.checkpoint_every = 500  # steps between checkpoints
     c.train.keep_checkpoints = 3  # last checkpoints kept
     c.train.max_seconds = 0.0  # stop (after saving) once training ran this long; 0: no limit
+    c.train.on_nonfinite = "stop"  # NaN/inf loss or gradient: "stop" (one line) or "skip" the step
     c.train.patch_size = 0  # >0: train on random P^3 patches, evaluate by sliding windows
     c.train.patch_overlap = 8  # sliding-window overlap in voxels (patch models)
     c.train.stages = ""  # progressive: "64:2000,128:1000[:batch],..." (one run per stage)

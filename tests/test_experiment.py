@@ -38,6 +38,7 @@ STRINGS = {
     "eval.split": "validation",
     "init_from": "/nonexistent/run",
     "train.stages": "32:1",
+    "train.on_nonfinite": "skip",
 }
 SPECIAL = {
     "mesh.data": 2,

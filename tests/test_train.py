@@ -2,6 +2,7 @@
 
 import importlib
 import os
+import shutil
 import signal
 import threading
 import time
@@ -289,3 +290,173 @@ def test_progressive_stages_carry_the_weights(tmp_path, capsys):
         assert checkpoint.Checkpointer(tmp_path / stage).latest_step() == n_steps
     with pytest.raises(ValueError, match="stages"):
         train.parse_stages("64-100")
+
+
+# ---------------------------------------------------------------------------------------
+# The training loop in the default suite: the tiny step above, shared (no compile of its own).
+
+
+def _loop_exp(tiny_step, **loop):
+    """The shared experiment with a loop that logs every step and validates every 2 steps
+    (a render source has no validation split: ``validate`` is replaced in these tests)."""
+    import dataclasses
+
+    exp, _ = tiny_step
+    loop = {"log_every": 1, "eval_every": 2, **loop}
+    return dataclasses.replace(
+        exp,
+        loop=dataclasses.replace(exp.loop, **loop),
+        data=dataclasses.replace(exp.data, has_validation=True),
+    )
+
+
+def _last_params(exp, workdir):
+    state, _, step = checkpoint.Checkpointer(workdir).restore(exp.abstract_state)
+    return step, jax.device_get(state.params)
+
+
+def _rows(workdir, prefix="train/loss"):
+    import json
+
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return [r["step"] for r in rows if prefix in r]
+
+
+@pytest.fixture
+def fake_validation(monkeypatch):
+    """Validation scores in call order: 20 dB at the first validation, 15 dB after."""
+    calls = []
+
+    def validate(exp, params):
+        calls.append(len(calls))
+        return {"psnr": 20.0 if len(calls) == 1 else 15.0}
+
+    monkeypatch.setattr(train, "validate", validate)
+    return calls
+
+
+@pytest.mark.xdist_group(name="unet_step")
+def test_run_stopped_partway_resumes_and_finishes(
+    tmp_path, tiny_step, monkeypatch, capsys, fake_validation
+):
+    """Stop a 4-step run after logging step 3 (its last checkpoint: step 2), rerun it: the
+    log is cut back to step 2 and each step logged once, the best checkpoint (step 2) is
+    kept. Then a damaged step-4 checkpoint: the rerun names it, resumes from step 2 and
+    finishes. The parameters equal an uninterrupted run's."""
+    exp = _loop_exp(tiny_step)
+    write = train.Logger.write
+
+    def write_then_die(self, step, values, prefix="train"):
+        write(self, step, values, prefix)
+        if step == 3 and prefix == "train":
+            raise _Killed("after logging step 3")
+
+    with monkeypatch.context() as m:
+        m.setattr(train.Logger, "write", write_then_die)
+        with pytest.raises(_Killed):
+            train.train_and_evaluate(exp, tmp_path / "run")
+    assert _rows(tmp_path / "run") == [1, 2, 3]
+    assert checkpoint.Checkpointer(tmp_path / "run").latest_step() == 2
+    assert not (tmp_path / "run" / "run.lock").exists()  # released on the way out
+    train.train_and_evaluate(exp, tmp_path / "run")
+    assert _rows(tmp_path / "run") == [1, 2, 3, 4]
+    assert _rows(tmp_path / "run", "validation/psnr") == [2, 4]
+    assert checkpoint.Checkpointer(tmp_path / "run").best.all_steps() == [2]  # 20 dB > 15 dB
+
+    # A copy of the workdir whose step-4 largest file is cut in half (a copy: TensorStore
+    # caches what this process wrote, so the original would be read from memory).
+    shutil.copytree(tmp_path / "run", tmp_path / "copy")
+    step4 = tmp_path / "copy" / "checkpoints" / "4"
+    big = max((p for p in step4.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    with open(big, "r+b") as f:
+        f.truncate(big.stat().st_size // 2)
+    capsys.readouterr()
+    train.train_and_evaluate(exp, tmp_path / "copy")
+    out = capsys.readouterr().out.splitlines()
+    assert any("checkpoint step 4" in ln and "is damaged (" in ln for ln in out), out
+    assert any(ln.endswith("checkpoints step 2") and "resumed" in ln for ln in out), out
+    assert (tmp_path / "copy" / "damaged" / "checkpoints_4").is_dir()
+    assert _rows(tmp_path / "copy") == [1, 2, 3, 4]
+
+    fake_validation.clear()
+    train.train_and_evaluate(exp, tmp_path / "straight")
+    s1, p1 = _last_params(exp, tmp_path / "straight")
+    s2, p2 = _last_params(exp, tmp_path / "run")
+    s3, p3 = _last_params(exp, tmp_path / "copy")
+    assert s1 == s2 == s3 == 4
+    for a, b, c in zip(*(jax.tree.leaves(p) for p in (p1, p2, p3)), strict=True):
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(a, c)
+    best = checkpoint.Checkpointer(tmp_path / "run").restore(exp.abstract_state, which="best")
+    assert best[2] == 2
+
+
+def _nan_at(monkeypatch, exp, bad_step: int):
+    """Make the stream's batch of 0-based ``bad_step`` all NaN."""
+    import jax.numpy as jnp
+
+    open_ = type(exp.data).open
+
+    class NanStream:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def batch(self, step):
+            b = self.inner.batch(step)
+            return {**b, "drr": b["drr"] * jnp.nan} if step == bad_step else b
+
+        def state(self):
+            return self.inner.state()
+
+    monkeypatch.setattr(type(exp.data), "open", lambda self, *a: NanStream(open_(self, *a)))
+
+
+@pytest.mark.xdist_group(name="unet_step")
+def test_nan_step_stops_naming_it_and_keeps_the_last_good_checkpoint(
+    tmp_path, tiny_step, monkeypatch, fake_validation
+):
+    exp = _loop_exp(tiny_step)
+    _nan_at(monkeypatch, exp, 2)  # the third update
+    with pytest.raises(FloatingPointError) as e:
+        train.train_and_evaluate(exp, tmp_path)
+    msg = str(e.value)
+    assert "\n" not in msg and "stopped at step 3" in msg and "last good checkpoint: step 2" in msg
+    state, _, step = checkpoint.Checkpointer(tmp_path).restore(exp.abstract_state)
+    assert step == 2 and int(state.nonfinite_steps) == 0
+
+
+@pytest.mark.xdist_group(name="unet_step")
+def test_nan_step_is_skipped_with_on_nonfinite_skip(
+    tmp_path, tiny_step, monkeypatch, capsys, fake_validation
+):
+    exp = _loop_exp(tiny_step, on_nonfinite="skip")
+    _nan_at(monkeypatch, exp, 2)
+    train.train_and_evaluate(exp, tmp_path)
+    assert "skipped 1 step(s) with a NaN/inf loss or gradient (first: step 3" in (
+        capsys.readouterr().out
+    )
+    state, _, step = checkpoint.Checkpointer(tmp_path).restore(exp.abstract_state)
+    assert step == 4 and int(state.step) == 4 and int(state.nonfinite_steps) == 1
+    assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(jax.device_get(state.params)))
+
+
+@pytest.mark.xdist_group(name="unet_step")
+def test_a_second_run_on_a_busy_workdir_is_refused_at_once(tmp_path, tiny_step):
+    exp = _loop_exp(tiny_step)
+    with checkpoint.WorkdirLock(tmp_path):
+        t0 = time.perf_counter()
+        with pytest.raises(checkpoint.WorkdirBusy, match="in use by another run"):
+            train.train_and_evaluate(exp, tmp_path)
+        assert time.perf_counter() - t0 < 5
+    assert not (tmp_path / "config.json").exists()  # it wrote nothing
+
+
+def test_log_is_cut_back_to_the_resumed_step(tmp_path):
+    log = tmp_path / "metrics.jsonl"
+    rows = [f'{{"step": {s}, "train/loss": {s / 10}}}' for s in (1, 2, 3, 4)]
+    log.write_text("\n".join(rows) + '\n{"step": 5, "train/lo')  # cut short by a kill
+    logger = train.Logger(tmp_path, True, resume_step=2)
+    logger.write(3, {"loss": 0.5})
+    logger.close()
+    assert _rows(tmp_path) == [1, 2, 3]
+    assert log.read_text().splitlines()[-1] == '{"step": 3, "train/loss": 0.5}'

@@ -63,6 +63,13 @@ class Loop:
     checkpoint_every: int
     keep_checkpoints: int = 3
     max_seconds: float = 0.0
+    on_nonfinite: str = "stop"  # a step with a NaN/inf loss or gradient: "stop" or "skip"
+
+    def __post_init__(self):
+        if self.on_nonfinite not in ("stop", "skip"):
+            raise ValueError(
+                f"config.train.on_nonfinite: expected 'stop' or 'skip', got {self.on_nonfinite!r}"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,6 +168,7 @@ class Experiment:
                 int(t.checkpoint_every),
                 int(t.keep_checkpoints),
                 float(t.get("max_seconds", 0.0)),
+                str(t.get("on_nonfinite", "stop")),
             ),
             eval=eval_settings,
             seed=int(config.seed),

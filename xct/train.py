@@ -83,11 +83,15 @@ class Logger:
 
 
 def initial_state(exp: Experiment, ckpt: checkpoint.Checkpointer, workdir: pathlib.Path):
-    """``(state, data_state, start step)``: this workdir's checkpoint, then
-    ``config.init_from``, then fresh."""
-    restored = ckpt.restore(exp.abstract_state)
+    """``(state, data_state, start step)``: this workdir's newest intact checkpoint, then
+    ``config.init_from``, then fresh. A damaged step is named in one line and set aside
+    (``WORKDIR/damaged/``); a workdir whose every step is damaged is an error, never a
+    silent fresh start. The best checkpoint is checked the same way."""
+    restored = ckpt.restore(exp.abstract_state, set_aside=True)
     if restored is not None:
         state, data_state, start = restored
+        if ckpt.best.all_steps():
+            ckpt.restore(exp.abstract_state, which="best", set_aside=True)
         print(f"resumed from {workdir / 'checkpoints'} step {start}", flush=True)
         return state, data_state, start
     state = exp.fresh_state()
@@ -115,15 +119,30 @@ class _Progress:
         self.t0 = self.t
         self.first = True  # the first interval includes compiling: no ETA from its rate
 
-    def report(self, done: int, logger: Logger, last_good) -> None:
+    def check_finite(self, done: int, last_good, workdir) -> list[int]:
+        """With ``on_nonfinite="stop"``: ``FloatingPointError`` naming the first pending
+        step whose update was skipped for a NaN/inf loss or gradient (one host sync)."""
+        rows = jax.device_get([r["nonfinite"] for r in self.pending])
+        bad = [done - len(rows) + 1 + i for i, r in enumerate(rows) if r > 0]
+        if bad and self.exp.loop.on_nonfinite == "stop":
+            good = f"step {last_good} in {workdir / 'checkpoints'}" if last_good else "none"
+            raise FloatingPointError(
+                f"training stopped at step {bad[0]}: the loss or gradients became NaN/inf "
+                f"(that update was skipped); last good checkpoint: {good}. Lower "
+                "config.optim.learning_rate, check the data, or set "
+                "config.train.on_nonfinite=skip to skip such steps"
+            )
+        return bad
+
+    def report(self, done: int, logger: Logger, last_good, workdir) -> None:
+        skipped = self.check_finite(done, last_good, workdir)
         rows = jax.device_get(self.pending)
         self.pending = []
-        if any(r["nonfinite"] > 0 for r in rows):
-            raise FloatingPointError(
-                f"training stopped at step {done}: the loss or gradients became NaN/inf "
-                "(the update was skipped, parameters are unchanged); last good "
-                f"checkpoint: {last_good if last_good is not None else 'none'}. Lower "
-                "config.optim.learning_rate or check the data."
+        if skipped and self.is_main:
+            print(
+                f"  skipped {len(skipped)} step(s) with a NaN/inf loss or gradient "
+                f"(first: step {skipped[0]}; config.train.on_nonfinite=skip)",
+                flush=True,
             )
         avg = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
         now = time.perf_counter()
@@ -147,18 +166,35 @@ class _Progress:
 
 
 def train_and_evaluate(exp: Experiment, workdir) -> dict:
-    """Train ``exp`` in ``workdir`` (resuming from its last checkpoint); returns the last
-    validation scores. Returns early, after saving, on SIGTERM or the time budget; the
-    returned dict then has ``"stopped"`` set to the reason."""
+    """Train ``exp`` in ``workdir`` (resuming from its newest intact checkpoint); returns the
+    last validation scores. Returns early, after saving, on SIGTERM or the time budget; the
+    returned dict then has ``"stopped"`` set to the reason. A second run on a workdir in use
+    raises ``checkpoint.WorkdirBusy`` before doing anything; a full disk during a checkpoint
+    write raises ``checkpoint.DiskFull``; a NaN/inf step ``FloatingPointError`` (unless
+    ``config.train.on_nonfinite="skip"``); each with a one-line message."""
     workdir = pathlib.Path(workdir).expanduser()
     workdir.mkdir(parents=True, exist_ok=True)
+    # One process holds the lock: the workdir is shared by the hosts of a multi-host run.
+    lock = checkpoint.WorkdirLock(workdir).acquire() if jax.process_index() == 0 else None
+    try:
+        return _run(exp, workdir)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run(exp: Experiment, workdir: pathlib.Path) -> dict:
     is_main = jax.process_index() == 0
     if is_main:
         (workdir / "config.json").write_text(exp.config_json())
     exp.data.prepare()
     loop = exp.loop
     ckpt = checkpoint.Checkpointer(workdir, keep=loop.keep_checkpoints)
-    state, data_state, start = initial_state(exp, ckpt, workdir)
+    try:
+        state, data_state, start = initial_state(exp, ckpt, workdir)
+    except BaseException:
+        ckpt.close()
+        raise
     stream = exp.data.open(exp.mesh, exp.rules, data_state, start)
     root_key = jax.random.key(exp.seed)
     logger = Logger(workdir, is_main, start)
@@ -189,13 +225,14 @@ def train_and_evaluate(exp: Experiment, workdir) -> dict:
             stopping = stop["signal"]
             last = done == loop.num_steps or bool(stopping)
             if done % loop.log_every == 0 or last:
-                progress.report(done, logger, last_good)
+                progress.report(done, logger, last_good, workdir)
             # Validation comes before the step's checkpoint: a run killed in between
             # resumes from an earlier checkpoint and validates this step again.
             validating = done % loop.eval_every == 0 or done == loop.num_steps
             if exp.data.has_validation and validating and not stopping:
                 final_val = _validate_and_keep_best(exp, state, done, ckpt, logger, stream)
             if done % loop.checkpoint_every == 0 or last:
+                progress.check_finite(done, last_good, workdir)  # no save after a NaN step
                 ckpt.save(done, state, stream.state(), force=True)
                 last_good = done
             if stopping:
@@ -203,8 +240,8 @@ def train_and_evaluate(exp: Experiment, workdir) -> dict:
                 return {"stopped": str(stopping)}
     finally:
         signal.signal(signal.SIGTERM, previous)
-        ckpt.close()
         logger.close()
+        ckpt.close()  # waits for the pending write: the last good checkpoint is committed
     return final_val
 
 
