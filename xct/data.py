@@ -76,7 +76,9 @@ class DataSource(Protocol):
 
 def _stored_info(path: pathlib.Path) -> dict | None:
     """``{"splits": {name: count}, "shapes": {feature: shape}}`` of a built dataset."""
-    infos = sorted(path.glob("*/dataset_info.json"))
+    # Version folders only: TFDS writes into ``incomplete.*`` and renames it when complete,
+    # and a build killed after writing its dataset_info.json leaves one behind.
+    infos = sorted(path.glob("[0-9]*/dataset_info.json"))
     if not infos:
         return None
     info = json.loads(infos[-1].read_text())

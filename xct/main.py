@@ -83,6 +83,10 @@ def main(argv) -> int:
     if FLAGS.config is None or not FLAGS.workdir:
         print("error: --config and --workdir are required", file=sys.stderr)
         return 2
+    problem = _dir_problem(FLAGS.config, FLAGS.workdir, FLAGS.mode, bool(FLAGS.eval_ct_dir))
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     from xct import evaluate
     from xct.experiment import Experiment
 
@@ -118,11 +122,47 @@ def main(argv) -> int:
                 calibrate=FLAGS.calibrate,
             )
             print(f"wrote {path}")
-    except (ValueError, KeyError, FileNotFoundError, FloatingPointError) as e:
+    # OSError: a full disk (checkpoint.DiskFull), a file that cannot be read or written.
+    except (ValueError, KeyError, OSError, FloatingPointError) as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"error: {msg}", file=sys.stderr)
         return 1
     return 0
+
+
+def _dir_problem(config, workdir: str, mode: str, ct_dir: bool) -> str | None:
+    """Why ``workdir`` or ``config.data.data_dir`` cannot serve ``mode`` (one line), or
+    ``None``: training needs a workdir it can create and write; evaluation and prediction
+    one that exists; a stored dataset's data_dir must exist unless the synthetic dataset
+    it names is built there on first use (then it must be creatable)."""
+    import pathlib
+    import tempfile
+
+    wd = pathlib.Path(workdir).expanduser()
+    if mode == "train":
+        try:
+            wd.mkdir(parents=True, exist_ok=True)
+            tempfile.TemporaryFile(dir=wd).close()  # a read-only filesystem, even for root
+        except OSError as e:
+            return f"--workdir: cannot write in {wd} ({e.strerror or e})"
+    elif not wd.is_dir():
+        return f"--workdir: {wd} does not exist"
+    data = config.data
+    if mode == "predict" or ct_dir or data.get("source", "tfds") != "tfds":
+        return None
+    data_dir = pathlib.Path(str(data.data_dir)).expanduser()
+    if data_dir.is_dir():
+        return None
+    if not str(data.dataset).startswith("synthetic_chest/") or mode != "train":
+        return (
+            f"--config.data.data_dir: {data_dir} does not exist (build {data.dataset} there "
+            f"with python -m data_pipelines.build --dataset={data.dataset} --data_dir={data_dir})"
+        )
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        return f"--config.data.data_dir: cannot create {data_dir} ({e.strerror or e})"
+    return None
 
 
 def _series_uids(items: list[str]) -> dict[str, str]:
