@@ -367,3 +367,45 @@ def test_predict_from_a_cr_radiograph_writes_ct_sidecar_and_report(
     assert "data:image/png;base64" in (tmp_path / "ct.html").read_text(encoding="utf-8")
     if browser_or_none:
         browser_or_none(tmp_path / "ct.html")
+
+
+def _files(folder: pathlib.Path) -> dict[str, bytes]:
+    return {
+        p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()
+    }
+
+
+def test_an_interrupted_evaluation_leaves_no_partial_file_and_a_rerun_the_same(
+    run, tmp_path, monkeypatch
+):
+    """Killed while writing the report: no report, no metrics.json, no temporary file; a
+    rerun in the same folder gives the files an uninterrupted run gives."""
+    import json
+
+    from xct import report
+
+    c, workdir = run
+    evaluate.evaluate(c, workdir, "last", out_dir=tmp_path / "whole")
+    image = report.image
+
+    def killed(fig, alt):
+        if alt == "DRRs":
+            raise KeyboardInterrupt
+        return image(fig, alt)
+
+    monkeypatch.setattr(report, "image", killed)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate.evaluate(c, workdir, "last", out_dir=tmp_path / "again")
+    left = _files(tmp_path / "again")
+    assert "metrics.json" not in left and "report.html" not in left
+    assert "per_volume.csv" in left and not [n for n in left if "/." in n or n.startswith(".")]
+    monkeypatch.undo()
+    evaluate.evaluate(c, workdir, "last", out_dir=tmp_path / "again")
+    whole, again = _files(tmp_path / "whole"), _files(tmp_path / "again")
+    assert sorted(again) == sorted(whole) and len(whole) >= 5  # csv, json, html, 2 volumes
+    for name in whole:
+        if name == "metrics.json":  # names its own folder
+            a, b = (json.loads(d[name]) for d in (whole, again))
+            assert a.pop("eval_dir") != b.pop("eval_dir") and a == b
+        elif name != "report.html":  # dated
+            assert again[name] == whole[name], name

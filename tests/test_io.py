@@ -529,3 +529,52 @@ def test_projector_frame_round_trip():
     hu = np.arange(2 * 3 * 4, dtype=np.float32).reshape(2, 3, 4)
     np.testing.assert_array_equal(io.from_projector_frame(io.to_projector_frame(hu)), hu)
     assert io.to_projector_frame(hu).shape == (3, 2, 4)
+
+
+# --------------------------------------------------------------------------------------
+# Atomic writes
+
+
+def test_atomic_path_writes_whole_files_or_nothing(tmp_path):
+    path = tmp_path / "new" / "metrics.json"
+    with pytest.raises(KeyboardInterrupt):
+        with io.atomic_path(path) as tmp:
+            assert tmp.parent == path.parent and tmp.name.endswith("metrics.json")
+            tmp.write_text('{"half": ')
+            raise KeyboardInterrupt  # killed in the middle of writing
+    assert list(path.parent.iterdir()) == []  # no partial file, no temporary left
+    with io.atomic_path(path) as tmp:
+        tmp.write_text('{"psnr": 30}')
+    with pytest.raises(ValueError):
+        with io.atomic_path(path) as tmp:
+            tmp.write_text("{")
+            raise ValueError("disk full")
+    assert path.read_text() == '{"psnr": 30}'  # the previous complete file stays
+    assert [p.name for p in path.parent.iterdir()] == ["metrics.json"]
+
+
+def test_write_ct_interrupted_leaves_no_partial_volume(tmp_path, monkeypatch):
+    import SimpleITK as sitk
+
+    hu = np.arange(512, dtype=np.float32).reshape(8, 8, 8)
+    grid = VolumeGrid.centered(hu.shape, 2.0)
+    path = tmp_path / "pred.nii.gz"
+    write = sitk.WriteImage
+
+    def dies_halfway(img, name, *args, **kwargs):
+        write(img, name, *args, **kwargs)
+        data = pathlib.Path(name).read_bytes()
+        pathlib.Path(name).write_bytes(data[: len(data) // 2])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sitk, "WriteImage", dies_halfway)
+    with pytest.raises(KeyboardInterrupt):
+        io.write_ct(path, hu, grid)
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(sitk, "WriteImage", write)
+    io.write_ct(path, hu + 5.0, grid)
+    again = tmp_path / "again.nii.gz"
+    io.write_ct(again, hu + 5.0, grid)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["again.nii.gz", "pred.nii.gz"]
+    np.testing.assert_array_equal(io.read_ct(path, check_hu=False)[0], hu + 5.0)
+    assert path.read_bytes() == again.read_bytes()

@@ -36,7 +36,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from xct import checkpoint, data, evaluator, experiment, report
+from xct import checkpoint, data, evaluator, experiment, io, report
 
 # ---------------------------------------------------------------------------------------
 # Checkpoints and ensembles
@@ -236,12 +236,14 @@ def evaluate(
             else f"config.eval.split: {exp.eval.split!r} has no examples"
         )
     out = _summary(exp, members, rows, skipped, ct_dir, views, out_dir)
-    text = json.dumps(out, indent=1)
-    (out_dir / "metrics.json").write_text(text)
-    if not ct_dir:
-        (workdir / "metrics.json").write_text(text)
+    # Each file written whole or not at all (io.atomic_path); metrics.json last, so that it
+    # exists only beside complete outputs (an interrupted run leaves none, a rerun all).
     _write_csv(out_dir / "per_volume.csv", rows)
     report.write_report(out_dir / "report.html", exp.acquisition, out, rows, shown, skipped)
+    text = json.dumps(out, indent=1)
+    for path in [out_dir / "metrics.json"] + ([] if ct_dir else [workdir / "metrics.json"]):
+        with io.atomic_path(path) as tmp:
+            tmp.write_text(text)
     return out
 
 
@@ -264,7 +266,7 @@ def _summary(exp, members, rows, skipped, ct_dir, views, out_dir) -> dict:
 
 
 def _write_csv(path: pathlib.Path, rows: list[dict]) -> None:
-    with open(path, "w", newline="") as f:
+    with io.atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         for r in rows:

@@ -24,9 +24,12 @@ decompressed length of a ``.nii.gz``).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
 import pathlib
 import zlib
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -888,20 +891,47 @@ def write_ct(path: str | pathlib.Path, volume_zyx: np.ndarray, grid: VolumeGrid)
 
     The format follows the suffix: ``.nii.gz``/``.nii`` (NIfTI, the intended one), or any
     other SimpleITK writes (``.mha``, ``.nrrd``). Spacing, origin and direction are kept
-    (NIfTI stores them in float32).
+    (NIfTI stores them in float32). Single-file formats are written atomically
+    (``atomic_path``).
     """
     import SimpleITK as sitk
 
     path = pathlib.Path(path)
     img = to_sitk(volume_zyx, grid)
-    path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        sitk.WriteImage(img, str(path), useCompression=True)
+        if path.suffix.lower() in (".mhd", ".hdr"):  # a header naming its data file: no rename
+            path.parent.mkdir(parents=True, exist_ok=True)
+            sitk.WriteImage(img, str(path), useCompression=True)
+        else:
+            with atomic_path(path) as tmp:
+                sitk.WriteImage(img, str(tmp), useCompression=True)
     except RuntimeError as e:
         raise ValueError(
             f"{path}: cannot write ({_reason(e)}); expected a .nii.gz, .nii, .mha or .nrrd path"
         ) from e
     return path
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | pathlib.Path) -> Iterator[pathlib.Path]:
+    """A temporary name beside ``path`` to write the whole file to, renamed over ``path`` on
+    success.
+
+    ``os.replace`` in the same folder is atomic: a reader (or a rerun after a crash) finds
+    the old file or the complete new one, never part of it. On an exception the temporary
+    file is removed and ``path`` is left as it was. The temporary name is hidden
+    (``.NAME.tmp-PID``-like) and keeps ``path``'s suffixes, so writers that choose the
+    format by suffix (SimpleITK: ``.nii.gz``) still do. The folder is created if missing.
+    """
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp{os.getpid()}-{path.name}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 # --------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from xct import evaluate, experiment, io, physics, radiograph, sharding
+from xct import evaluate, experiment, io, physics, radiograph, report, sharding
 
 
 def predict(
@@ -119,7 +119,8 @@ def predict_radiographs(
         "views": views,
     }
     stem = str(output).removesuffix(".gz").removesuffix(".nii")
-    pathlib.Path(stem + ".json").write_text(json.dumps(sidecar, indent=1), encoding="utf-8")
+    with io.atomic_path(stem + ".json") as tmp:
+        tmp.write_text(json.dumps(sidecar, indent=1), encoding="utf-8")
     _radiograph_report(pathlib.Path(stem + ".html"), fits, reproj, views)
     return out
 
@@ -193,10 +194,8 @@ def _mean_pixel(g) -> float | None:
 
 
 def _radiograph_report(path: pathlib.Path, fits, reproj, views) -> None:
-    import base64
-    import html
-    import io as _io
-
+    """The prediction page: each calibrated radiograph beside the DRR of the predicted CT
+    and their difference, then everything estimated per view."""
     from matplotlib.figure import Figure
 
     v = len(fits)
@@ -217,17 +216,10 @@ def _radiograph_report(path: pathlib.Path, fits, reproj, views) -> None:
                 ax.imshow(img, cmap="RdBu_r", vmin=-0.3 * top, vmax=0.3 * top)
             ax.set_title(f"{meta['angle_deg']:g}°: {title}", fontsize=9)
             ax.axis("off")
-    buf = _io.BytesIO()
-    fig.savefig(buf, format="png", dpi=80)
-    src = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
-    rows = "".join(
-        f"<tr><th>{html.escape(m['file'])}</th><td>{html.escape(json.dumps(m))}</td></tr>"
-        for m in views
-    )
-    path.write_text(
-        "<!doctype html><meta charset='utf-8'><title>xct prediction from radiographs</title>"
-        "<style>body{font-family:sans-serif;max-width:1000px;margin:auto}td,th{font-size:12px;"
-        "text-align:left;vertical-align:top}</style><h1>Prediction from radiographs</h1>"
-        f"<img src='{src}'><h2>Estimated</h2><table>{rows}</table>",
-        encoding="utf-8",
+    estimated = report.table(None, [[m["file"], json.dumps(m)] for m in views])
+    report.write_page(
+        path,
+        "xct prediction from radiographs",
+        [("", report.image(fig, "radiographs and DRRs")), ("Estimated", estimated)],
+        heading="Prediction from radiographs",
     )

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import html
 import json
 import pathlib
 import sys
@@ -81,7 +80,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def _report(out: pathlib.Path, hu_lps: np.ndarray, drr, reproj, summary: dict, loss) -> None:
     from matplotlib.figure import Figure
 
-    from xct.report import _png
+    from xct import report
 
     figs = []
     fig = Figure(figsize=(10, 3.6), layout="constrained")
@@ -97,7 +96,7 @@ def _report(out: pathlib.Path, hu_lps: np.ndarray, drr, reproj, summary: dict, l
         ax.set_title(name)
         ax.axis("off")
     fig.colorbar(im, ax=axes, fraction=0.02, label="HU")
-    figs.append(("Reconstruction (central slices)", _png(fig)))
+    figs.append(("Reconstruction (central slices)", report.image(fig, "central slices")))
     v = drr.shape[0]
     fig = Figure(figsize=(9, 3 * v), layout="constrained")
     axes = fig.subplots(v, 3, squeeze=False)
@@ -114,26 +113,21 @@ def _report(out: pathlib.Path, hu_lps: np.ndarray, drr, reproj, summary: dict, l
             ax.imshow(img, cmap=cmap, vmin=lo, vmax=hi)
             ax.set_title(f"{summary['angles_deg'][i]:g}°: {title}", fontsize=9)
             ax.axis("off")
-    figs.append(("Each X-ray beside the DRR of the result", _png(fig)))
+    figs.append(("Each X-ray beside the DRR of the result", report.image(fig, "X-rays, DRRs")))
     if loss is not None and len(loss):
         fig = Figure(figsize=(6, 3), layout="constrained")
         ax = fig.subplots()
         ax.semilogy(np.asarray(loss))
         ax.set_xlabel("Adam step (all stages)")
         ax.set_ylabel("registration objective")
-        figs.append(("Template registration", _png(fig)))
-    rows = "".join(
-        f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(json.dumps(v))}</td></tr>"
-        for k, v in summary.items()
-    )
-    body = "".join(f"<h2>{html.escape(t)}</h2><img src='{src}'>" for t, src in figs)
-    (out / "report.html").write_text(
-        "<!doctype html><meta charset='utf-8'><title>xct reconstruction</title>"
-        "<style>body{font-family:sans-serif;max-width:1000px;margin:auto}"
-        "td,th{text-align:left;padding:2px 8px;font-size:13px}</style>"
-        f"<h1>xct reconstruction: {html.escape(summary['method'])}</h1>"
-        f"<table>{rows}</table>{body}",
-        encoding="utf-8",
+        figs.append(("Template registration", report.image(fig, "registration loss")))
+    table = report.table(None, [[k, json.dumps(v)] for k, v in summary.items()])
+    report.write_page(
+        out / "report.html",
+        "xct reconstruction",
+        [("", table), *figs],
+        heading=f"xct reconstruction: {summary['method']}",
+        dated=False,  # the summary has the date
     )
 
 
@@ -226,7 +220,8 @@ def reconstruct(args: argparse.Namespace) -> dict:
     summary["seconds"] = round(time.perf_counter() - t0, 2)
     summary["date"] = datetime.datetime.now().isoformat(timespec="seconds")
     _report(out, hu_lps, np.asarray(drr), np.asarray(reproj), summary, loss)
-    (out / "summary.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
+    with io.atomic_path(out / "summary.json") as tmp:
+        tmp.write_text(json.dumps(summary, indent=1), encoding="utf-8")
     jax.block_until_ready(mu)
     return summary
 

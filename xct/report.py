@@ -1,9 +1,16 @@
-"""The HTML evaluation report and its figures.
+"""HTML pages and their figures: the one page builder, and the evaluation report.
 
-``write_report`` writes one self-contained page (PNG figures inlined as base64): the
-metric summary with its exact definitions, the per-volume table, GT | prediction | |error|
-montages of the chosen volumes, their input DRRs beside DRRs re-projected from the
-prediction, and the PSNR distribution.
+The page builder: ``page(title, sections)`` returns one self-contained HTML page (one
+style sheet, figures inlined as base64 PNG) from ``(heading, body)`` sections whose bodies
+are made with ``table``, ``image`` (a matplotlib figure, ``png``) and ``paragraph``;
+``write_page`` writes it atomically (``xct.io.atomic_path``). The evaluation report, the
+reconstruction page (``xct.reconstruct``) and the prediction page (``xct.predict``) are
+built with it.
+
+``write_report`` writes the evaluation report: the metric summary with its exact
+definitions, the per-volume table, GT | prediction | |error| montages of the chosen
+volumes, their input DRRs beside DRRs re-projected from the prediction, and the PSNR
+distribution.
 """
 
 from __future__ import annotations
@@ -13,18 +20,98 @@ import datetime
 import html
 import io as _io
 import pathlib
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-from xct import data, geometry, metrics
+from xct import data, geometry, io, metrics
 
 ERROR_MAP_MAX_HU = 500.0  # colour-scale top of the |error| maps (fixed, so maps compare)
 
+STYLE = (
+    "body{font-family:sans-serif;margin:2em auto;max-width:1200px;padding:0 1em}"
+    "table{border-collapse:collapse;margin:0.5em 0}td,th{border:1px solid #ccc;"
+    "padding:2px 8px;font-size:13px;text-align:right;vertical-align:top}th{background:#eee}"
+    "td:first-child{text-align:left}img{max-width:100%}.def{background:#f6f6f6;"
+    "padding:0.5em;font-family:monospace;font-size:13px}"
+)
 
-def _png(fig) -> str:
+# --------------------------------------------------------------------------------------
+# The page builder
+
+
+def png(fig, *, dpi: int = 90) -> str:
+    """A matplotlib figure as a ``data:image/png;base64,...`` URI (to inline in a page)."""
     buf = _io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def image(fig, alt: str) -> str:
+    """An ``<img>`` of a matplotlib figure, inlined (``png``)."""
+    return f"<img alt='{html.escape(alt, quote=True)}' src='{png(fig)}'>"
+
+
+def paragraph(text: str, *, css_class: str | None = None) -> str:
+    """A ``<p>`` of plain ``text`` (escaped)."""
+    cls = f" class='{css_class}'" if css_class else ""
+    return f"<p{cls}>{html.escape(text)}</p>"
+
+
+def _fmt(v) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else html.escape(str(v))
+
+
+def table(header: Sequence[str] | None, rows: Iterable[Sequence]) -> str:
+    """A ``<table>``: an optional header row, then one row per item of ``rows``; floats are
+    shown with 4 significant digits, everything else as escaped text."""
+    head = ""
+    if header is not None:
+        head = "<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>"
+    body = "".join("<tr>" + "".join(f"<td>{_fmt(c)}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table>{head}{body}</table>"
+
+
+def page(
+    title: str,
+    sections: Iterable[tuple[str, str]],
+    *,
+    heading: str | None = None,
+    dated: bool = True,
+) -> str:
+    """One self-contained HTML page.
+
+    ``title``: the ``<title>`` and, unless ``heading`` is given, the ``<h1>``. ``sections``:
+    ``(heading, body)`` pairs, ``body`` HTML (``table``, ``image``, ``paragraph``); an
+    empty heading adds no ``<h2>``. ``dated``: the time it was made under the heading.
+    """
+    parts = [
+        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
+        f"<style>{STYLE}</style></head><body>",
+        f"<h1>{html.escape(title if heading is None else heading)}</h1>",
+    ]
+    if dated:
+        parts.append(f"<p>{datetime.datetime.now().isoformat(timespec='seconds')}</p>")
+    for h, body in sections:
+        if h:
+            parts.append(f"<h2>{html.escape(h)}</h2>")
+        parts.append(body)
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def write_page(path, title: str, sections: Iterable[tuple[str, str]], **kw) -> pathlib.Path:
+    """``page(title, sections, **kw)`` written to ``path`` (UTF-8) atomically: an
+    interrupted write leaves no partial page. Returns the path."""
+    path = pathlib.Path(path)
+    text = page(title, sections, **kw)
+    with io.atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return path
+
+
+# --------------------------------------------------------------------------------------
+# The evaluation report
 
 
 def _montage_figure(item: dict):
@@ -106,16 +193,6 @@ def _psnr_figure(rows: list[dict]):
     return fig
 
 
-def _fmt(v) -> str:
-    return f"{v:.4g}" if isinstance(v, float) else html.escape(str(v))
-
-
-def _table(header: list[str], body: list[list]) -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    rows = "".join("<tr>" + "".join(f"<td>{_fmt(c)}</td>" for c in r) + "</tr>" for r in body)
-    return f"<table><tr>{head}</tr>{rows}</table>"
-
-
 def write_report(
     path, acquisition: geometry.Acquisition, summary: dict, rows, shown, skipped
 ) -> pathlib.Path:
@@ -148,48 +225,37 @@ def write_report(
             f"{acquisition.sdd_mm:g} mm, {acquisition.detector_pixel_mm:.3g} mm pixels",
         ],
     ]
-    parts = [
-        "<!DOCTYPE html><html><head><meta charset='utf-8'><title>xct evaluation</title>",
-        "<style>body{font-family:sans-serif;margin:2em;max-width:1200px}"
-        "table{border-collapse:collapse;margin:0.5em 0}td,th{border:1px solid #ccc;"
-        "padding:2px 8px;font-size:13px;text-align:right}th{background:#eee}"
-        "td:first-child{text-align:left}img{max-width:100%}.def{background:#f6f6f6;"
-        "padding:0.5em;font-family:monospace;font-size:13px}</style></head><body>",
-        "<h1>xct evaluation report</h1>",
-        f"<p>{datetime.datetime.now().isoformat(timespec='seconds')}</p>",
-        _table(["", ""], info),
-        "<h2>Summary</h2>",
-        _table(["metric", "mean", "std", "median", "min", "max"], stats),
-        "<p>Metric definitions:</p>",
-        *(
-            f"<p class='def'>{html.escape(v)}</p>"
-            for k, v in summary.items()
-            if k.startswith("definition")
+    definitions = [v for k, v in summary.items() if k.startswith("definition")]
+    sections = [
+        ("", table(["", ""], info)),
+        ("Summary", table(["metric", "mean", "std", "median", "min", "max"], stats)),
+        (
+            "",
+            paragraph("Metric definitions:")
+            + "".join(paragraph(v, css_class="def") for v in definitions),
         ),
-        "<h2>PSNR per volume</h2>",
-        f"<img alt='PSNR distribution' src='{_png(_psnr_figure(rows))}'>",
+        ("PSNR per volume", image(_psnr_figure(rows), "PSNR distribution")),
     ]
     for item in shown:
-        parts += [
-            f"<h2>{html.escape(item['id'])}</h2>",
-            "<p>Middle slices; HU shown in the metric window [-1000, 1024]; |error| maps "
-            f"capped at {ERROR_MAP_MAX_HU:g} HU.</p>",
-            f"<img alt='montage' src='{_png(_montage_figure(item))}'>",
-            "<p>Input DRRs and DRRs re-projected from the prediction (line integrals).</p>",
-            f"<img alt='DRRs' src='{_png(_drr_figure(item))}'>",
+        body = [
+            paragraph(
+                "Middle slices; HU shown in the metric window [-1000, 1024]; |error| maps "
+                f"capped at {ERROR_MAP_MAX_HU:g} HU."
+            ),
+            image(_montage_figure(item), "montage"),
+            paragraph("Input DRRs and DRRs re-projected from the prediction (line integrals)."),
+            image(_drr_figure(item), "DRRs"),
         ]
-    parts += [
-        "<h2>Per-volume metrics</h2>",
-        _table(
-            ["id", *keys, "NIfTI (prediction)"],
-            [[r["id"], *(r[k] for k in keys), r["pred_nifti"]] for r in rows],
-        ),
-    ]
+        sections.append((item["id"], "".join(body)))
+    sections.append(
+        (
+            "Per-volume metrics",
+            table(
+                ["id", *keys, "NIfTI (prediction)"],
+                [[r["id"], *(r[k] for k in keys), r["pred_nifti"]] for r in rows],
+            ),
+        )
+    )
     if skipped:
-        parts += [
-            "<h2>Skipped inputs</h2>",
-            _table(["input", "reason"], [list(s) for s in skipped]),
-        ]
-    parts.append("</body></html>")
-    path.write_text("\n".join(parts))
-    return path
+        sections.append(("Skipped inputs", table(["input", "reason"], [list(x) for x in skipped])))
+    return write_page(path, "xct evaluation", sections, heading="xct evaluation report")
