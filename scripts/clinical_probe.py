@@ -9,7 +9,7 @@ with its couch, cone beam 1000/1500 mm, a 2 mm detector covering the body, 1e5 p
 pixel, seeded) and reconstructed with TV (``xct.recon.tv``, ``--iters`` iterations,
 nonnegative) on the 64^3 body cube, with the detector brought to the grid in several ways:
 
-* ``a_resize64``: today's way (``xct.evaluate.load_xray``): each X-ray resized to 64 x 64
+* ``a_resize64``: today's way (``xct.radiograph.load_xray``): each X-ray resized to 64 x 64
   pixels whatever its extent (``clinical.resize_xrays``; pixels stretched to the extent);
 * ``b_bin_fp``: area-averaged to pixels of the voxel's footprint (voxel x sdd / sod) at the
   detector (``clinical.bin_xrays``: square pixels, non-square images kept);

@@ -16,7 +16,7 @@ everything outside the body, without noise. Here instead (issue 26):
 * Detector sampling for a reconstruction grid: ``bin_xrays`` (area-averaging to pixels of a
   given size, e.g. the voxel's footprint at the isocentre magnified onto the detector; rows
   and columns each keep their pixel, never stretched) and ``resize_xrays`` (the approach of
-  ``xct.evaluate.load_xray``: resampled to ``size x size`` whatever the extent).
+  ``xct.radiograph.load_xray``: resampled to ``size x size`` whatever the extent).
 
 Frames: arrays ``[z, y, x]``; the projector frame turns the patient's long axis to ``y``
 (gantry 0 degrees is a PA view, 90 a lateral); all grids here have identity direction.
@@ -293,7 +293,7 @@ def bin_xrays(
 def resize_xrays(
     drr: jax.typing.ArrayLike, pixel_mm: float | tuple[float, float], size: int
 ) -> tuple[np.ndarray, tuple[float, float]]:
-    """What ``xct.evaluate.load_xray`` does today: resample ``[V, rows, cols]`` to
+    """What ``xct.radiograph.load_xray`` does today: resample ``[V, rows, cols]`` to
     ``size x size`` (``jax.image.resize``, linear, antialiased) whatever the extent; the
     pixels become ``extent / size`` per axis (stretched for a non-square image). Returns
     ``(images [V, size, size] float32, (row_pixel_mm, col_pixel_mm))``."""
