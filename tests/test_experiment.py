@@ -1,8 +1,9 @@
-"""Experiment.from_config: every config field reaches its use (or raises), the hinge GAN
-loss is the one trained, and prediction on a spatial mesh splits volumes along z and
-equals the single-device result (4 fake CPU devices)."""
+"""Experiment.from_config: every config field reaches the object it configures (or a bad
+value raises naming it), the hinge GAN loss is the one trained, and prediction on a spatial
+mesh splits volumes along z and equals the single-device result (4 fake CPU devices)."""
 
 import functools
+import operator
 
 import jax
 import jax.numpy as jnp
@@ -21,20 +22,20 @@ READ_ELSEWHERE = {
     "train.stages": "train.train_progressive (tests/test_train.py, progressive stages)",
 }
 # Non-default values a string field can take (others: numbers doubled or set, bools flipped).
+# "{cts}" and "{net}": a folder (made by the test) for real CTs and a saved segmenter.
 STRINGS = {
     "data.source": "render",
     "data.dataset": "synthetic_chest/res64_views8",
     "data.data_dir": "/nonexistent/elsewhere",
-    "data.real_ct_dir": "/nonexistent/cts",
+    "data.real_ct_dir": "{cts}",
     "data.real_fov": "body",
     "data.view_selection": "random",
     "model.name": "baseline",
     "model.lifting": "expand",
     "model.fusion": "attention",
     "model.attention": "gates",
-    "disc.name": "unet",
     "loss.gan_kind": "hinge",
-    "loss.perceptual_net": "/nonexistent/segmenter",
+    "loss.perceptual_net": "{net}",
     "eval.split": "validation",
     "init_from": "/nonexistent/run",
     "train.stages": "32:1",
@@ -45,11 +46,27 @@ SPECIAL = {
     "mesh.spatial": 2,
     "train.patch_size": 16,
     "geometry.resolution": 16,
+    "geometry.sod_mm": 1200.0,  # doubled it would pass the detector (sdd_mm 1500)
     "logical_axis_rules": (("batch", "data"), ("z", None)),
     "data.split_sizes": {"train": 3},
     "data.batch_size": 8,
     "eval.report_ids": ("chest.nii.gz",),
     "data.real_exclude": ("chest_*",),
+    "optim.b1": 0.8,
+    "optim.b2": 0.95,
+    "optim.ema_decay": 0.9,
+}
+# Other fields a field needs to take effect (None: the field is removed from the config).
+NEEDS = {
+    "train.patch_size": {"loss.projection": 0.0},  # the projection loss needs whole volumes
+    "data.real_fraction": {"data.real_ct_dir": "{cts}"},
+    "loss.perceptual": {"loss.perceptual_net": "{net}"},
+    "loss.perceptual_net": {"loss.perceptual": 0.1},  # held by the loss only when weighted
+    # the U-Net's own fields are no keywords of the baseline
+    "model.name": {
+        f"model.{k}": None
+        for k in ("lifting", "fusion", "attention", "num_levels", "num_res_blocks")
+    },
 }
 RENDER_ONLY = (
     "pool_size",
@@ -118,7 +135,10 @@ def _set(c, path, value):
     for part in node.split(".") if node else []:
         target = target[part]
     with c.unlocked():
-        target[leaf] = value
+        if value is None:
+            del target[leaf]
+        else:
+            target[leaf] = value
 
 
 def _optimizer_trace(tx):
@@ -134,54 +154,208 @@ def _optimizer_trace(tx):
     return np.concatenate(out).tolist()
 
 
-def _fingerprint(exp: Experiment):
-    s = exp.setup
-    return repr(
-        (
-            exp.acquisition,
-            s.model,
-            s.disc,
-            sorted(s.loss_weights.items()),
-            s.ema_decay,
-            s.extra_views,
-            s.gan_kind,
-            s.patch_size,
-            s.patch_overlap,
-            _optimizer_trace(s.tx),
-            _optimizer_trace(s.disc_tx) if s.disc_tx else None,
-            exp.data,
-            exp.loop,
-            exp.eval,
-            exp.seed,
-            exp.init_from,
-            dict(exp.mesh.shape),
-            exp.rules,
-            exp.batch_size,
-            exp.num_views,
-        )
+def _reference_tx(c):
+    """The optimiser as configs/default.py's comments describe it, built here with optax
+    (not with experiment.make_optimizer): global-norm clipping, then AdamW whose learning
+    rate warms up linearly from 0 and decays (cosine) to 1 % at train.num_steps."""
+    o = c.optim
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0, o.learning_rate, o.warmup_steps, c.train.num_steps, end_value=0.01 * o.learning_rate
     )
+    adamw = optax.adamw(schedule, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay)
+    return optax.chain(optax.clip_by_global_norm(o.grad_clip), adamw)
 
 
-def test_every_config_field_takes_effect_or_raises():
+def _at(*places, want=None):
+    """A field's check: ``(value held at each place, value expected there)`` pairs; a place
+    is an attribute path on the Experiment or a function of it; ``want(new)`` converts
+    the config's value to the form the places hold (default: equal to it)."""
+    getters = [operator.attrgetter(p) if isinstance(p, str) else p for p in places]
+
+    def pairs(exp, config, new):
+        expected = new if want is None else want(new)
+        return [(get(exp), expected) for get in getters]
+
+    return pairs
+
+
+def _trained_with(*places):
+    """A field of the optimiser: its traced updates equal the reference optimiser's of the
+    config (``_reference_tx``), besides the values at ``places``."""
+
+    def pairs(exp, config, new):
+        fixed = _at(*places)(exp, config, new) if places else []
+        return fixed + [(_optimizer_trace(exp.setup.tx), _optimizer_trace(_reference_tx(config)))]
+
+    return pairs
+
+
+_ACQUISITIONS = (
+    "acquisition",
+    "setup.acquisition",
+    "setup.model.acquisition",
+    "data.acquisition",
+    "evaluator.acquisition",
+)
+_LOSS_WEIGHTS = (
+    "l1",
+    "mse",
+    "ssim",
+    "gradient",
+    "projection",
+    "seg",
+    "adversarial",
+    "feature_matching",
+)
+_MODEL = ("base_features", "num_levels", "num_res_blocks", "lifting", "fusion", "attention")
+_LOOP = ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints", "max_seconds")
+
+# Where each config field lands in the built Experiment: the test sets the field to
+# another value (_other_value) and checks every (held, expected) pair: equal with the new
+# value, different with the base config.
+REACHES = {
+    "seed": _at("seed", "data.seed"),
+    "init_from": _at("init_from"),
+    "mesh.data": _at(lambda e: e.mesh.shape["data"]),
+    "mesh.spatial": _at(lambda e: e.mesh.shape["spatial"]),
+    "logical_axis_rules": _at("rules", "evaluator.rules"),
+    **{
+        f"geometry.{f}": _at(*(f"{place}.{f}" for place in _ACQUISITIONS))
+        for f in ("resolution", "fov_mm", "sod_mm", "sdd_mm", "pixel_mm", "arc_deg")
+    },
+    "data.source": _at(lambda e: type(e.data).__name__, want=lambda v: f"{v.title()}Source"),
+    "data.batch_size": _at("batch_size", "data.batch_size"),
+    "data.num_views": _at("num_views", "data.num_views", "eval.num_views", "evaluator.num_views"),
+    "data.split_sizes": _at("data.split_sizes", want=lambda v: tuple(sorted(v.items()))),
+    "data.real_exclude": _at("data.real_exclude", want=tuple),
+    **{
+        f"data.{f}": _at(f"data.{f}")
+        for f in TFDS_ONLY + RENDER_ONLY
+        if f not in ("split_sizes", "real_exclude")
+    },
+    "model.name": _at(lambda e: type(e.setup.model).__name__, want=str.title),
+    **{f"model.{f}": _at(f"setup.model.{f}") for f in _MODEL},
+    "model.seg_classes": lambda e, c, new: [
+        (e.setup.model.seg_classes, new),
+        (e.data.labels, new > 0),  # the data source hands the organ labels to the step
+    ],
+    "disc.base_features": _at("setup.disc.base_features"),
+    **{f"loss.{f}": _at(lambda e, f=f: e.setup.loss_weights[f]) for f in _LOSS_WEIGHTS},
+    "loss.projection_extra_views": _at("setup.extra_views"),
+    "loss.gan_kind": _at("setup.gan_kind"),
+    "loss.perceptual": lambda e, c, new: [
+        (e.setup.loss_weights["perceptual"], new),
+        (e.setup.perceptual is not None, True),
+    ],
+    # the segmenter loaded from that folder is the one whose features the loss compares
+    "loss.perceptual_net": _at(
+        lambda e: e.setup.perceptual and e.setup.perceptual.args[0]["loaded_from"]
+    ),
+    **{
+        f"optim.{f}": _trained_with()
+        for f in ("learning_rate", "warmup_steps", "weight_decay", "b1", "b2", "grad_clip")
+    },
+    "optim.ema_decay": _at("setup.ema_decay"),
+    "optim.disc_learning_rate": lambda e, c, new: [
+        (
+            _optimizer_trace(e.setup.disc_tx),
+            _optimizer_trace(optax.adam(new, b1=0.5, b2=0.999)),
+        )
+    ],
+    "train.num_steps": _trained_with("loop.num_steps"),
+    **{f"train.{f}": _at(f"loop.{f}") for f in _LOOP},
+    "train.on_nonfinite": _at("loop.on_nonfinite"),
+    "train.patch_size": _at("setup.patch_size", "setup.model.patch_size"),
+    "train.patch_overlap": _at("setup.patch_overlap"),
+    "eval.batch_size": _at("eval.batch_size", "evaluator.batch_size"),
+    "eval.num_views": _at("eval.num_views", "evaluator.num_views"),
+    "eval.report_ids": _at("eval.report_ids", want=tuple),
+    **{f"eval.{f}": _at(f"eval.{f}") for f in ("split", "save_volumes", "report_volumes")},
+}
+# Values refused, with the error that must name the field: (field, value, message).
+REFUSED = [
+    ("disc.name", "unet", "config.disc.name: 'unet' is not a discriminator"),
+    ("data.source", "hdf5", "config.data.source: expected 'tfds' or 'render'"),
+    ("data.real_ct_dir", "/nonexistent/cts", "config.data.real_ct_dir: /nonexistent/cts is not"),
+    ("data.real_fraction", 0.5, r"config.data.real_fraction > 0 needs config.data.real_ct_dir"),
+    ("data.real_fov", "lungs", "config.data.real_fov: expected '' or 'body'"),
+    ("data.phantom_version", 3, "config.data.phantom_version: expected 1 or 2"),
+    ("data.batch_size", 6, "config.data.batch_size: 6 is not divisible"),
+    ("loss.gan_kind", "wasserstein", "gan_kind"),
+    ("loss.perceptual", 0.5, r"loss.perceptual > 0 needs loss.perceptual_net"),
+    ("loss.perceptual_net", "/nonexistent/segmenter", "loss.perceptual_net: /nonexistent/segm"),
+    ("train.patch_size", 16, "config.loss.projection: the projection loss needs whole volumes"),
+    ("train.on_nonfinite", "ignore", "config.train.on_nonfinite: expected 'stop' or 'skip'"),
+    ("model.name", "baseline", r"model 'baseline': unknown keyword\(s\) \['attention'"),
+    ("model.name", "patchgan", "config.model.name: 'patchgan' is a discriminator"),
+    ("geometry.sod_mm", 2000.0, "geometry.sdd_mm: the detector must lie beyond the isocentre"),
+    ("geometry.focal_mm", 1.0, r"config.geometry: unknown field\(s\) \['focal_mm'\]"),
+    ("logical_axis_rules", (("batch", "gpu"),), "logical_axis_rules: 'batch' -> 'gpu'"),
+]
+
+
+def _source(path):
+    """The data source whose fields ``path`` is one of (tfds for the fields of neither)."""
+    return "render" if path.removeprefix("data.") in RENDER_ONLY else "tfds"
+
+
+def _config(path, value, folders, needs=True):
+    """The base config (of the source the field belongs to) with ``path`` set to ``value``
+    and, with ``needs``, what the field needs (``NEEDS``); "{cts}" / "{net}" name the
+    test's folders."""
+    c = _base(_source(path))
+    for p, v in {**(NEEDS.get(path, {}) if needs else {}), path: value}.items():
+        _set(c, p, v.format(**folders) if isinstance(v, str) else v)
+    return c
+
+
+def test_every_config_field_reaches_what_it_configures_or_raises(tmp_path, monkeypatch):
+    """Each field of the config, set to another value, shows up where it acts (the
+    acquisition, model, loss weights, optimiser updates, data source, loop, evaluation
+    settings, mesh) or, for a value it refuses, raises a ValueError naming it."""
     if len(jax.devices()) < 4:
         pytest.skip("needs 4 (fake) devices")
-    bases = {src: _fingerprint(Experiment.from_config(_base(src))) for src in ("tfds", "render")}
-    checked, silent = [], []
-    for path, value in _leaves(_base()):
-        if path in READ_ELSEWHERE:
-            continue
-        field = path.removeprefix("data.")
-        source = "render" if field in RENDER_ONLY else "tfds"
-        c = _base(source)
-        _set(c, path, _other_value(path, value))
-        try:
-            fp = _fingerprint(Experiment.from_config(c))
-        except ValueError:
-            checked.append(path)  # refused with a clear error: fine
-            continue
-        (checked if fp != bases[source] else silent).append(path)
-    assert not silent, f"config fields with no effect: {silent}"
-    assert len(checked) > 60, checked
+    from xct.models import segmenter
+
+    folders = {"cts": str(tmp_path / "cts"), "net": str(tmp_path / "segmenter")}
+    (tmp_path / "cts").mkdir()
+    real_load = segmenter.load
+
+    def load(directory):
+        """A segmenter whose "parameters" say where they came from (initialising a real one
+        costs seconds; tests/test_segmenter.py loads real ones); other folders: the real
+        loader and its errors."""
+        if str(directory) != folders["net"]:
+            return real_load(directory)
+        return segmenter.OrganSegmenter(classes=2, width=3), {"loaded_from": str(directory)}
+
+    monkeypatch.setattr(segmenter, "load", load)
+
+    fields = {path: value for path, value in _leaves(_base()) if path not in READ_ELSEWHERE}
+    refused = {path for path, _, _ in REFUSED}
+    unchecked = sorted(set(fields) - set(REACHES) - refused)
+    assert not unchecked, f"config fields with no check: {unchecked} (add them to REACHES)"
+    stale = sorted(set(REACHES) - set(fields))
+    assert not stale, f"REACHES names fields the config no longer has: {stale}"
+    bases = {src: Experiment.from_config(_base(src)) for src in ("tfds", "render")}
+    checked = []
+    for path in sorted(set(fields) & set(REACHES)):
+        new = _other_value(path, fields[path])
+        new = new.format(**folders) if isinstance(new, str) else new
+        c = _config(path, new, folders)
+        exp = Experiment.from_config(c)
+        base = bases[_source(path)]
+        for (held, expected), (before, _) in zip(
+            REACHES[path](exp, c, new), REACHES[path](base, c, new), strict=True
+        ):
+            assert held == expected, f"{path}={new!r}: the Experiment holds {held!r}"
+            assert before != expected, f"{path}: the base config already gives {before!r}"
+        checked.append(path)
+    for path, value, message in REFUSED:
+        with pytest.raises(ValueError, match=message):
+            Experiment.from_config(_config(path, value, folders, needs=False))
+        checked.append(path)
+    assert len(set(checked)) > 60, checked
 
 
 def _tiny_gan_setup(gan_kind):
