@@ -229,6 +229,7 @@ def register(
     schedule: Schedule = Schedule(),
     *,
     method: str = "joseph",
+    params: WarpParams | None = None,
 ) -> Registration:
     """Register ``template`` (attenuation per mm on ``grid``) to the views ``drr``.
 
@@ -239,12 +240,15 @@ def register(
       geom, grid: the views' geometry and the volume's grid (static).
       schedule: the stages, learning rate and regularisation (``Schedule``).
       method: projector discretisation.
+      params: where to start (e.g. a screening's pose, ``atlas.screen``); default
+        ``schedule.init()``, the identity.
 
     Returns:
       ``Registration(volume, params, loss, mismatch)``.
     """
     template, drr = _check(template, drr, geom, grid)
-    params = schedule.init(template.dtype)
+    if params is None:
+        params = schedule.init(template.dtype)
     opt = optax.adam(schedule.learning_rate)
     losses = []
     for level, parts, steps in schedule.stages:
