@@ -164,7 +164,8 @@ def warp(template: jax.Array, params: WarpParams, grid: VolumeGrid) -> jax.Array
 
 def _binned(grid: VolumeGrid, geom: Geometry, level: int) -> tuple[VolumeGrid, Geometry]:
     """The grid and geometry of pyramid level ``level`` (1: as given; 2: half the voxels and
-    pixels per side, each twice as large; the same field of view and detector)."""
+    pixels per side, each twice as large; the same field of view and detector, less a
+    remainder row or column of an odd detector)."""
     if level == 1:
         return grid, geom
     shape = tuple(n // level for n in grid.shape)
@@ -174,9 +175,15 @@ def _binned(grid: VolumeGrid, geom: Geometry, level: int) -> tuple[VolumeGrid, G
     origin = centre - half @ grid.direction_matrix().T
     small = VolumeGrid(shape, spacing, tuple(origin), grid.direction)
     rows, cols = geom.det_shape
+    # ``block_mean`` drops a remainder row or column at the end: the binned detector's
+    # centre moves by half the dropped pixels (a quarter binned pixel for an odd count).
+    drop_r, drop_c = rows - level * (rows // level), cols - level * (cols // level)
+    det_centre = geom.det_center_xyz_mm - 0.5 * (
+        drop_r * geom.det_v_xyz_mm + drop_c * geom.det_u_xyz_mm
+    )
     g = Geometry(
         geom.source_xyz_mm,
-        geom.det_center_xyz_mm,
+        det_centre,
         geom.det_u_xyz_mm * level,
         geom.det_v_xyz_mm * level,
         geom.kind,
