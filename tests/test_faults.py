@@ -16,8 +16,11 @@ import time
 import pytest
 
 from xct import checkpoint, data, input_pipeline
+from xct.configs import default
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+# The stored dataset's fields: config.data.tfds (sectioned configs) or config.data (flat).
+TFDS = "data.tfds" if "tfds" in default.get_config().data else "data"
 QUICK = str(ROOT / "configs" / "quickstart.py") + ":smoke"
 TINY = "synthetic_chest/tiny_res32_views8"
 SIZES = {"train": 2, "validation": 1, "test": 1}
@@ -71,20 +74,20 @@ def test_missing_workdir_for_evaluate_and_missing_data_dir_are_one_line_exit_2(t
     missing = tmp_path / "no_data"
     p = _main(
         f"--workdir={tmp_path / 'run'}",
-        "--config.data.dataset=ct_folder/res32_views8",
-        f"--config.data.data_dir={missing}",
+        f"--config.{TFDS}.dataset=ct_folder/res32_views8",
+        f"--config.{TFDS}.data_dir={missing}",
     )
-    _one_line(p, 2, f"--config.data.data_dir: {missing} does not exist")
+    _one_line(p, 2, f"--config.{TFDS}.data_dir: {missing} does not exist")
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
-    p = _main(f"--workdir={tmp_path / 'run'}", f"--config.data.data_dir={blocker / 'data'}")
-    _one_line(p, 2, f"--config.data.data_dir: cannot create {blocker / 'data'}")
+    p = _main(f"--workdir={tmp_path / 'run'}", f"--config.{TFDS}.data_dir={blocker / 'data'}")
+    _one_line(p, 2, f"--config.{TFDS}.data_dir: cannot create {blocker / 'data'}")
 
 
 def test_second_run_on_a_busy_workdir_exits_at_once_with_one_line(tmp_path):
     with checkpoint.WorkdirLock(tmp_path):
         t0 = time.perf_counter()
-        p = _main(f"--workdir={tmp_path}", f"--config.data.data_dir={tmp_path / 'data'}")
+        p = _main(f"--workdir={tmp_path}", f"--config.{TFDS}.data_dir={tmp_path / 'data'}")
         seconds = time.perf_counter() - t0
     _one_line(p, 1, f"--workdir: {tmp_path} is in use by another run (pid {os.getpid()} on host")
     assert seconds < 60, seconds  # imports and the config only: no dataset, no compiling

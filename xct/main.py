@@ -147,21 +147,24 @@ def _dir_problem(config, workdir: str, mode: str, ct_dir: bool) -> str | None:
             return f"--workdir: cannot write in {wd} ({e.strerror or e})"
     elif not wd.is_dir():
         return f"--workdir: {wd} does not exist"
-    data = config.data
-    if mode == "predict" or ct_dir or data.get("source", "tfds") != "tfds":
+    if mode == "predict" or ct_dir or config.data.get("source", "tfds") != "tfds":
         return None
-    data_dir = pathlib.Path(str(data.data_dir)).expanduser()
+    # config.data.tfds (the source's section) or, in a config of the flat layout, config.data
+    section = "data.tfds" if "tfds" in config.data else "data"
+    tfds = config.data.get("tfds", None) or config.data
+    dataset = str(tfds.get("dataset", ""))
+    data_dir = pathlib.Path(str(tfds.get("data_dir", ""))).expanduser()
     if data_dir.is_dir():
         return None
-    if not str(data.dataset).startswith("synthetic_chest/") or mode != "train":
+    if not dataset.startswith("synthetic_chest/") or mode != "train":
         return (
-            f"--config.data.data_dir: {data_dir} does not exist (build {data.dataset} there "
-            f"with python -m data_pipelines.build --dataset={data.dataset} --data_dir={data_dir})"
+            f"--config.{section}.data_dir: {data_dir} does not exist (build {dataset} there "
+            f"with python -m data_pipelines.build --dataset={dataset} --data_dir={data_dir})"
         )
     try:
         data_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        return f"--config.data.data_dir: cannot create {data_dir} ({e.strerror or e})"
+        return f"--config.{section}.data_dir: cannot create {data_dir} ({e.strerror or e})"
     return None
 
 
