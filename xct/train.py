@@ -8,8 +8,12 @@ the steps it would have computed; the metrics log is cut back to the restored st
 run killed at any moment and restarted leaves the log an uninterrupted run would have
 written. Validation uses the experiment's evaluator (the one ``--mode=evaluate`` uses)
 and keeps the best checkpoint by validation PSNR. SIGTERM (preemption) or the time budget
-saves a checkpoint and stops; a non-finite loss stops the run naming the last good
-checkpoint.
+saves a checkpoint and stops; a non-finite loss stops the run naming the step and the last
+good checkpoint (``config.train.on_nonfinite="skip"``: the step is skipped and the run goes
+on). A run holds ``WORKDIR/run.lock`` while it lives (a second run is refused), resumes from
+the newest intact checkpoint (``checkpoint.Checkpointer.restore`` names and sets aside a
+damaged one), and a full disk during a checkpoint write stops it with the last committed
+checkpoint intact (README, "What a run survives").
 """
 
 from __future__ import annotations
