@@ -60,6 +60,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="/tmp/atlas_probe")
     p.add_argument("--summary_only", action="store_true", help="summarise OUT/rows.jsonl")
+    p.add_argument(
+        "--timing",
+        action="store_true",
+        help="only time registering all seven chests as templates to the first --chests "
+        "chest's views (cold then warm; timing only, the patient's own CT is among them)",
+    )
     return p.parse_args(argv)
 
 
@@ -253,6 +259,37 @@ def run_case(args, runner, case, chest: str, views: int, out_file) -> None:
                 emit(name, mu, reg_s + time.perf_counter() - t, tv_weight=w, prior_weight=pw)
 
 
+def timing(args, paths, templates) -> None:
+    """Wall and CPU seconds of ``atlas`` (screen all, register ``--k``) and of registering
+    every template fully (``template.best_template``), cold (compiling) then warm."""
+    import jax
+
+    from xct.recon import atlas, template
+
+    p = held_out(args, paths)[0]
+    case = Case(args, p, max(args.views), {}, jax.random.key(args.seed))
+    mus = [mu for _, mu in templates.values()]
+    print(f"timing: {len(mus)} templates, {p.name} {max(args.views)} views", flush=True)
+    for run in ("cold", "warm"):
+        c, t = time.process_time(), time.perf_counter()
+        at = atlas.atlas(mus, case.drr, case.geom, case.grid, k=args.k, progress=True)
+        print(
+            f"  atlas k={args.k} {run}: wall {time.perf_counter() - t:.1f} s, CPU "
+            f"{time.process_time() - c:.1f} s, parts "
+            + ", ".join(f"{k} {v:.1f} s" for k, v in at.seconds.items()),
+            flush=True,
+        )
+    for run in ("cold", "warm"):
+        c, t = time.process_time(), time.perf_counter()
+        _, reg, _ = template.best_template(mus, case.drr, case.geom, case.grid)
+        jax.block_until_ready(reg.volume)
+        print(
+            f"  all {len(mus)} registered fully {run}: wall {time.perf_counter() - t:.1f} s, "
+            f"CPU {time.process_time() - c:.1f} s",
+            flush=True,
+        )
+
+
 def summarise(rows: list[dict], label: str) -> str:
     """Leave-one-out weight choice per method and views; mean and per-chest table."""
     rows = [r for r in rows if not r["method"].startswith("_")]
@@ -351,6 +388,9 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         templates = load_templates(args, paths)
         print(f"{len(templates)} template cubes read in {time.perf_counter() - t0:.0f} s")
+        if args.timing:
+            timing(args, paths, templates)
+            return 0
         runner = Runner(args)
         key = jax.random.key(args.seed)
         with rows_path.open("a", encoding="utf-8") as f:

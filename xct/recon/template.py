@@ -29,6 +29,7 @@ match best. Everything but ``best_template``'s choice is traceable.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import NamedTuple
 
 import jax
@@ -326,15 +327,28 @@ def check_match(name: str, mismatch: float, limit: float = MAX_MISMATCH) -> None
         )
 
 
+@functools.lru_cache(maxsize=16)
+def _registrar(grid: VolumeGrid, schedule: Schedule, method: str):
+    """``register`` jitted for one grid and schedule, kept between calls (one compilation
+    per grid, schedule and detector shape in a process)."""
+    return jax.jit(lambda t, d, g: register(t, d, g, grid, schedule, method=method))
+
+
 def best_template(
-    templates, drr, geom: Geometry, grid: VolumeGrid, schedule: Schedule = Schedule(), **kw
+    templates,
+    drr,
+    geom: Geometry,
+    grid: VolumeGrid,
+    schedule: Schedule = Schedule(),
+    *,
+    method: str = "joseph",
 ) -> tuple[int, Registration, list[float]]:
     """Register every template of ``templates`` (a sequence of volumes on ``grid``); the
     index of the one with the smallest DRR mismatch, its ``Registration``, and every
     template's mismatch."""
     if len(templates) == 0:
         raise ValueError("templates: expected at least one template volume, got none")
-    fn = jax.jit(lambda t, d, g: register(t, d, g, grid, schedule, **kw))
+    fn = _registrar(grid, schedule, method)
     results = [fn(t, drr, geom) for t in templates]
     mism = [float(r.mismatch) for r in results]
     best = int(np.argmin(mism))
