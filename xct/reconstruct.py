@@ -11,11 +11,12 @@ lateral), taken on the circular cone-beam orbit ``--sod_mm`` / ``--sdd_mm`` with
 detector covering the ``--fov_mm`` cube's inscribed cylinder (or ``--pixel_mm``). Each is
 resampled to ``--resolution`` pixels per side.
 
-Methods (``--method``; the same as ``scripts/quality_table.py``): ``fdk``, ``sirt``,
-``cgls``, ``tv``; ``sirt_support``, ``cgls_support``, ``tv_support`` (with the X-rays'
-support and value bounds, ``xct.recon.priors``); ``template`` (the ``--template`` CT
-registered to the X-rays, ``xct.recon.template``; with several templates, the best DRR
-match) and ``template_tv`` (TV with the priors, started from and pulled towards it).
+Methods (``--method``; ``xct.scoring.METHODS``, run as the quality table runs them):
+``fdk``, ``sirt``, ``cgls``, ``tv``; ``sirt_support``, ``cgls_support``, ``tv_support``
+(with the X-rays' support and value bounds, ``xct.recon.priors``); ``template`` (the
+``--template`` CT registered to the X-rays, ``xct.recon.template``; with several
+templates, the best DRR match) and ``template_tv`` (TV with the priors, started from and
+pulled towards it).
 
 Outputs in ``--out``: ``reconstruction.nii.gz`` (HU, patient LPS frame: opens right in 3D
 Slicer), ``report.html`` (slices, each X-ray beside the DRR of the result and their
@@ -34,17 +35,7 @@ import time
 
 import numpy as np
 
-METHODS = (
-    "fdk",
-    "sirt",
-    "cgls",
-    "tv",
-    "sirt_support",
-    "cgls_support",
-    "tv_support",
-    "template",
-    "template_tv",
-)
+from xct.scoring import METHODS  # the one registry, shared with scripts/quality_table.py
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -135,8 +126,8 @@ def reconstruct(args: argparse.Namespace) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from xct import geometry, io, physics, projector, radiograph, recon
-    from xct.recon import priors, template
+    from xct import geometry, io, physics, projector, radiograph, scoring
+    from xct.recon import template
 
     t0 = time.perf_counter()
     out = pathlib.Path(args.out)
@@ -158,13 +149,12 @@ def reconstruct(args: argparse.Namespace) -> dict:
         "sdd_mm": acq.sdd_mm,
         "detector_pixel_mm": acq.detector_pixel_mm,
     }
+    n = args.iters
+    solvers = scoring.Solvers(grid, sirt_iters=n, cgls_iters=n, tv_iters=n, air_tol=args.air_tol)
     support = prior = loss = None
     if method.endswith("_support") or method == "template_tv":
-        tol = {} if args.air_tol is None else {"air_tol": args.air_tol}
-        support = recon.visual_hull(drr, geom, grid, **tol)
+        support = solvers.support(drr, geom)
         summary["support_fraction"] = float(jnp.mean(support))
-    upper = float(physics.hu_to_mu(physics.HU_MAX))
-    cons = None if support is None else priors.Constraints(support, 0.0, upper)
     if method.startswith("template"):
         vols, names = [], []
         for f in args.template:
@@ -181,29 +171,8 @@ def reconstruct(args: argparse.Namespace) -> dict:
         prior, loss = reg.volume, reg.loss
         summary["template"] = names[best]
         summary["template_mismatch"] = dict(zip(names, mismatch, strict=True))
-    n = args.iters
-    if method == "fdk":
-        mu = recon.fdk(drr, geom, grid, window="hann")
-    elif method in ("sirt", "sirt_support"):
-        mu = recon.sirt(drr, geom, grid, n, nonnegative=True, constraints=cons)[0]
-    elif method in ("cgls", "cgls_support"):
-        mu = recon.cgls(drr, geom, grid, n, constraints=cons)[0]
-    elif method in ("tv", "tv_support"):
-        mu = recon.tv(drr, geom, grid, n, tv_weight=args.tv_weight, constraints=cons)[0]
-    elif method == "template":
-        mu = prior
-    else:
-        mu = recon.tv(
-            drr,
-            geom,
-            grid,
-            n,
-            x0=prior,
-            tv_weight=args.tv_weight,
-            constraints=cons,
-            x_prior=prior,
-            prior_weight=args.prior_weight,
-        )[0]
+    params = {"tv_weight": args.tv_weight, "prior_weight": args.prior_weight}
+    mu = solvers.run(method, drr, geom, params, support=support, prior=prior)
     mu = jnp.maximum(mu, 0.0)
     reproj = projector.forward_project(mu, grid, geom)
     summary["drr_mismatch"] = float(

@@ -1,0 +1,136 @@
+"""xct.scoring: the methods registry, the cubes, leave-one-out selection, the network path
+through Experiment.with_acquisition, and the config loader."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from xct import experiment, geometry, io, phantoms, physics, reconstruct, scoring
+
+
+def test_one_registry_for_the_table_and_the_cli():
+    assert reconstruct.METHODS == scoring.METHODS
+    assert set(scoring.METHODS) | set(scoring.NETWORK) == set(scoring.REGISTRY)
+    assert set(scoring.METHOD_LABELS) == set(scoring.REGISTRY)
+    assert scoring.SWEPT == ("tv", "tv_support", "template_tv", "network+tv")
+    assert scoring.CLASSICAL == ("fdk", "sirt", "cgls", "tv")
+    for name in scoring.SWEPT:
+        s = scoring.Settings(tv_weight=(0.01, 0.1), prior_weight=(1.0,))
+        assert len(scoring.candidates(s, name)) == 2, name
+    assert scoring.candidates(scoring.Settings(), "fdk") == [{}]
+
+
+def test_phantoms_are_the_datasets_test_split():
+    """The table's phantoms are synthetic_chest's test split (seeds and options)."""
+    from data_pipelines import synthetic_chest
+
+    assert scoring.TEST_SEED_OFFSET == synthetic_chest._SEED_OFFSETS["test"]
+    config = synthetic_chest.SyntheticChestConfig(name="x")
+    assert (scoring.PHANTOM_NODULES, scoring.PHANTOM_COUCH) == (config.nodules, config.couch)
+    (vol,) = scoring.synthetic_volumes(1, 16)
+    grid = geometry.Acquisition(resolution=16).grid()
+    hu, _ = phantoms.chest_phantom(2_000_000, grid, nodules=True, couch=False)
+    np.testing.assert_array_equal(vol.hu, np.clip(np.round(hu), -1024, 3071))
+    assert vol.id == "chest-2000000" and 0.05 < vol.body_fraction < 0.95
+
+
+def test_settings_refuse_unknown_methods_and_realism():
+    with pytest.raises(ValueError, match="realism"):
+        scoring.Settings(realism="photoreal")
+    with pytest.raises(ValueError, match="methods"):
+        scoring.Settings(methods=("fdk", "magic"))
+
+
+def test_select_chooses_each_weight_on_the_other_volumes():
+    rows = [
+        {"method": "tv", "views": 2, "kind": "chest", "volume": v, "params": p, "psnr": x}
+        for v, p, x in [
+            ("a", "w=1", 20.0),
+            ("a", "w=2", 10.0),
+            ("b", "w=1", 5.0),
+            ("b", "w=2", 30.0),
+        ]
+    ]
+    chosen = {r["volume"]: r["params"] for r in scoring.select(rows)}
+    assert chosen == {"a": "w=2", "b": "w=1"}  # each chosen on the other, never itself
+
+
+def test_score_volume_inside_the_body():
+    """Identical inside the body, wrong outside: the body columns are perfect, the whole
+    volume's are not."""
+    grid = geometry.VolumeGrid.centered((16, 16, 16), 25.0)
+    hu = np.asarray(phantoms.chest_phantom(3, grid)[0], np.float32)
+    body = io.body_mask(hu, grid)
+    pred = np.where(body, hu, 500.0).astype(np.float32)
+    s = scoring.score_volume(jnp.asarray(pred), hu, body)
+    assert set(s) == {c for c, _, _ in scoring.SCORE_COLUMNS}
+    assert s["mae_hu_body"] == 0.0 and s["mae_hu"] > 100.0
+    assert s["psnr_body"] > 60.0 and s["psnr"] < 20.0
+
+
+def test_solvers_run_every_method():
+    acq = geometry.Acquisition(resolution=16, fov_mm=400.0)
+    grid = acq.grid()
+    hu, _ = phantoms.chest_phantom(1, grid)
+    mu = jnp.maximum(physics.hu_to_mu(jnp.asarray(hu)), 0.0)
+    geom = acq.orbit(np.float32([0.0, 90.0]))
+    drr = physics.render_drrs(jnp.asarray(hu), grid, geom)
+    solvers = scoring.Solvers(grid, sirt_iters=5, cgls_iters=5, tv_iters=5, arc_deg=180.0)
+    support = solvers.support(drr, geom)
+    params = {"tv_weight": 0.1, "prior_weight": 1.0}
+    for method in scoring.METHODS:
+        x = solvers.run(method, drr, geom, params, support=support, prior=mu)
+        assert x.shape == (16, 16, 16) and bool(jnp.all(jnp.isfinite(x))), method
+        assert solvers.mismatch(jnp.maximum(x, 0.0), drr, geom) < 1.0, method
+    assert solvers.mismatch(mu, drr, geom) < 0.05  # the truth explains its own views
+    with pytest.raises(ValueError, match="unknown method"):
+        solvers.run("magic", drr, geom, params)
+
+
+def test_load_config_by_name_and_file(tmp_path):
+    c = experiment.load_config("quickstart")
+    assert c.geometry.resolution > 0
+    file = tmp_path / "mine.py"
+    file.write_text(
+        "from xct.configs import quickstart\n\n\ndef get_config(arg=None):\n"
+        "    c = quickstart.get_config()\n    c.seed = 7 if arg is None else int(arg)\n"
+        "    return c\n"
+    )
+    assert experiment.load_config(str(file)).seed == 7
+    assert experiment.load_config(f"{file}:11").seed == 11
+    with pytest.raises(ValueError, match="not a file"):
+        experiment.load_config(str(tmp_path / "none.py"))
+
+
+def test_with_acquisition_predicts_on_another_cube():
+    """The model on another cube: the same parameters, the model's acquisition replaced
+    (what the table runs on a body-filled cube), equal to cloning the model by hand."""
+    from xct import steps
+
+    c = experiment.load_config("quickstart:smoke")
+    c.geometry.resolution = 16
+    c.mesh.data, c.mesh.spatial = 1, 1
+    exp = experiment.Experiment.from_config(c)
+    cube = dataclasses.replace(exp.acquisition, fov_mm=300.0)
+    other = exp.with_acquisition(cube)
+    assert other.acquisition == cube and other.model.acquisition == cube
+    assert other.evaluator.acquisition == cube and exp.acquisition.fov_mm == c.geometry.fov_mm
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(
+        lambda a: rng.normal(0.0, 0.1, a.shape).astype(a.dtype), exp.abstract_state.params
+    )
+    drr = rng.uniform(0, 1, (1, exp.num_views, 16, 16)).astype(np.float32)
+    angles = exp.acquisition.view_angles(exp.num_views)[None].astype(np.float32)
+    got = np.asarray(other.predict_hu(params, drr, angles))
+    setup = dataclasses.replace(
+        exp.setup, model=exp.setup.model.clone(acquisition=cube), acquisition=cube
+    )
+    want = physics.denormalize_ct(
+        steps.predict_ct(setup, params, {"drr": drr, "angles_deg": angles})
+    )
+    np.testing.assert_allclose(got, np.asarray(want), rtol=1e-5, atol=1e-2)
+    with pytest.raises(ValueError, match="resolution"):
+        exp.with_acquisition(dataclasses.replace(cube, resolution=8))
