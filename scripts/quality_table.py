@@ -14,9 +14,11 @@ real template (and a network) vs views, on phantoms and real CTs.
 
 Flags -> ``xct.scoring.Settings`` -> ``xct.scoring.run_table`` -> files. What is measured
 (volumes, X-rays, methods, weights chosen leave one out, network rows, scores whole and
-inside the body) is described in ``xct/scoring.py``'s docstring. The X-rays are idealised
-(``--realism ideal``): DRRs of the scored cube itself, without couch or noise unless
-``--photons``.
+inside the body) is described in ``xct/scoring.py``'s docstring. By default the X-rays are
+idealised (``--realism ideal``): DRRs of the scored cube itself, without couch or noise
+unless ``--photons``; ``--realism clinical`` X-rays each real CT's whole scan as a clinic
+would (couch, 2 mm detector pixels, 1e5 photons; ``xct.clinical``) and scores against the
+scan averaged over each voxel.
 
 Outputs in ``--out``: ``quality_{r}.md`` (the tables, also printed to stdout),
 ``per_volume_{r}.csv`` (every volume's numbers), ``sweep_{r}.csv`` (every candidate
@@ -63,8 +65,17 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--realism",
         default="ideal",
         choices=sorted(scoring.REALISM),
-        help="how the X-rays are made: ideal = DRRs of the scored cube itself (idealised)",
+        help="how the X-rays are made: ideal = DRRs of the scored cube itself (idealised); "
+        "clinical = the whole scan, couch and noise (xct.clinical; real CTs only)",
     )
+    p.add_argument("--detector_pixel_mm", type=float, default=2.0, help="clinical: pixel, mm")
+    p.add_argument(
+        "--detector_sampling",
+        default="footprint",
+        choices=scoring.DETECTOR_SAMPLINGS,
+        help="clinical: fine X-rays binned to the voxel's footprint, or resized to r^2",
+    )
+    p.add_argument("--spectrum", default="mono", choices=scoring.SPECTRA, help="clinical")
     p.add_argument("--iters", type=int, default=50, help="iterations of every iterative method")
     p.add_argument("--sirt_iters", type=int, default=None, help="default: --iters")
     p.add_argument("--cgls_iters", type=int, default=None, help="default: --iters")
@@ -103,7 +114,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         "'other real CTs')",
     )
     p.add_argument("--arc_deg", type=float, default=None, help="default: the datasets' arc")
-    p.add_argument("--photons", type=float, default=None, help="Poisson noise; default none")
+    p.add_argument(
+        "--photons", type=float, default=None, help="Poisson noise; default none (clinical: 1e5)"
+    )
     p.add_argument("--seed", type=int, default=0, help="noise key")
     p.add_argument("--ct_dir", default=str(DEFAULT_CT_DIR), help="real CTs (ct_folder rules)")
     p.add_argument("--no_real", action="store_true", help="synthetic phantoms only")

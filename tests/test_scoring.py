@@ -134,3 +134,31 @@ def test_with_acquisition_predicts_on_another_cube():
     np.testing.assert_allclose(got, np.asarray(want), rtol=1e-5, atol=1e-2)
     with pytest.raises(ValueError, match="resolution"):
         exp.with_acquisition(dataclasses.replace(cube, resolution=8))
+
+
+def test_clinical_mode_xrays_the_whole_scan(tmp_path):
+    """--realism clinical: real CTs only, their whole scan (couch kept) X-rayed with noise,
+    scored against the scan averaged over each voxel; labelled clinical; no phantoms."""
+    ct_dir = tmp_path / "cts"
+    ct_dir.mkdir()
+    grid = geometry.VolumeGrid.centered((24, 40, 40), 10.0)
+    hu, _ = phantoms.chest_phantom(4, grid, couch=True)
+    io.write_ct(ct_dir / "chest_4.nii.gz", np.asarray(hu), grid)
+    kw = dict(resolution=16, views=(2,), methods=("fdk", "tv"), tv_iters=3, ct_dir=str(ct_dir))
+    clinical = scoring.run_table(
+        scoring.Settings(realism="clinical", phantoms=1, detector_pixel_mm=6.0, **kw)
+    )
+    ideal = scoring.run_table(scoring.Settings(phantoms=0, **kw))
+    assert ("phantoms", "clinical mode X-rays whole real scans; no phantoms") in clinical["skipped"]
+    assert {(r["method"], r["volume"]) for r in clinical["rows"]} == {
+        ("fdk", "chest_4.nii.gz"),
+        ("tv", "chest_4.nii.gz"),
+    }
+    assert clinical["setup"]["realism_label"] == "clinical"
+    assert ideal["setup"]["realism_label"] == "idealised"
+    by = {r["method"]: r for r in ideal["rows"]}
+    for r in clinical["rows"]:
+        assert np.isfinite(r["psnr"]) and np.isfinite(r["psnr_body"])
+        assert r["psnr"] != by[r["method"]]["psnr"]  # other X-rays, another truth
+    assert "clinical X-rays" in scoring.report_markdown(clinical)
+    assert "idealised X-rays" in scoring.report_markdown(ideal)

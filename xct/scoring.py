@@ -20,13 +20,23 @@ What is measured, per volume and per number of views V (``Settings.views``):
   ``*chest*``) are "real chests", with their own tables; the other real CTs (crops of a
   heart, abdomens, ...) are a separate, labelled table. The ground truth is the cube as the
   datasets store it (HU rounded to int16), in the projector frame.
-* X-rays, ``realism="ideal"`` (the only mode so far, labelled *idealised* in the tables and
-  the JSON): ``physics.render_drrs`` (monochromatic) of that very cube on the datasets'
-  cone beam (sod 1000 mm, sdd 1500 mm, an ``r^2`` detector sized to the cube's inscribed
+* X-rays, ``realism="ideal"`` (the default, labelled *idealised* in the tables and the
+  JSON): ``physics.render_drrs`` (monochromatic) of that very cube on the datasets' cone
+  beam (sod 1000 mm, sdd 1500 mm, an ``r^2`` detector sized to the cube's inscribed
   cylinder). Angles: the first V of ``geometry.nested_view_angles(max(views), arc_deg)``
   (every prefix of 2^k views is evenly spaced); ``arc_deg`` defaults to the datasets' 180
   degrees (2 views: PA and lateral). ``photons=N`` adds Poisson noise (N unattenuated
   photons per pixel, key ``fold_in(key(seed), volume index)``); the default is noise-free.
+* X-rays, ``realism="clinical"`` (``xct.clinical``; real CTs only, phantoms are left out):
+  the whole scan at its own resolution, couch and all (``clinical.load_scan``), X-rayed on
+  the same orbit onto a detector of ``detector_pixel_mm`` pixels that covers the body
+  (``clinical.clinical_xrays``), Poisson noise of ``photons`` (default
+  ``clinical.DEFAULT_PHOTONS``) with the same keys, ``spectrum`` mono or poly; brought to
+  the reconstruction grid by ``detector_sampling`` (``clinical.xrays_for_grid``: binned to
+  the voxel's footprint, or resized to ``r^2`` as ``load_xray`` does). The truth is the
+  scan averaged over each output voxel, couch kept (``clinical.truth_cube``), the body mask
+  from the scan's own resolution; the cube is the body cube (``real_fov="body"``) or a
+  side in mm. Network rows are left out (they take the datasets' ``r^2`` detector).
 * Methods (``METHODS``; ``xct.recon``, in attenuation per mm; every output is clipped at
   ``mu >= 0``, i.e. HU >= -1000, then ``physics.mu_to_hu``):
 
@@ -104,7 +114,9 @@ import numpy as np
 DEFAULT_FOV_MM = 400.0  # the datasets' field of view (synthetic_chest, ct_folder)
 TEST_SEED_OFFSET = 2_000_000  # synthetic_chest's test split: seeds 2,000,000 + i
 PHANTOM_NODULES, PHANTOM_COUCH = True, False  # SyntheticChestConfig's defaults
-REALISM = {"ideal": "idealised"}  # --realism -> its label in the tables and the JSON
+REALISM = {"ideal": "idealised", "clinical": "clinical"}  # -> its label in tables and JSON
+DETECTOR_SAMPLINGS = ("footprint", "resize")  # xct.clinical.DETECTOR_SAMPLINGS
+SPECTRA = ("mono", "poly")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -214,10 +226,22 @@ class Settings:
     network_prior_weight: tuple[float, ...] | None = None  # default: prior_weight
     refine_iters: int = 100
     realism: str = "ideal"  # how the X-rays are made (REALISM)
+    detector_pixel_mm: float = 2.0  # clinical: the X-rays' pixel at the detector
+    detector_sampling: str = "footprint"  # clinical: fine X-rays to the grid (DETECTOR_SAMPLINGS)
+    spectrum: str = "mono"  # clinical: "mono" or "poly" (physics.render_drrs' 120 kVp model)
 
     def __post_init__(self):
         if self.realism not in REALISM:
             raise ValueError(f"realism: expected one of {sorted(REALISM)}, got {self.realism!r}")
+        if self.detector_sampling not in DETECTOR_SAMPLINGS:
+            raise ValueError(
+                f"detector_sampling: expected one of {DETECTOR_SAMPLINGS}, got "
+                f"{self.detector_sampling!r}"
+            )
+        if self.spectrum not in SPECTRA:
+            raise ValueError(f"spectrum: expected one of {SPECTRA}, got {self.spectrum!r}")
+        if not self.detector_pixel_mm > 0:
+            raise ValueError(f"detector_pixel_mm: a positive size, got {self.detector_pixel_mm}")
         unknown = sorted(set(self.methods) - set(METHODS))
         if unknown:
             raise ValueError(f"methods: unknown {unknown}, expected some of {METHODS}")
@@ -235,6 +259,7 @@ class Volume:
     fov_mm: float = DEFAULT_FOV_MM  # side of the cube
     body: np.ndarray | None = None  # [r, r, r] bool body mask (io.body_mask of hu)
     source: str | None = None  # the file it was read from (leave-one-out of templates)
+    scan: object | None = None  # clinical mode: the whole scan (xct.clinical.ClinicalScan)
 
     @property
     def body_fraction(self) -> float:
@@ -326,16 +351,44 @@ def template_volumes(paths, resolution: int) -> list[Volume]:
     return out
 
 
+def clinical_volumes(
+    ct_dir, resolution: int, fov, skipped: list, chests: str = "*chest*", include: str = "*"
+):
+    """``real_volumes`` for the clinical mode: each CT's whole scan (``Volume.scan``) and
+    its truth, the scan averaged over each voxel of the cube (``clinical.truth_cube``)."""
+    from xct import clinical, io
+
+    root = pathlib.Path(ct_dir)
+    for path in io.find_ct_sources(root, what="source_dir"):
+        name = path.relative_to(root).as_posix()
+        if not fnmatch.fnmatch(name, include):
+            continue
+        try:
+            scan = clinical.load_scan(path)
+            side = scan.side_mm if fov == "body" else float(fov)
+            hu, body = clinical.truth_cube(scan, resolution, side)
+        except ValueError as e:
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            reason = reason.removeprefix(f"{path}: ")
+            print(f"skipped {name}: {reason}", file=sys.stderr, flush=True)
+            skipped.append((name, reason))
+            continue
+        kind = "chest" if fnmatch.fnmatch(name, chests) else "real"
+        yield Volume(name, kind, hu, side, body, source=str(path.resolve()), scan=scan)
+
+
 def load_volumes(s: Settings, skipped: list) -> list[Volume]:
     """The phantoms and real CTs ``s`` asks for (unreadable CTs appended to ``skipped``)."""
-    volumes = list(synthetic_volumes(s.phantoms, s.resolution))
+    clinical = s.realism == "clinical"
+    volumes = [] if clinical else list(synthetic_volumes(s.phantoms, s.resolution))
+    if clinical and s.phantoms:
+        skipped.append(("phantoms", "clinical mode X-rays whole real scans; no phantoms"))
     if s.ct_dir is not None:
         ct_dir = pathlib.Path(s.ct_dir)
         if ct_dir.is_dir():
-            found = list(
-                real_volumes(ct_dir, s.resolution, s.real_fov, skipped, s.chests, s.include)
-            )
-            if not found and s.phantoms == 0:
+            read = clinical_volumes if clinical else real_volumes
+            found = list(read(ct_dir, s.resolution, s.real_fov, skipped, s.chests, s.include))
+            if not found and not volumes:
                 raise ValueError(
                     f"--ct_dir {ct_dir}: "
                     + (
@@ -553,6 +606,8 @@ def _network_info(config, s: Settings, arc_deg: float) -> dict:
         "fov_mm": acq.fov_mm,
     }
     mismatch = []
+    if s.realism != "ideal":
+        mismatch.append(f"input ({s.realism} X-rays; the network takes the datasets' r² views)")
     if acq.resolution != s.resolution:
         mismatch.append(f"resolution {acq.resolution} (table: {s.resolution})")
     if (acq.sod_mm, acq.sdd_mm) != (geometry.DEFAULT_SOD_MM, geometry.DEFAULT_SDD_MM):
@@ -879,12 +934,42 @@ class _Table:
                 self.rows.append(_row("network+tv", v, vol, x, drr, geom, solvers, seconds, params))
                 self.bar.update(1)
 
+    def clinical_rows(self, vol: Volume, key, solvers: Solvers) -> None:
+        """Clinical mode: X-rays of the whole scan, brought to the grid for each views."""
+        import jax.numpy as jnp
+
+        from xct import clinical
+
+        s = self.s
+        photons = clinical.DEFAULT_PHOTONS if s.photons is None else s.photons
+        fine, _ = clinical.clinical_xrays(
+            vol.scan,
+            self.angles,
+            key,
+            pixel_mm=s.detector_pixel_mm,
+            photons=photons or None,
+            mode=s.spectrum,
+        )
+        for v in s.views:
+            drr, geom = clinical.xrays_for_grid(
+                fine[:v],
+                s.detector_pixel_mm,
+                self.angles[:v],
+                solvers.grid,
+                sampling=s.detector_sampling,
+            )
+            self.classical_rows(vol, v, jnp.asarray(drr), geom, solvers)
+
     def score(self, i: int, vol: Volume) -> None:
         """Every row of volume ``i``: X-rays, then each number of views and method."""
         import jax
 
         geoms, solvers, render = self.setup_for(vol.fov_mm)
-        drr_all = render(vol.hu, jax.random.fold_in(self.base_key, i), self.s.photons)
+        key = jax.random.fold_in(self.base_key, i)
+        if vol.scan is not None:
+            self.clinical_rows(vol, key, solvers)
+            return
+        drr_all = render(vol.hu, key, self.s.photons)
         for v in self.s.views:
             self.classical_rows(vol, v, drr_all[:v], geoms[v], solvers)
         if not self.net_fns:
@@ -928,6 +1013,15 @@ def _setup_json(s: Settings, arc_deg: float, angles) -> dict:
         "refine_iters": s.refine_iters,
         "realism": s.realism,
         "realism_label": REALISM[s.realism],
+        **(
+            {
+                "detector_pixel_mm": s.detector_pixel_mm,
+                "detector_sampling": s.detector_sampling,
+                "spectrum": s.spectrum,
+            }
+            if s.realism == "clinical"
+            else {}
+        ),
     }
 
 
@@ -1023,6 +1117,33 @@ def markdown_table(
     return "\n".join(lines)
 
 
+def _xray_text(s: dict) -> str:
+    """How the X-rays were made (the set-up's ``realism``)."""
+    r = s["resolution"]
+    if s.get("realism", "ideal") == "ideal":
+        return (
+            f"{r}² detector sized to the cube's inscribed cylinder; DRRs physics.render_drrs "
+            "(mono) of the scored cube itself (couch and all outside the body removed), "
+            + (f"Poisson noise {s['photons']:g} photons/pixel" if s["photons"] else "noise-free")
+        )
+    from xct import clinical
+
+    photons = clinical.DEFAULT_PHOTONS if s["photons"] is None else s["photons"]
+    return (
+        "X-rays of the whole scan at its own resolution, couch and all (xct.clinical), on a "
+        f"detector of {s['detector_pixel_mm']:g} mm pixels covering the body, "
+        + (f"Poisson noise {photons:g} photons/pixel" if photons else "noise-free")
+        + f", {s['spectrum']}; brought to the grid by "
+        + (
+            "binning to the voxel's footprint"
+            if s["detector_sampling"] == "footprint"
+            else f"resizing to {r}²"
+        )
+        + "; truth: the scan averaged over each voxel of the cube (couch kept), body mask at "
+        "the scan's resolution"
+    )
+
+
 def _setup_lines(result: dict) -> list[str]:
     """The report's heading and set-up paragraphs."""
     s = result["setup"]
@@ -1037,10 +1158,9 @@ def _setup_lines(result: dict) -> list[str]:
         "",
         (
             f"Set-up ({label}): cone beam, sod/sdd {s['sod_mm']:.0f}/{s['sdd_mm']:.0f} mm, "
-            f"{r}³ CT cube, {r}² detector sized to the cube's inscribed cylinder; views: first "
-            f"V of nested_view_angles({max(views)}) over {s['arc_deg']:.0f}°; DRRs "
-            "physics.render_drrs (mono) of the scored cube itself, "
-            + (f"Poisson noise {s['photons']:g} photons/pixel" if s["photons"] else "noise-free")
+            f"{r}³ CT cube; views: first V of nested_view_angles({max(views)}) over "
+            f"{s['arc_deg']:.0f}°; "
+            + _xray_text(s)
             + ". FDK: Hann window, no Parker weighting"
             + (", half-scan view weights" if s["arc_deg"] <= 180 else "")
             + f". Iterations: SIRT {s['sirt_iters']}, CGLS {s['cgls_iters']}, TV "
@@ -1051,8 +1171,12 @@ def _setup_lines(result: dict) -> list[str]:
         (
             f"Cubes: phantoms {s['fov_mm']:.0f} mm; real CTs "
             + (
-                "each its own side, the body's larger axial extent (couch removed, centred "
-                "on the body, air beyond the scan's ends)"
+                "each its own side, the body's larger axial extent (centred on the body, "
+                + (
+                    "couch removed, air beyond the scan's ends)"
+                    if s.get("realism", "ideal") == "ideal"
+                    else "the truth keeps the couch)"
+                )
                 if s["real_fov"] == "body"
                 else f"{s['real_fov']:.0f} mm (as ct_folder makes datasets)"
             )
