@@ -21,6 +21,7 @@ import contextlib
 import datetime
 import errno
 import json
+import logging
 import os
 import pathlib
 import re
@@ -31,6 +32,8 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+from xct import console
 
 _CRC_KEY = "_xct_crc32"  # beside the data state in each save's JSON item
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
@@ -43,9 +46,27 @@ class DamagedCheckpoint(ValueError):
 class DiskFull(OSError):
     """A checkpoint write failed for lack of space (or a file-size limit)."""
 
+    def __str__(self) -> str:  # the message alone, without OSError's "[Errno 28]"
+        return str(self.strerror)
+
 
 class WorkdirBusy(ValueError):
     """Another live run holds the workdir's lock."""
+
+
+class _OrbaxWriteErrors(logging.Filter):
+    """Drops Orbax's ERROR records (tracebacks of its background save threads) unless
+    library logs were asked for (``console.verbose``): every failed save reaches the
+    caller as an exception, which ``Checkpointer`` turns into one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return console.verbose() or f"{os.sep}orbax{os.sep}" not in record.pathname
+
+
+def _quiet_orbax_errors() -> None:
+    absl = logging.getLogger("absl")
+    if not any(isinstance(f, _OrbaxWriteErrors) for f in absl.filters):
+        absl.addFilter(_OrbaxWriteErrors())
 
 
 def _handlers():
@@ -54,6 +75,7 @@ def _handlers():
 
 class Checkpointer:
     def __init__(self, workdir, *, keep: int = 3, async_save: bool = True):
+        _quiet_orbax_errors()
         self.root = pathlib.Path(workdir).absolute()
         self.last = ocp.CheckpointManager(
             self.root / "checkpoints",
@@ -198,8 +220,8 @@ class Checkpointer:
             raise DiskFull(
                 errno.ENOSPC,
                 f"disk full: writing checkpoint step {failed} in {self.root} failed "
-                f"({_reason(e)}); the last committed checkpoint, step {committed}, is intact: "
-                "free some space and run again to resume from it",
+                f"({_disk_full_reason(e)}); the last committed checkpoint, step {committed}, "
+                "is intact: free some space and run again to resume from it",
             ) from e
         self._writing = step
 
@@ -214,6 +236,17 @@ def _is_disk_full(error: BaseException) -> bool:
         ):
             return True
     return False
+
+
+def _disk_full_reason(error: BaseException) -> str:
+    """``No space left on device`` / ``File too large`` / ``Disk quota exceeded``."""
+    for e in _chain(error):
+        if isinstance(e, OSError) and e.errno in _DISK_FULL:
+            return os.strerror(e.errno)
+        for n in _DISK_FULL:
+            if f"os_error_code='{n}'" in str(e) or os.strerror(n) in str(e):
+                return os.strerror(n)
+    return _reason(error)
 
 
 def _chain(error: BaseException):
