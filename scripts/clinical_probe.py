@@ -51,6 +51,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--pixel_mm", type=float, default=2.0, help="clinical detector pitch, mm")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no_fine", action="store_true", help="leave out the 128^3 grid")
+    p.add_argument("--modes", nargs="*", default=[], help="only modes starting with these")
+    p.add_argument("--tent", action="store_true", help="also score tent_average'd results")
     return p.parse_args(argv)
 
 
@@ -88,25 +90,40 @@ class Scorer:
         return {"psnr": float(s["psnr"][0]), "psnr_body": float(s["psnr_mask"][0])}
 
 
-def sweep(scorer, name, drr, geom, grid, truth, body, weights, down: int = 1) -> dict:
-    """TV at every weight; the row of the best inside-body PSNR (all printed)."""
-    best = None
+def tent_average(mu: np.ndarray) -> np.ndarray:
+    """The voxel averages of the volume Joseph's projector models (linear interpolation of
+    the voxel values): ``[1/8, 3/4, 1/8]`` along each axis, edges replicated."""
+    out = np.asarray(mu, np.float64)
+    for ax in range(3):
+        pad = np.pad(out, [(1, 1) if k == ax else (0, 0) for k in range(3)], mode="edge")
+        lo, mid, hi = (np.take(pad, range(i, i + out.shape[ax]), axis=ax) for i in range(3))
+        out = 0.125 * lo + 0.75 * mid + 0.125 * hi
+    return out.astype(np.float32)
+
+
+def sweep(scorer, name, drr, geom, grid, truth, body, weights, down=1, tent=False) -> list:
+    """TV at every weight; per variant (raw, and ``+tent``: ``tent_average``d when
+    ``tent``) the row of the best inside-body PSNR (all printed)."""
+    best: dict[str, dict] = {}
     for w in weights:
         t0 = time.perf_counter()
         mu = scorer.tv(drr, geom, grid, w)
         if down > 1:
             n = mu.shape[0] // down
             mu = mu.reshape(n, down, n, down, n, down).mean((1, 3, 5))
-        row = {"mode": name, "tv_weight": w, "det": tuple(np.shape(drr)[1:])}
-        row.update(scorer.score(mu, truth, body), seconds=time.perf_counter() - t0)
-        print(
-            f"    {name:18s} w={w:<6g} det={row['det']} psnr={row['psnr']:.2f} "
-            f"body={row['psnr_body']:.2f} ({row['seconds']:.0f} s)",
-            flush=True,
-        )
-        if best is None or row["psnr_body"] > best["psnr_body"]:
-            best = row
-    return best
+        seconds = time.perf_counter() - t0
+        variants = {name: mu, **({f"{name}+tent": tent_average(mu)} if tent else {})}
+        for mode, vol in variants.items():
+            row = {"mode": mode, "tv_weight": w, "det": tuple(np.shape(drr)[1:])}
+            row.update(scorer.score(vol, truth, body), seconds=seconds)
+            print(
+                f"    {mode:18s} w={w:<6g} det={row['det']} psnr={row['psnr']:.2f} "
+                f"body={row['psnr_body']:.2f} ({seconds:.0f} s)",
+                flush=True,
+            )
+            if mode not in best or row["psnr_body"] > best[mode]["psnr_body"]:
+                best[mode] = row
+    return list(best.values())
 
 
 def detector_modes(args, scan, drr_fine, angles) -> dict:
@@ -142,7 +159,7 @@ def ideal_mode(args, path, angles, scorer) -> dict:
     g, geom = acq.grid(), acq.orbit(angles)
     drr = np.asarray(physics.render_drrs(jnp.asarray(cube, jnp.float32), g, geom))
     body = io.body_mask(cube, g)
-    return sweep(scorer, "ideal", drr, geom, g, cube.astype(np.float32), body, args.tv_weight)
+    return sweep(scorer, "ideal", drr, geom, g, cube.astype(np.float32), body, args.tv_weight)[0]
 
 
 def probe_chest(args, name: str, scorer, key) -> list[dict]:
@@ -180,40 +197,42 @@ def probe_chest(args, name: str, scorer, key) -> list[dict]:
             d, pix = clinical.bin_xrays(drr[:v], args.pixel_mm, fp)
             modes[tag] = (d, clinical.orbit(a, d.shape[1:], pix), grid, 1)
         for mode, (d, geom, g, down) in modes.items():
-            best = sweep(scorer, mode, d, geom, g, truth, body, args.tv_weight, down)
-            rows.append({"chest": name, "views": v, **best})
-        rows.append({"chest": name, "views": v, **ideal_mode(args, path, a, scorer)})
+            if args.modes and not any(mode.startswith(m) for m in args.modes):
+                continue
+            for best in sweep(
+                scorer, mode, d, geom, g, truth, body, args.tv_weight, down, args.tent
+            ):
+                rows.append({"chest": name, "views": v, **best})
+        if not args.modes or "ideal" in args.modes:
+            rows.append({"chest": name, "views": v, **ideal_mode(args, path, a, scorer)})
     return rows
 
 
-def table(rows: list[dict]) -> str:
-    """Markdown: per chest and views, each mode's best-weight PSNR and its difference to a."""
+def table(rows: list[dict], ref_mode: str = "a_resize64") -> str:
+    """Markdown: per chest and views, each mode's best-weight PSNR and its difference to
+    ``ref_mode`` (the same chest and views; blank without it)."""
     lines = [
         "| chest | views | mode | detector | TV weight | PSNR whole | PSNR body | vs a (body) |",
         "|---|---|---|---|---|---|---|---|",
     ]
+    refs = {(r["chest"], r["views"]): r["psnr_body"] for r in rows if r["mode"] == ref_mode}
     for r in rows:
-        ref = next(
-            x
-            for x in rows
-            if (x["chest"], x["views"], x["mode"]) == (r["chest"], r["views"], "a_resize64")
-        )
+        ref = refs.get((r["chest"], r["views"]))
+        diff = "" if ref is None else f"{r['psnr_body'] - ref:+.2f}"
         lines.append(
             f"| {r['chest']} | {r['views']} | {r['mode']} | {r['det'][0]}x{r['det'][1]} | "
-            f"{r['tv_weight']:g} | {r['psnr']:.2f} | {r['psnr_body']:.2f} | "
-            f"{r['psnr_body'] - ref['psnr_body']:+.2f} |"
+            f"{r['tv_weight']:g} | {r['psnr']:.2f} | {r['psnr_body']:.2f} | {diff} |"
         )
     modes = list(dict.fromkeys(r["mode"] for r in rows))
     lines += ["", "| views | mode | mean PSNR whole | mean PSNR body | mean vs a (body) |"]
     lines.append("|---|---|---|---|---|")
     for v in sorted({r["views"] for r in rows}):
-        ref = np.mean(
-            [r["psnr_body"] for r in rows if r["views"] == v and r["mode"] == "a_resize64"]
-        )
+        ref = [p for (_, views), p in refs.items() if views == v]
         for m in modes:
             sel = [r for r in rows if r["views"] == v and r["mode"] == m]
             pw, pb = np.mean([r["psnr"] for r in sel]), np.mean([r["psnr_body"] for r in sel])
-            lines.append(f"| {v} | {m} | {pw:.2f} | {pb:.2f} | {pb - ref:+.2f} |")
+            diff = f"{pb - np.mean(ref):+.2f}" if len(ref) == len(sel) else ""
+            lines.append(f"| {v} | {m} | {pw:.2f} | {pb:.2f} | {diff} |")
     return "\n".join(lines)
 
 
