@@ -104,13 +104,14 @@ def tent_average(mu: np.ndarray) -> np.ndarray:
 def sweep(scorer, name, drr, geom, grid, truth, body, weights, down=1, tent=False) -> list:
     """TV at every weight; per variant (raw, and ``+tent``: ``tent_average``d when
     ``tent``) the row of the best inside-body PSNR (all printed)."""
+    from xct import clinical
+
     best: dict[str, dict] = {}
     for w in weights:
         t0 = time.perf_counter()
         mu = scorer.tv(drr, geom, grid, w)
         if down > 1:
-            n = mu.shape[0] // down
-            mu = mu.reshape(n, down, n, down, n, down).mean((1, 3, 5))
+            mu = clinical.average_down(mu, down)
         seconds = time.perf_counter() - t0
         variants = {name: mu, **({f"{name}+tent": tent_average(mu)} if tent else {})}
         for mode, vol in variants.items():

@@ -147,3 +147,14 @@ def test_xrays_for_grid_keeps_the_detector_extent(sampling):
     np.testing.assert_allclose(extent, [60.0, 96.0], rtol=1e-5)
     with pytest.raises(ValueError, match="sampling"):
         clinical.xrays_for_grid(img, 2.0, [0.0, 90.0], grid, sampling="stretch")
+
+
+def test_average_down_is_the_truth_of_the_finer_grid():
+    rng = np.random.default_rng(1)
+    fine = rng.normal(size=(12, 12, 12)).astype(np.float32)
+    grid = geometry.VolumeGrid.centered((12, 12, 12), 2.0)
+    scan = clinical.ClinicalScan(fine, grid, np.ones((12, 12, 12), bool), 24.0)
+    truth, _ = clinical.truth_cube(scan, 4)
+    np.testing.assert_allclose(clinical.average_down(fine, 3), truth, atol=1e-5)
+    with pytest.raises(ValueError, match="divisible"):
+        clinical.average_down(fine, 5)

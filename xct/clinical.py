@@ -152,6 +152,20 @@ def cube_grid(scan: ClinicalScan, resolution: int, side_mm: float | None = None)
     return VolumeGrid.centered((int(resolution),) * 3, side / int(resolution))
 
 
+def average_down(volume: jax.typing.ArrayLike, factor: int) -> np.ndarray:
+    """``[n*f, n*f, n*f]`` -> ``[n, n, n]``: the mean of each ``f^3`` block (float32).
+
+    Brings a reconstruction on a finer grid of the same cube (``cube_grid(scan, f * r)``)
+    to the ``r^3`` truth: the same box average ``truth_cube`` takes of the scan.
+    """
+    v = np.asarray(volume, np.float32)
+    f = int(factor)
+    if f < 1 or v.ndim != 3 or any(s % f for s in v.shape):
+        raise ValueError(f"average_down: shape {v.shape} is not a volume divisible by {factor}")
+    n0, n1, n2 = (s // f for s in v.shape)
+    return v.reshape(n0, f, n1, f, n2, f).mean((1, 3, 5), dtype=np.float64).astype(np.float32)
+
+
 def truth_cube(
     scan: ClinicalScan, resolution: int, side_mm: float | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
