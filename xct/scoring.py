@@ -8,8 +8,8 @@ What is measured, per volume and per number of views V (``Settings.views``):
 * Volumes: (a) the ``synthetic_chest`` test split's first ``phantoms`` phantoms (seeds
   2,000,000 + i, made as ``data_pipelines/synthetic_chest.py`` makes them; a 400 mm
   cube), and (b) every CT under ``ct_dir`` that ``io.find_ct_sources`` lists and the
-  reader accepts (the others are listed with the reason). A real CT is read with
-  ``io.read_ct`` and checked, put in LPS, clipped, its couch and clutter removed
+  reader accepts (the others are listed with the reason). A real CT is read by
+  ``io.load_cube`` (read, checked, put in LPS, clipped), its couch and clutter removed
   (``io.body_mask``: everything outside the body becomes air, as datasets do) and cut into
   a cube centred on the body: with ``real_fov="body"`` (default) the cube's side is the
   body's larger axial extent (``io.preprocess_body_cube``: the body spans the cube from
