@@ -12,9 +12,9 @@ def smoke(config: ConfigDict) -> ConfigDict:
     c.data.batch_size = 4  # divisible by the 4 fake test devices
     if c.data.source == "tfds":
         # Its own dataset name: a smoke run never occupies the full run's stored dataset.
-        c.data.dataset = "synthetic_chest/smoke_res32_views8"
-        c.data.split_sizes = {"train": 8, "validation": 2, "test": 2}
-    c.data.pool_size = 2
+        c.data.tfds.dataset = "synthetic_chest/smoke_res32_views8"
+        c.data.tfds.split_sizes = {"train": 8, "validation": 2, "test": 2}
+    c.data.render.pool_size = 2
     for key, value in (("base_features", 4), ("features", 4), ("num_iters", 2)):
         if key in c.model:
             c.model[key] = value

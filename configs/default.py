@@ -11,11 +11,10 @@ from xct.configs import common
 
 def get_config(arg: str | None = None) -> ConfigDict:
     c = ConfigDict()
-    c.seed = 0  # root PRNG seed; each step folds in its number
+    c.seed = 0  # root PRNG seed: named streams init/train/data (xct.rng), each step folded in
     c.init_from = ""  # workdir whose checkpoint initialises the parameters (if this one has none)
-    c.distributed = (
-        False  # call jax.distributed.initialize() (also when JAX_COORDINATOR_ADDRESS is set)
-    )
+    # xct.main calls jax.distributed.initialize() (also when JAX_COORDINATOR_ADDRESS is set)
+    c.distributed = False
     c.mesh = ConfigDict({"data": -1, "spatial": 1})  # device mesh axis sizes (-1: all devices)
     # Logical array axes -> mesh axes: batches over "data", volumes split along z over "spatial"
     c.logical_axis_rules = (("batch", "data"), ("z", "spatial"))
@@ -29,36 +28,43 @@ def get_config(arg: str | None = None) -> ConfigDict:
     c.geometry.pixel_mm = 0.0  # detector pixel; 0: the detector just sees the inscribed cylinder
     c.geometry.arc_deg = 180.0  # the nested view angles spread over this arc
 
+    # Training data: xct.data.TfdsSource(**config.data.tfds, ...) or
+    # xct.data.RenderSource(**config.data.render, ...), each also given the acquisition, the
+    # fields below and config.seed. Runs stored with the old flat fields (config.data.pool_size,
+    # ...) load unchanged: xct.experiment.upgrade_config moves them into these sections.
     c.data = ConfigDict()
     c.data.source = "tfds"  # "tfds" (a built dataset) or "render" (phantoms rendered each step)
-    c.data.dataset = "synthetic_chest/res64_views8"  # TFDS NAME/CONFIG (source="tfds")
-    c.data.data_dir = "~/xct_data"  # where TFDS datasets live
-    c.data.split_sizes = ConfigDict()  # override split sizes when the synthetic set is auto-built
     c.data.num_views = 2  # views the model sees (<= views stored in the dataset)
-    c.data.view_selection = "first"  # "first" (nested prefix: 2 = PA + lateral) or "random"
     c.data.batch_size = 4  # global batch (split over the data axis)
-    c.data.intensity_jitter = 0.05  # DRR scale jitter (train)
-    c.data.drr_noise_std = 0.005  # Gaussian noise on normalised DRRs (train)
-    c.data.worker_count = 0  # grain worker processes (0: in the main process)
-    c.data.pool_size = 32  # source="render": phantoms kept on the device
-    c.data.flip = True  # source="render": random left-right flips
-    c.data.elastic_mm = 0.0  # source="render": elastic deformation amplitude
-    c.data.photons = 0.0  # source="render": Poisson noise photons per pixel (0: none)
-    c.data.curriculum_steps = 0  # source="render": deformation/noise ramp up over these steps
-    # ... and phantoms go from simple to full complexity (xct.phantoms.chest_phantom)
-    c.data.complexity_curriculum = True
-    # source="render": real CTs mixed into the phantoms, a new patient each step (random pose,
-    # anisotropic scale, smooth deformation and contrast; xct.data.RenderSource)
-    c.data.real_ct_dir = ""  # folder of CTs (read and preprocessed as ct_folder does)
-    c.data.real_fraction = 0.0  # share of the examples made from real CTs
-    c.data.real_exclude = ()  # globs of names never read (the held-out CTs)
-    c.data.real_scale = 0.15  # anisotropic scale up to +-15 %
-    c.data.real_rotation_deg = 5.0  # rotation standard deviation per axis
-    c.data.real_hu_gain = 0.1  # smooth contrast variation (log gain std)
+
+    c.data.tfds = ConfigDict()  # source="tfds": a dataset built by data_pipelines.build
+    c.data.tfds.dataset = "synthetic_chest/res64_views8"  # TFDS NAME/CONFIG
+    c.data.tfds.data_dir = "~/xct_data"  # where TFDS datasets live
+    c.data.tfds.split_sizes = ConfigDict()  # override split sizes when the set is auto-built
+    c.data.tfds.view_selection = "first"  # "first" (nested prefix: 2 = PA + lateral) or "random"
+    c.data.tfds.intensity_jitter = 0.05  # DRR scale jitter (train)
+    c.data.tfds.drr_noise_std = 0.005  # Gaussian noise on normalised DRRs (train)
+    c.data.tfds.worker_count = 0  # grain worker processes (0: in the main process)
+
+    r = c.data.render = ConfigDict()  # source="render": phantoms rendered each step on device
+    r.pool_size = 32  # phantoms kept on the device
+    r.flip = True  # random left-right flips
+    r.elastic_mm = 0.0  # elastic deformation amplitude
+    r.photons = 0.0  # Poisson noise photons per pixel (0: none)
+    r.curriculum_steps = 0  # deformation/noise ramp up over these steps ...
+    r.complexity_curriculum = True  # ... and phantoms go from simple to full complexity
+    # Real CTs mixed into the phantoms, a new patient each step (random pose, anisotropic
+    # scale, smooth deformation and contrast; xct.data.RenderSource)
+    r.real_ct_dir = ""  # folder of CTs (read and preprocessed as ct_folder does)
+    r.real_fraction = 0.0  # share of the examples made from real CTs
+    r.real_exclude = ()  # globs of names never read (the held-out CTs)
+    r.real_scale = 0.15  # anisotropic scale up to +-15 %
+    r.real_rotation_deg = 5.0  # rotation standard deviation per axis
+    r.real_hu_gain = 0.1  # smooth contrast variation (log gain std)
     # the real CTs' cube: "" (the acquisition's fov_mm, as ct_folder) or "body" (the side the
     # body fills, io.preprocess_body_cube, as the quality table's real-chest cubes)
-    c.data.real_fov = ""
-    c.data.phantom_version = 1  # source="render": 2 adds arms, scapulae, clavicles, breasts, ...
+    r.real_fov = ""
+    r.phantom_version = 1  # xct.phantoms.chest_phantom: 2 adds arms, scapulae, clavicles, ...
 
     c.model = ConfigDict()
     c.model.name = "unet"  # "unet" or "baseline" (xct.models.get_model)

@@ -15,10 +15,10 @@ from xct.configs import common, default
 def get_config(arg=None):
     c = default.get_config()
     c.data.source = "render"  # rendered each step: any resolution, no dataset to build
-    c.data.pool_size = 32
-    c.data.elastic_mm = 8.0
-    c.data.photons = 1e5
-    c.data.curriculum_steps = 2000
+    c.data.render.pool_size = 32
+    c.data.render.elastic_mm = 8.0
+    c.data.render.photons = 1e5
+    c.data.render.curriculum_steps = 2000
     c.model.base_features = 16
     c.model.num_levels = 4
     c.train.stages = "64:20000:8,128:10000:2,256:5000:1"  # resolution:steps:batch

@@ -18,8 +18,8 @@ from xct.configs import common, default
 
 def get_config(arg=None):
     c = default.get_config()
-    c.data.dataset = "synthetic_chest/tiny_res32_views8"
-    c.data.split_sizes = {"train": 80, "validation": 8, "test": 8}
+    c.data.tfds.dataset = "synthetic_chest/tiny_res32_views8"
+    c.data.tfds.split_sizes = {"train": 80, "validation": 8, "test": 8}
     c.geometry.resolution = 32
     c.data.batch_size = 4
     c.model.base_features = 8

@@ -11,7 +11,7 @@ from xct.configs import common, default
 
 def get_config(arg=None):
     c = default.get_config()
-    c.data.dataset = "synthetic_chest/res256_views8"
+    c.data.tfds.dataset = "synthetic_chest/res256_views8"
     c.geometry.resolution = 256
     c.data.batch_size = 2
     c.model.base_features = 16

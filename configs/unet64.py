@@ -8,6 +8,6 @@ from xct.configs import common, default
 
 def get_config(arg=None):
     c = default.get_config()
-    c.data.dataset = "synthetic_chest/res64_views8"
+    c.data.tfds.dataset = "synthetic_chest/res64_views8"
     c.geometry.resolution = 64
     return common.apply_arg(c, arg)

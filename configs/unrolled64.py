@@ -11,7 +11,7 @@ from xct.configs import common, default
 
 def get_config(arg=None):
     c = default.get_config()
-    c.data.dataset = "synthetic_chest/res64_views8"
+    c.data.tfds.dataset = "synthetic_chest/res64_views8"
     c.geometry.resolution = 64
     c.model = ConfigDict(
         {"name": "unrolled", "num_iters": 6, "features": 16, "depth": 3, "memory": 4}

@@ -29,8 +29,8 @@ SPACING_MM = 400.0 / 32  # smoke: 32^3 voxels over 400 mm
 
 def _config(data_dir):
     c = quickstart.get_config("smoke")
-    c.data.data_dir = str(data_dir)
-    c.data.split_sizes = {"train": 1, "validation": 1, "test": 2}  # a padded batch of 4
+    c.data.tfds.data_dir = str(data_dir)
+    c.data.tfds.split_sizes = {"train": 1, "validation": 1, "test": 2}  # a padded batch of 4
     c.eval.save_volumes = 1  # fewer than the 2 test volumes: the cap is exercised
     c.eval.report_volumes = 1
     return c
@@ -55,7 +55,8 @@ def run(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("evaluate")
     c = _config(root / "data")
-    build.build(c.data.dataset, c.data.data_dir, split_sizes=dict(c.data.split_sizes))
+    t = c.data.tfds
+    build.build(t.dataset, t.data_dir, split_sizes=dict(t.split_sizes))
     exp = Experiment.from_config(c)
     abstract = exp.abstract_state
     workdir = root / "run"
@@ -289,7 +290,7 @@ def test_a_stored_dataset_unlike_the_config_is_refused(run):
     is not silently reused."""
     exp, _ = run
     c = exp.config.copy_and_resolve_references()
-    c.data.split_sizes = {"train": 80, "validation": 8, "test": 8}
+    c.data.tfds.split_sizes = {"train": 80, "validation": 8, "test": 8}
     with pytest.raises(ValueError, match="split_sizes: asks test=8, train=80, validation=8"):
         Experiment.from_config(c).data.prepare()
     c = exp.config.copy_and_resolve_references()

@@ -18,18 +18,17 @@ from xct.experiment import Experiment
 
 # Fields read outside Experiment.from_config, with the test that shows them taking effect.
 READ_ELSEWHERE = {
-    "distributed": "sharding.maybe_initialize_distributed (tests/test_multihost.py)",
-    "train.stages": "train.train_progressive (tests/test_train.py, progressive stages)",
+    "distributed": "xct.main: sharding.maybe_initialize_distributed (tests/test_multihost.py)",
 }
 # Non-default values a string field can take (others: numbers doubled or set, bools flipped).
 # "{cts}" and "{net}": a folder (made by the test) for real CTs and a saved segmenter.
 STRINGS = {
     "data.source": "render",
-    "data.dataset": "synthetic_chest/res64_views8",
-    "data.data_dir": "/nonexistent/elsewhere",
-    "data.real_ct_dir": "{cts}",
-    "data.real_fov": "body",
-    "data.view_selection": "random",
+    "data.tfds.dataset": "synthetic_chest/res64_views8",
+    "data.tfds.data_dir": "/nonexistent/elsewhere",
+    "data.render.real_ct_dir": "{cts}",
+    "data.render.real_fov": "body",
+    "data.tfds.view_selection": "random",
     "model.name": "baseline",
     "model.lifting": "expand",
     "model.fusion": "attention",
@@ -48,10 +47,10 @@ SPECIAL = {
     "geometry.resolution": 16,
     "geometry.sod_mm": 1200.0,  # doubled it would pass the detector (sdd_mm 1500)
     "logical_axis_rules": (("batch", "data"), ("z", None)),
-    "data.split_sizes": {"train": 3},
+    "data.tfds.split_sizes": {"train": 3},
     "data.batch_size": 8,
     "eval.report_ids": ("chest.nii.gz",),
-    "data.real_exclude": ("chest_*",),
+    "data.render.real_exclude": ("chest_*",),
     "optim.b1": 0.8,
     "optim.b2": 0.95,
     "optim.ema_decay": 0.9,
@@ -59,7 +58,7 @@ SPECIAL = {
 # Other fields a field needs to take effect (None: the field is removed from the config).
 NEEDS = {
     "train.patch_size": {"loss.projection": 0.0},  # the projection loss needs whole volumes
-    "data.real_fraction": {"data.real_ct_dir": "{cts}"},
+    "data.render.real_fraction": {"data.render.real_ct_dir": "{cts}"},
     "loss.perceptual": {"loss.perceptual_net": "{net}"},
     "loss.perceptual_net": {"loss.perceptual": 0.1},  # held by the loss only when weighted
     # the U-Net's own fields are no keywords of the baseline
@@ -102,14 +101,14 @@ def _base(source: str = "tfds"):
     c.train.patch_overlap = 4
     c.train.num_steps = 1000  # a schedule long enough for its warm-up to show
     c.optim.warmup_steps = 1  # full learning rate from the second update: weight decay shows
-    c.data.curriculum_steps = 10  # the complexity curriculum takes effect only with a ramp
+    c.data.render.curriculum_steps = 10  # the complexity curriculum takes effect only with a ramp
     return c
 
 
 def _leaves(c, prefix=""):
     for k, v in c.items():
         path = f"{prefix}{k}"
-        if isinstance(v, ml_collections.ConfigDict) and len(v) and path != "data.split_sizes":
+        if isinstance(v, ml_collections.ConfigDict) and len(v) and path != "data.tfds.split_sizes":
             yield from _leaves(v, path + ".")
         else:
             yield path, v
@@ -226,11 +225,13 @@ REACHES = {
     "data.source": _at(lambda e: type(e.data).__name__, want=lambda v: f"{v.title()}Source"),
     "data.batch_size": _at("batch_size", "data.batch_size"),
     "data.num_views": _at("num_views", "data.num_views", "eval.num_views", "evaluator.num_views"),
-    "data.split_sizes": _at("data.split_sizes", want=lambda v: tuple(sorted(v.items()))),
-    "data.real_exclude": _at("data.real_exclude", want=tuple),
+    "data.tfds.split_sizes": _at("data.split_sizes", want=lambda v: tuple(sorted(v.items()))),
+    "data.render.real_exclude": _at("data.real_exclude", want=tuple),
+    # config.data.<section>.<field> -> the data source's field of that name
     **{
-        f"data.{f}": _at(f"data.{f}")
-        for f in TFDS_ONLY + RENDER_ONLY
+        f"data.{section}.{f}": _at(f"data.{f}")
+        for section, names in (("tfds", TFDS_ONLY), ("render", RENDER_ONLY))
+        for f in names
         if f not in ("split_sizes", "real_exclude")
     },
     "model.name": _at(lambda e: type(e.setup.model).__name__, want=str.title),
@@ -265,6 +266,7 @@ REACHES = {
     "train.num_steps": _trained_with("loop.num_steps"),
     **{f"train.{f}": _at(f"loop.{f}") for f in _LOOP},
     "train.on_nonfinite": _at("loop.on_nonfinite"),
+    "train.stages": _at("loop.stages"),  # run by train.train_progressive (tests/test_train.py)
     "train.patch_size": _at("setup.patch_size", "setup.model.patch_size"),
     "train.patch_overlap": _at("setup.patch_overlap"),
     "eval.batch_size": _at("eval.batch_size", "evaluator.batch_size"),
@@ -276,10 +278,10 @@ REACHES = {
 REFUSED = [
     ("disc.name", "unet", "config.disc.name: 'unet' is not a discriminator"),
     ("data.source", "hdf5", "config.data.source: expected 'tfds' or 'render'"),
-    ("data.real_ct_dir", "/nonexistent/cts", "config.data.real_ct_dir: /nonexistent/cts is not"),
-    ("data.real_fraction", 0.5, r"config.data.real_fraction > 0 needs config.data.real_ct_dir"),
-    ("data.real_fov", "lungs", "config.data.real_fov: expected '' or 'body'"),
-    ("data.phantom_version", 3, "config.data.phantom_version: expected 1 or 2"),
+    ("data.render.real_ct_dir", "/nonexistent/cts", "config.data.render.real_ct_dir: /nonexist"),
+    ("data.render.real_fraction", 0.5, r"render.real_fraction > 0 needs config.data.render.real"),
+    ("data.render.real_fov", "lungs", "config.data.render.real_fov: expected '' or 'body'"),
+    ("data.render.phantom_version", 3, "config.data.render.phantom_version: expected 1 or 2"),
     ("data.batch_size", 6, "config.data.batch_size: 6 is not divisible"),
     ("loss.gan_kind", "wasserstein", "gan_kind"),
     ("loss.perceptual", 0.5, r"loss.perceptual > 0 needs loss.perceptual_net"),
@@ -296,7 +298,7 @@ REFUSED = [
 
 def _source(path):
     """The data source whose fields ``path`` is one of (tfds for the fields of neither)."""
-    return "render" if path.removeprefix("data.") in RENDER_ONLY else "tfds"
+    return "render" if path.startswith("data.render.") else "tfds"
 
 
 def _config(path, value, folders, needs=True):
@@ -453,9 +455,63 @@ def test_config_differences_names_changed_fields_and_forgives_fields_a_run_preda
 
     config = default.get_config()
     stored = json.loads(config.to_json_best_effort())
-    del stored["data"]["real_fov"]  # written before the field existed
+    del stored["data"]["render"]["real_fov"]  # written before the field existed
     assert experiment.config_differences(config, json.dumps(stored)) == []
-    config.data.real_fov = "body"
+    config.data.render.real_fov = "body"
     config.data.num_views = config.data.num_views + 1
     diffs = experiment.config_differences(config, json.dumps(stored))
-    assert [d.split(":")[0] for d in diffs] == ["data.num_views", "data.real_fov"]
+    assert [d.split(":")[0] for d in diffs] == ["data.num_views", "data.render.real_fov"]
+
+
+def test_old_flat_data_fields_land_in_their_sections():
+    """Configs written before the data sections (a stored config.json, a shipped config.py,
+    a command line with --config.data.pool_size) are translated in one place: the same
+    Experiment, no difference from the sectioned config, flags rewritten."""
+    import json
+
+    from xct import experiment
+
+    config = default.get_config()
+    flat = json.loads(config.to_json_best_effort())
+    for section in ("tfds", "render"):
+        flat["data"].update(flat["data"].pop(section))
+    assert "pool_size" in flat["data"] and "render" not in flat["data"]
+    assert experiment.config_differences(config, json.dumps(flat)) == []
+    flat["data"]["pool_size"] = 5
+    assert [d.split(":")[0] for d in experiment.config_differences(config, json.dumps(flat))] == [
+        "data.render.pool_size"
+    ]
+
+    old = _base("render")
+    with old.unlocked():
+        old.data.pool_size = 3  # the old name, as a config file of the flat layout sets it
+        old.data.real_exclude = ["x*"]
+    upgraded = experiment.upgrade_config(old)
+    assert "pool_size" not in upgraded.data and upgraded.data.render.pool_size == 3
+    assert "pool_size" in old.data  # a copy: the caller's config is left as it was
+    exp = Experiment.from_config(old)
+    assert (exp.data.pool_size, exp.data.real_exclude) == (3, ("x*",))
+    assert exp.config.data.render.pool_size == 3  # config.json records the sections
+
+    assert experiment.legacy_flag("--config.data.data_dir=/d") == "--config.data.tfds.data_dir=/d"
+    assert experiment.legacy_flag("--config.data.pool_size=2") == "--config.data.render.pool_size=2"
+    for same in ("--config.data.num_views=3", "--config.data.render.flip=False", "--workdir=x"):
+        assert experiment.legacy_flag(same) == same
+
+
+def test_sections_are_the_constructors_keyword_arguments():
+    """An unknown or missing field of a section is a ValueError naming the section."""
+    from xct import experiment
+
+    c = _base("render")
+    with c.unlocked():
+        c.train.num_step = 3
+    with pytest.raises(ValueError, match=r"config.train: unknown field\(s\) \['num_step'\]"):
+        Experiment.from_config(c)
+    c = _base("render")
+    with c.unlocked():
+        del c.eval.split
+    with pytest.raises(ValueError, match=r"config.eval: missing field\(s\) \['split'\]"):
+        Experiment.from_config(c)
+    with pytest.raises(ValueError, match=r"config.train: unknown"):
+        experiment.settings(experiment.Loop, {"oops": 1}, "train")

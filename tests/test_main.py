@@ -77,8 +77,8 @@ def test_smoke_runs_keep_their_own_dataset(name):
     module = importlib.import_module(f"xct.configs.{name}")
     full, smoke = module.get_config(), module.get_config("smoke")
     if smoke.data.source == "tfds":
-        assert smoke.data.dataset != full.data.dataset
-        assert smoke.data.dataset.endswith("smoke_res32_views8")
+        assert smoke.data.tfds.dataset != full.data.tfds.dataset
+        assert smoke.data.tfds.dataset.endswith("smoke_res32_views8")
 
 
 def test_configs_is_not_a_top_level_package_outside_the_repo(tmp_path):

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from xct import data, geometry, io, phantoms, sharding
+from xct.configs import default
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +21,8 @@ def ct_dir(tmp_path_factory):
 
 def _source(ct_dir, **kw):
     acq = geometry.Acquisition(resolution=16, fov_mm=400.0)
-    args = dict(acquisition=acq, batch_size=2, num_views=2, seed=0, pool_size=2)
+    args = dict(default.get_config().data.render)  # config.data.render: its keyword arguments
+    args.update(acquisition=acq, batch_size=2, num_views=2, seed=0, pool_size=2)
     args.update(kw)
     return data.RenderSource(**args)
 

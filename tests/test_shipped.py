@@ -186,4 +186,6 @@ def test_quality_table_scores_a_network_in_a_body_filled_cube(tmp_path):
     assert summary["network"]["left_out"] == ["chest_7.nii.gz"]
     # ... and the table names how --config differs from the run's stored config
     differ = [d.split(":")[0] for d in summary["network"]["config_differences"]]
-    assert {"data.real_ct_dir", "data.real_fraction", "data.source"} <= set(differ), differ
+    assert {"data.render.real_ct_dir", "data.render.real_fraction", "data.source"} <= set(differ), (
+        differ
+    )

@@ -1,7 +1,8 @@
 """Data sources for training and the examples evaluation scores.
 
 A training data source is a small object made once from ``config.data`` by the
-Experiment, with the same interface whatever the data comes from:
+Experiment (a section of it is its constructor's keyword arguments: ``config.data.tfds``
+or ``config.data.render``), with the same interface whatever the data comes from:
 
 * ``prepare()`` on the host before anything is compiled (build a missing synthetic
   dataset, check a stored one against what the config asks for);
@@ -27,13 +28,13 @@ import pathlib
 import subprocess
 import sys
 from collections.abc import Iterator
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from xct import geometry, input_pipeline, io, physics, sharding
+from xct import geometry, input_pipeline, io, physics, rng, sharding
 
 #: Views every dataset builder stores (names end in ``_views8``), in nested order; a model
 #: trained on ``k <= 8`` of them saw their first ``k`` angles.
@@ -62,6 +63,7 @@ class DataSource(Protocol):
     """What the training loop and the evaluator need from a data source."""
 
     has_validation: bool
+    source: str  # its name in config.data.source
 
     def prepare(self) -> None: ...
 
@@ -91,7 +93,9 @@ def _stored_info(path: pathlib.Path) -> dict | None:
 
 @dataclasses.dataclass(frozen=True)
 class TfdsSource:
-    """A dataset built by ``data_pipelines.build`` (``config.data.source = "tfds"``)."""
+    """A dataset built by ``data_pipelines.build`` (``config.data.source = "tfds"``):
+    ``TfdsSource(**config.data.tfds, acquisition=..., batch_size=..., num_views=...,
+    seed=..., labels=...)``; the fields' defaults and meanings are in ``configs/default.py``."""
 
     dataset: str  # NAME/CONFIG, e.g. synthetic_chest/res64_views8
     data_dir: str
@@ -99,13 +103,19 @@ class TfdsSource:
     batch_size: int
     num_views: int
     seed: int
-    view_selection: str = "first"
-    intensity_jitter: float = 0.0
-    drr_noise_std: float = 0.0
-    worker_count: int = 0
-    split_sizes: tuple = ()  # ((split, count), ...) asked of an auto-built synthetic set
+    view_selection: str
+    intensity_jitter: float
+    drr_noise_std: float
+    worker_count: int
+    split_sizes: Any  # ((split, count), ...) asked of an auto-built synthetic set (or a mapping)
     labels: bool = False  # hand the organ labels to the step (a segmentation head)
     has_validation: bool = True
+    source: ClassVar[str] = "tfds"  # its config.data.source
+
+    def __post_init__(self):
+        sizes = self.split_sizes or ()
+        sizes = dict(sizes).items() if hasattr(sizes, "items") else sizes
+        object.__setattr__(self, "split_sizes", tuple(sorted((str(k), int(v)) for k, v in sizes)))
 
     @property
     def root(self) -> pathlib.Path:
@@ -129,9 +139,9 @@ class TfdsSource:
         data_dir = self.root
         if not self.dataset.startswith("synthetic_chest/"):
             raise ValueError(
-                f"config.data.dataset: {self.dataset!r} not found in {data_dir}; build it with "
-                f"python -m data_pipelines.build --dataset={self.dataset} --data_dir={data_dir} "
-                "--source_dir=..."
+                f"config.data.tfds.dataset: {self.dataset!r} not found in {data_dir}; build "
+                f"it with python -m data_pipelines.build --dataset={self.dataset} "
+                f"--data_dir={data_dir} --source_dir=..."
             )
         cmd = [sys.executable, "-m", "data_pipelines.build", f"--dataset={self.dataset}"]
         cmd.append(f"--data_dir={data_dir}")
@@ -148,14 +158,14 @@ class TfdsSource:
     def _check(self, info: dict | None) -> None:
         """Refuse a stored dataset that is not what the config asks for."""
         if info is None:
-            raise ValueError(f"config.data.dataset: no dataset_info.json under {self.path}")
+            raise ValueError(f"config.data.tfds.dataset: no dataset_info.json under {self.path}")
         wanted = {k: int(v) for k, v in self.split_sizes}
         have = {k: info["splits"].get(k) for k in wanted}
         if wanted and have != wanted:
             raise ValueError(
-                f"config.data.split_sizes: asks {_sizes(wanted)} but {info['dir']} holds "
+                f"config.data.tfds.split_sizes: asks {_sizes(wanted)} but {info['dir']} holds "
                 f"{_sizes(info['splits'])}; delete that folder to rebuild it, or set "
-                "config.data.data_dir to another folder"
+                "config.data.tfds.data_dir to another folder"
             )
         ex = input_pipeline.data_source(self.dataset, self.root, "train")[0]
         r, stored = self.acquisition.resolution, int(np.shape(ex["drr"])[0])
@@ -242,64 +252,75 @@ class _TfdsStream:
 
 @dataclasses.dataclass(frozen=True)
 class RenderSource:
-    """Phantoms rendered each step on the device (``config.data.source = "render"``).
+    """Phantoms rendered each step on the device (``config.data.source = "render"``):
+    ``RenderSource(**config.data.render, acquisition=..., batch_size=..., num_views=...,
+    seed=...)``; the fields' defaults are in ``configs/default.py``.
 
     ``curriculum_steps > 0``: deformation and noise grow linearly over the first steps,
     and (``complexity_curriculum``) phantoms come from a pool ordered by complexity, drawn
     from its easiest part first; after the ramp the pool is replaced by full phantoms.
+
+    Real CTs mixed into the phantoms (``real_fraction`` of the examples), each a new
+    patient every step: random pose (``real_rotation_deg``), anisotropic scale (up to
+    ``real_scale``), smooth displacement (``elastic_mm``, at least 10 mm) and smooth
+    contrast (``real_hu_gain``) through ``recon.template.warp``; then flips and noise as the
+    phantoms. CTs whose name (path relative to ``real_ct_dir``) matches a glob of
+    ``real_exclude`` are never read: list the held-out ones there. The real CTs' cube
+    before augmentation (``real_fov``): "" (the acquisition's ``fov_mm``, as ``ct_folder``
+    makes datasets) or "body" (``io.preprocess_body_cube``: the cube the body fills, its
+    voxels then taken at the acquisition's size, as in the quality table's real-chest
+    cubes). Batches of step ``s`` use ``fold_in(rng.streams(seed)["data"], s)``.
     """
 
     acquisition: geometry.Acquisition
     batch_size: int
     num_views: int
     seed: int
-    pool_size: int = 32
-    flip: bool = True
-    elastic_mm: float = 0.0
-    photons: float = 0.0
-    curriculum_steps: int = 0
-    complexity_curriculum: bool = True
+    pool_size: int
+    flip: bool
+    elastic_mm: float
+    photons: float
+    curriculum_steps: int
+    complexity_curriculum: bool
+    real_ct_dir: str
+    real_fraction: float
+    real_exclude: tuple[str, ...]
+    real_scale: float
+    real_rotation_deg: float
+    real_hu_gain: float
+    real_fov: str
+    phantom_version: int  # xct.phantoms.chest_phantom's version (2: arms, scapulae, ...)
     has_validation: bool = False
-    # Real CTs mixed into the phantoms (``real_fraction`` of the examples), each a new
-    # patient every step: random pose (``real_rotation_deg``), anisotropic scale (up to
-    # ``real_scale``), smooth displacement (``elastic_mm``, at least 10 mm) and smooth
-    # contrast (``real_hu_gain``) through ``recon.template.warp``; then flips and noise as
-    # the phantoms. CTs whose name (path relative to ``real_ct_dir``) matches a glob of
-    # ``real_exclude`` are never read: list the held-out ones there.
-    real_ct_dir: str = ""
-    real_fraction: float = 0.0
-    real_exclude: tuple[str, ...] = ()
-    real_scale: float = 0.15
-    real_rotation_deg: float = 5.0
-    real_hu_gain: float = 0.1
-    # The real CTs' cube before augmentation: "" (the acquisition's ``fov_mm``, as
-    # ``ct_folder`` makes datasets) or "body" (``io.preprocess_body_cube``: the cube the body
-    # fills, its voxels then taken at the acquisition's size, i.e. the patient rescaled so the
-    # body fills the cube, as in the quality table's real-chest cubes).
-    real_fov: str = ""
-    phantom_version: int = 1  # xct.phantoms.chest_phantom's version (2: arms, scapulae, ...)
+    source: ClassVar[str] = "render"  # its config.data.source
 
     def __post_init__(self):
+        object.__setattr__(self, "real_exclude", tuple(str(g) for g in self.real_exclude or ()))
+        object.__setattr__(self, "real_fov", str(self.real_fov or ""))
         if self.phantom_version not in (1, 2):
             raise ValueError(
-                f"config.data.phantom_version: expected 1 or 2, got {self.phantom_version!r}"
+                f"config.data.render.phantom_version: expected 1 or 2, got {self.phantom_version!r}"
             )
         if not 0.0 <= float(self.real_fraction) <= 1.0:
             raise ValueError(
-                f"config.data.real_fraction: expected a fraction in [0, 1], got "
+                f"config.data.render.real_fraction: expected a fraction in [0, 1], got "
                 f"{self.real_fraction!r}"
             )
         if self.real_fraction > 0 and not self.real_ct_dir:
             raise ValueError(
-                "config.data.real_fraction > 0 needs config.data.real_ct_dir (a folder of CTs)"
+                "config.data.render.real_fraction > 0 needs config.data.render.real_ct_dir "
+                "(a folder of CTs)"
             )
         if self.real_ct_dir and not pathlib.Path(self.real_ct_dir).expanduser().is_dir():
-            raise ValueError(f"config.data.real_ct_dir: {self.real_ct_dir} is not a folder")
+            raise ValueError(f"config.data.render.real_ct_dir: {self.real_ct_dir} is not a folder")
         if self.real_fov not in ("", "body"):
-            raise ValueError(f"config.data.real_fov: expected '' or 'body', got {self.real_fov!r}")
+            raise ValueError(
+                f"config.data.render.real_fov: expected '' or 'body', got {self.real_fov!r}"
+            )
         for name in ("real_scale", "real_rotation_deg", "real_hu_gain"):
             if not float(getattr(self, name)) >= 0:
-                raise ValueError(f"config.data.{name}: expected >= 0, got {getattr(self, name)!r}")
+                raise ValueError(
+                    f"config.data.render.{name}: expected >= 0, got {getattr(self, name)!r}"
+                )
 
     def prepare(self) -> None:
         return None
@@ -325,7 +346,7 @@ class RenderSource:
             names.append(name)
         if not vols:
             raise ValueError(
-                f"config.data.real_ct_dir: no readable CT in {self.real_ct_dir} after "
+                f"config.data.render.real_ct_dir: no readable CT in {self.real_ct_dir} after "
                 f"real_exclude={list(self.real_exclude)}"
             )
         return np.stack(vols), names
@@ -380,7 +401,7 @@ class RenderSource:
 
 
 def real_sources(ct_dir: str, fraction: float, exclude) -> list[tuple[str, pathlib.Path]]:
-    """``(name, path)`` of the CTs a render source with these ``config.data.real_*``
+    """``(name, path)`` of the CTs a render source with these ``config.data.render.real_*``
     settings trains on: those under ``ct_dir`` whose name (path relative to it) matches no
     glob of ``exclude``; none when ``fraction`` is 0."""
     import fnmatch
@@ -452,7 +473,7 @@ def _render(src: RenderSource, by_complexity: bool, key, pool, strength=1.0) -> 
 class _RenderStream:
     def __init__(self, src: RenderSource, mesh, rules, start_step: int):
         self.src, self.mesh, self.rules = src, mesh, rules
-        self.key = jax.random.key(src.seed)
+        self.key = rng.streams(src.seed)["data"]
         ramp = src.curriculum_steps
         self.full = not (ramp and src.complexity_curriculum and start_step < ramp)
         self.pool, self.render = src.renderer(mesh, rules, not self.full)
@@ -464,8 +485,7 @@ class _RenderStream:
             self.pool = None  # free the curriculum pool first
             self.pool, self.render = self.src.renderer(self.mesh, self.rules, False)
             self.full = True
-        key = jax.random.fold_in(self.key, 2 * step + 1)
-        return self.render(key, self.pool, strength)
+        return self.render(rng.step_key(self.key, step), self.pool, strength)
 
     def state(self) -> dict:
         return {}

@@ -33,7 +33,6 @@ import json
 import pathlib
 from typing import Any
 
-import jax
 import numpy as np
 
 from xct import checkpoint, data, evaluator, experiment, io, report
@@ -101,9 +100,9 @@ def restore_state(exp: experiment.Experiment, workdir: pathlib.Path, which: str)
     """``(state, step)`` of ``workdir``'s ``which`` checkpoint ("best" falls back to last).
 
     A checkpoint whose shapes do not fit the experiment is a ``ValueError`` that lists the
-    fields in which the config differs from the workdir's ``config.json``
-    (``restore_members`` compares the shapes first: Orbax's failed restores leave threads
-    that print at exit).
+    fields in which the config differs from the workdir's ``config.json``: the
+    ``Checkpointer`` compares the stored shapes (Orbax's item metadata) with
+    ``exp.abstract_state`` before it reads any array.
     """
     ckpt = checkpoint.Checkpointer(workdir)
     try:
@@ -118,27 +117,6 @@ def restore_state(exp: experiment.Experiment, workdir: pathlib.Path, which: str)
         raise ValueError(f"--workdir: no checkpoint in {workdir / 'checkpoints'}")
     state, _, step = restored
     return state, step
-
-
-def _check_fits(exp: experiment.Experiment, workdir: pathlib.Path) -> None:
-    """Raise the ``_mismatch`` error when the state shapes of the workdir's ``config.json``
-    differ from the experiment's (nothing to compare without a readable ``config.json``)."""
-    stored = workdir / "config.json"
-    if not stored.is_file():
-        return
-    try:
-        import ml_collections
-
-        other = ml_collections.ConfigDict(json.loads(stored.read_text()))
-        with other.unlocked():
-            other.mesh = exp.config.mesh  # where it runs is not part of the checkpoint
-            other.distributed = False
-        theirs = experiment.Experiment.from_config(other).abstract_state
-    except Exception:  # noqa: BLE001 - an old or foreign config.json: let Orbax decide
-        return
-    shapes = lambda t: [(a.shape, str(a.dtype)) for a in jax.tree.leaves(t)]  # noqa: E731
-    if shapes(theirs) != shapes(exp.abstract_state):
-        raise ValueError(_mismatch(exp, workdir, ValueError("state shapes differ")))
 
 
 def _mismatch(exp, workdir: pathlib.Path, error: Exception) -> str:
@@ -161,8 +139,6 @@ def restore_members(exp: experiment.Experiment, workdir, which: str = "best") ->
     for wd, _ in wanted:
         if not wd.is_dir():
             raise ValueError(f"--workdir: {wd} is not a directory")
-    for wd in dict.fromkeys(wd for wd, _ in wanted):  # once per workdir, not per checkpoint
-        _check_fits(exp, wd)
     members = []
     for wd, w in wanted:
         state, step = restore_state(exp, wd, w)
@@ -216,7 +192,7 @@ def evaluate(
         examples = exp.data.examples(exp.eval.split, views)
         if examples is None:
             raise ValueError(
-                f"config.data.source: {exp.config.data.source!r} has no {exp.eval.split!r} "
+                f"config.data.source: {exp.data.source!r} has no {exp.eval.split!r} "
                 "split to evaluate; pass --eval_ct_dir"
             )
     out_dir = out_dir.expanduser()
@@ -256,7 +232,7 @@ def _summary(exp, members, rows, skipped, ct_dir, views, out_dir) -> dict:
         "split": None if ct_dir else exp.eval.split,
         "ct_dir": str(ct_dir) if ct_dir else None,
         "num_views": views,
-        "dataset": None if ct_dir else exp.config.data.get("dataset"),
+        "dataset": None if ct_dir else getattr(exp.data, "dataset", None),
         **evaluator.definitions(),
         **{k: float(np.mean([r[k] for r in rows])) for k in keys},
         "num_volumes": len(rows),

@@ -1,22 +1,23 @@
 """``Experiment.from_config(config)``: everything a run needs, built once, with named fields.
 
-The acquisition (``xct.geometry.Acquisition(**config.geometry)``), the model and its
-optimiser and losses (``steps.Setup``), the device mesh and its logical axis rules, the
-data source (``xct.data``), the loop's schedule (``Loop``) and evaluation settings
-(``EvalSettings``), the evaluator, and the jitted ``init`` / ``train_step`` /
-``predict_hu``, each traced and run under the mesh and its rules. ``train``, ``evaluate``,
-the scripts, notebooks and tests all start here.
+A config section is a constructor's keyword arguments: ``Acquisition(**config.geometry)``,
+``data.TfdsSource(**config.data.tfds, ...)`` or ``data.RenderSource(**config.data.render,
+...)``, ``Loop(**config.train)``, ``EvalSettings(**config.eval)``; the defaults live in
+``configs/default.py`` only. From them: the model and its optimiser and losses
+(``steps.Setup``), the device mesh and its logical axis rules, the evaluator, and the
+jitted ``init`` / ``train_step`` / ``predict_hu``, each traced and run under the mesh and
+its rules. ``train``, ``evaluate``, the scripts, notebooks and tests all start here.
 
-This module turns a ``ConfigDict`` into those objects, but it is not the only reader of
-one: ``from_config`` also starts ``jax.distributed`` when ``config.distributed`` (or the
-environment) asks, and the ``Experiment`` keeps the ``ConfigDict`` it was made from
-(``Experiment.config``), which is read again after the build: by ``dummy_batch``
-(``config.model.seg_classes``), by ``config_json`` (``WORKDIR/config.json``) and by the
-modules handed an ``Experiment`` (``xct.evaluate`` reads its mesh, data source and dataset
-and compares it with a stored run's config).
+Only this module (and ``xct.main``) reads a ``ConfigDict``: the ``Experiment`` holds typed
+settings, and keeps its config only as the record written to ``WORKDIR/config.json`` and
+compared with a stored run's (``config_differences``). ``jax.distributed`` is started by
+``xct.main``, before anything is built. Configs written before the data sections (flat
+``config.data.pool_size``, ...: stored runs, shipped checkpoints, old command lines) are
+translated in one place, ``upgrade_config`` (``LEGACY_DATA_FIELDS``).
 
     exp = Experiment.from_config(config)
-    state = exp.init(key, exp.dummy_batch())
+    state = exp.fresh_state()
+    key = jax.random.fold_in(exp.streams["train"], step)
     state, metrics = exp.train_step(state, exp.data.open(...).batch(step), key)
     hu = exp.predict_hu(state.ema_params, drr, angles_deg)
 """
@@ -29,12 +30,49 @@ import json
 from typing import Any
 
 import jax
+import ml_collections
 import optax
 
-from xct import data, evaluator, geometry, models, sharding, steps
+from xct import data, evaluator, geometry, models, rng, sharding, steps
 
 #: Loss weights of ``config.loss`` (the other loss fields are settings).
 LOSS_SETTINGS = ("gan_kind", "projection_extra_views", "perceptual_net")
+
+#: The flat ``config.data`` fields of configs written before the data sections, and the
+#: section of ``config.data`` each now lives in (``upgrade_config``).
+LEGACY_DATA_FIELDS = {
+    **dict.fromkeys(
+        (
+            "dataset",
+            "data_dir",
+            "split_sizes",
+            "view_selection",
+            "intensity_jitter",
+            "drr_noise_std",
+            "worker_count",
+        ),
+        "tfds",
+    ),
+    **dict.fromkeys(
+        (
+            "pool_size",
+            "flip",
+            "elastic_mm",
+            "photons",
+            "curriculum_steps",
+            "complexity_curriculum",
+            "real_ct_dir",
+            "real_fraction",
+            "real_exclude",
+            "real_scale",
+            "real_rotation_deg",
+            "real_hu_gain",
+            "real_fov",
+            "phantom_version",
+        ),
+        "render",
+    ),
+}
 
 
 class MeshFunction:
@@ -55,15 +93,18 @@ class MeshFunction:
 
 @dataclasses.dataclass(frozen=True)
 class Loop:
-    """The training loop's schedule (``config.train``)."""
+    """The training loop's settings: ``Loop(**config.train)`` (comments there)."""
 
     num_steps: int
     log_every: int
     eval_every: int
     checkpoint_every: int
-    keep_checkpoints: int = 3
-    max_seconds: float = 0.0
-    on_nonfinite: str = "stop"  # a step with a NaN/inf loss or gradient: "stop" or "skip"
+    keep_checkpoints: int
+    max_seconds: float
+    on_nonfinite: str  # a step with a NaN/inf loss or gradient: "stop" or "skip"
+    patch_size: int  # > 0: the model trains on random P^3 patches (``steps.Setup``)
+    patch_overlap: int
+    stages: str  # progressive stages (``train.train_progressive`` runs one Loop per stage)
 
     def __post_init__(self):
         if self.on_nonfinite not in ("stop", "skip"):
@@ -74,19 +115,44 @@ class Loop:
 
 @dataclasses.dataclass(frozen=True)
 class EvalSettings:
-    """What ``--mode=evaluate`` scores and writes (``config.eval``)."""
+    """What ``--mode=evaluate`` scores and writes: ``EvalSettings(**config.eval)``."""
 
     batch_size: int
     split: str
     num_views: int  # views given to the model (0 in the config: as trained)
     save_volumes: int
     report_volumes: int
-    report_ids: tuple[str, ...] = ()  # volumes shown in the report (default: spread evenly)
+    report_ids: tuple[str, ...]  # volumes shown in the report (empty: spread evenly)
+
+    def __post_init__(self):
+        object.__setattr__(self, "report_ids", tuple(str(i) for i in self.report_ids or ()))
+
+
+def settings(cls, section, name: str):
+    """``cls(**section)``: a config section as the keyword arguments of the settings class
+    it configures. Raises ``ValueError`` naming ``config.<name>`` and the unknown or
+    missing fields."""
+    given = dict(section)
+    fields = [f for f in dataclasses.fields(cls) if f.init]
+    names = {f.name for f in fields}
+    unknown = sorted(set(given) - names)
+    if unknown:
+        raise ValueError(f"config.{name}: unknown field(s) {unknown}, expected {sorted(names)}")
+    missing = sorted(
+        f.name
+        for f in fields
+        if f.name not in given
+        and f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
+    )
+    if missing:
+        raise ValueError(f"config.{name}: missing field(s) {missing}")
+    return cls(**given)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Experiment:
-    config: Any  # the ConfigDict it was made from (written to WORKDIR/config.json)
+    config: Any  # the (upgraded) ConfigDict it was made from: a record, never read again
     acquisition: geometry.Acquisition
     setup: steps.Setup
     mesh: jax.sharding.Mesh
@@ -98,6 +164,8 @@ class Experiment:
     init_from: str
     num_views: int
     batch_size: int
+    seg_classes: int  # > 0: batches carry organ labels for the segmentation head
+    streams: dict  # the named random streams of ``seed`` (``rng.streams``)
     init: MeshFunction  # (key, batch) -> TrainState
     train_step: MeshFunction  # (state, batch, key) -> (state, metrics)
     predict_hu: MeshFunction  # (params, drr [B, V, r, r], angles_deg [B, V]) -> HU
@@ -120,21 +188,23 @@ class Experiment:
 
     @classmethod
     def from_config(cls, config) -> Experiment:
-        """Build every part of ``config`` (raises ``ValueError`` naming a bad field)."""
-        sharding.maybe_initialize_distributed(config.get("distributed", None) or None)
+        """Build every part of ``config`` (raises ``ValueError`` naming a bad field). Old
+        flat ``config.data`` fields are accepted (``upgrade_config``)."""
+        config = upgrade_config(config)
         mesh = sharding.make_mesh(dict(config.mesh))
         rules = sharding.check_rules(config.get("logical_axis_rules", sharding.DEFAULT_RULES))
         acq = acquisition_from_config(config)
-        setup = make_setup(config, acq)
-        batch_size, num_views = int(config.data.batch_size), int(config.data.num_views)
+        loop = settings(Loop, config.train, "train")
+        setup = make_setup(config, acq, loop)
+        source = make_data_source(config, acq)
+        batch_size, num_views = source.batch_size, source.num_views
         if batch_size % sharding.batch_axis_size(mesh, rules):
             raise ValueError(
                 f"config.data.batch_size: {batch_size} is not divisible by the "
                 f"{sharding.batch_axis_size(mesh, rules)} devices of the batch axis"
             )
-        batch = data.dummy_batch(
-            acq, batch_size, num_views, int(config.model.get("seg_classes", 0))
-        )
+        seg_classes = int(config.model.get("seg_classes", 0))
+        batch = data.dummy_batch(acq, batch_size, num_views, seg_classes)
         rep = sharding.replicated(mesh)  # parameters and optimiser state: every leaf
         init = functools.partial(steps.create_train_state, setup)
         train_step = jax.jit(
@@ -144,37 +214,26 @@ class Experiment:
             donate_argnums=0,
         )
         predict_hu = MeshFunction(jax.jit(functools.partial(_predict_hu, setup)), mesh, rules)
-        e = config.eval
-        eval_settings = EvalSettings(
-            int(e.batch_size),
-            str(e.split),
-            int(e.num_views) or num_views,
-            int(e.save_volumes),
-            int(e.report_volumes),
-            tuple(str(i) for i in e.get("report_ids", ()) or ()),
+        eval_settings = settings(EvalSettings, config.eval, "eval")
+        eval_settings = dataclasses.replace(
+            eval_settings, num_views=eval_settings.num_views or num_views
         )
-        t = config.train
+        seed = int(config.seed)
         return cls(
             config=config,
             acquisition=acq,
             setup=setup,
             mesh=mesh,
             rules=rules,
-            data=make_data_source(config, acq),
-            loop=Loop(
-                int(t.num_steps),
-                int(t.log_every),
-                int(t.eval_every),
-                int(t.checkpoint_every),
-                int(t.keep_checkpoints),
-                float(t.get("max_seconds", 0.0)),
-                str(t.get("on_nonfinite", "stop")),
-            ),
+            data=source,
+            loop=loop,
             eval=eval_settings,
-            seed=int(config.seed),
+            seed=seed,
             init_from=str(config.get("init_from", "") or ""),
             num_views=num_views,
             batch_size=batch_size,
+            seg_classes=seg_classes,
+            streams=rng.streams(seed),
             init=MeshFunction(jax.jit(init, out_shardings=rep), mesh, rules),
             train_step=MeshFunction(train_step, mesh, rules),
             predict_hu=predict_hu,
@@ -216,7 +275,7 @@ class Experiment:
             self.acquisition,
             batch_size or self.batch_size,
             self.num_views,
-            int(self.config.model.get("seg_classes", 0)),
+            self.seg_classes,
         )
 
     def shard(self, batch: dict) -> dict:
@@ -224,9 +283,8 @@ class Experiment:
         return sharding.shard_batch(batch, self.mesh, self.rules)
 
     def fresh_state(self):
-        """The initial state (the root key of ``config.seed``, folded with -1)."""
-        key = jax.random.fold_in(jax.random.key(self.seed), -1 % (2**31))
-        return self.init(key, self.dummy_batch())
+        """The initial state, from the ``init`` stream of ``config.seed`` (``rng.streams``)."""
+        return self.init(self.streams["init"], self.dummy_batch())
 
     def config_json(self) -> str:
         return self.config.to_json_best_effort(indent=1)
@@ -262,26 +320,21 @@ def load_config(spec: str):
     module_spec = importlib.util.spec_from_file_location(f"_xct_config_{file.stem}", file)
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
-    return module.get_config(arg or None)
+    return upgrade_config(module.get_config(arg or None))
 
 
 def acquisition_from_config(config) -> geometry.Acquisition:
     """``Acquisition(**config.geometry)`` (a bad field raises naming it)."""
-    g = dict(config.geometry)
-    fields = {f.name for f in dataclasses.fields(geometry.Acquisition)}
-    unknown = sorted(set(g) - fields)
-    if unknown:
-        raise ValueError(f"config.geometry: unknown field(s) {unknown}, expected {sorted(fields)}")
-    return geometry.Acquisition(**g)
+    return settings(geometry.Acquisition, config.geometry, "geometry")
 
 
-def make_model(config, acq: geometry.Acquisition):
-    """The generator of ``config.model`` on ``acq`` (and ``config.train.patch_size``)."""
+def make_model(config, acq: geometry.Acquisition, patch: int = 0):
+    """The generator of ``config.model`` on ``acq`` (training on ``patch``^3 patches when
+    ``patch > 0``: ``config.train.patch_size``)."""
     kwargs = dict(config.model)
     name = kwargs.pop("name")
     if name in models.DISCRIMINATORS:
         raise ValueError(f"config.model.name: {name!r} is a discriminator, not a generator")
-    patch = int(config.train.get("patch_size", 0))
     if patch:
         if "patch_size" not in models.model_kwargs(name):
             raise ValueError(f"config.train.patch_size: model {name!r} has no patch mode")
@@ -310,8 +363,9 @@ def make_optimizer(o, num_steps: int) -> optax.GradientTransformation:
     )
 
 
-def make_setup(config, acq: geometry.Acquisition) -> steps.Setup:
-    """Model, optimisers and losses of ``config`` (``steps.Setup``)."""
+def make_setup(config, acq: geometry.Acquisition, loop: Loop) -> steps.Setup:
+    """Model, optimisers and losses of ``config`` (``steps.Setup``) for ``loop``'s steps and
+    patches."""
     weights = {k: float(v) for k, v in config.loss.items() if k not in LOSS_SETTINGS}
     gan = weights.get("adversarial", 0.0) > 0 or weights.get("feature_matching", 0.0) > 0
     disc = disc_tx = None
@@ -339,8 +393,8 @@ def make_setup(config, acq: geometry.Acquisition) -> steps.Setup:
             "python -m scripts.train_segmenter"
         )
     return steps.Setup(
-        model=make_model(config, acq),
-        tx=make_optimizer(config.optim, int(config.train.num_steps)),
+        model=make_model(config, acq, loop.patch_size),
+        tx=make_optimizer(config.optim, loop.num_steps),
         loss_weights=weights,
         ema_decay=float(config.optim.ema_decay),
         acquisition=acq,
@@ -348,14 +402,16 @@ def make_setup(config, acq: geometry.Acquisition) -> steps.Setup:
         disc=disc,
         disc_tx=disc_tx,
         gan_kind=str(config.loss.get("gan_kind", "lsgan")),
-        patch_size=int(config.train.get("patch_size", 0)),
-        patch_overlap=int(config.train.get("patch_overlap", 0)),
+        patch_size=loop.patch_size,
+        patch_overlap=loop.patch_overlap,
         perceptual=perceptual,
     )
 
 
 def make_data_source(config, acq: geometry.Acquisition) -> data.DataSource:
-    """The training data source of ``config.data.source``."""
+    """The training data source of ``config.data.source``: ``TfdsSource(**config.data.tfds,
+    ...)`` or ``RenderSource(**config.data.render, ...)``, given the acquisition, the
+    batch, the views and the seed."""
     d = config.data
     common = dict(
         acquisition=acq,
@@ -364,48 +420,61 @@ def make_data_source(config, acq: geometry.Acquisition) -> data.DataSource:
         seed=int(config.seed),
     )
     if d.source == "tfds":
-        return data.TfdsSource(
-            dataset=str(d.dataset),
-            data_dir=str(d.data_dir),
-            view_selection=str(d.view_selection),
-            intensity_jitter=float(d.intensity_jitter),
-            drr_noise_std=float(d.drr_noise_std),
-            worker_count=int(d.get("worker_count", 0)),
-            split_sizes=tuple(sorted((str(k), int(v)) for k, v in dict(d.split_sizes).items())),
-            labels=int(config.model.get("seg_classes", 0)) > 0,
-            **common,
-        )
+        labels = int(config.model.get("seg_classes", 0)) > 0
+        return settings(data.TfdsSource, {**d.tfds, **common, "labels": labels}, "data.tfds")
     if d.source == "render":
-        return data.RenderSource(
-            pool_size=int(d.pool_size),
-            flip=bool(d.flip),
-            elastic_mm=float(d.elastic_mm),
-            photons=float(d.photons),
-            curriculum_steps=int(d.get("curriculum_steps", 0)),
-            complexity_curriculum=bool(d.get("complexity_curriculum", True)),
-            real_ct_dir=str(d.get("real_ct_dir", "")),
-            real_fraction=float(d.get("real_fraction", 0.0)),
-            real_exclude=tuple(str(g) for g in d.get("real_exclude", ())),
-            real_scale=float(d.get("real_scale", 0.15)),
-            real_rotation_deg=float(d.get("real_rotation_deg", 5.0)),
-            real_hu_gain=float(d.get("real_hu_gain", 0.1)),
-            real_fov=str(d.get("real_fov", "") or ""),
-            phantom_version=int(d.get("phantom_version", 1)),
-            **common,
-        )
+        return settings(data.RenderSource, {**d.render, **common}, "data.render")
     raise ValueError(f"config.data.source: expected 'tfds' or 'render', got {d.source!r}")
 
 
+def upgrade_data(d: dict) -> dict:
+    """A ``config.data`` mapping (a stored ``config.json``'s included) with the old flat
+    fields (``LEGACY_DATA_FIELDS``) moved into their sections."""
+    out = dict(d)
+    for k, section in LEGACY_DATA_FIELDS.items():
+        if k in out:
+            out[section] = {**dict(out.get(section) or {}), k: out.pop(k)}
+    return out
+
+
+def upgrade_config(config):
+    """``config`` with the old flat ``config.data`` fields moved into ``config.data.tfds``
+    and ``config.data.render`` (a copy; ``config`` itself when it has none). The one
+    translation of configs written before the sections: stored runs, shipped checkpoints'
+    ``config.py``, ``--config.data.pool_size=...`` (``legacy_flag``)."""
+    if not any(k in config.data for k in LEGACY_DATA_FIELDS):
+        return config
+    c = config.copy_and_resolve_references()
+    with c.unlocked():
+        c.data = ml_collections.ConfigDict(upgrade_data(c.data.to_dict()))
+    return c
+
+
+def legacy_flag(arg: str) -> str:
+    """``--config.data.pool_size=2`` -> ``--config.data.render.pool_size=2`` (old command
+    lines); any other argument unchanged."""
+    head, sep, value = arg.partition("=")
+    prefix = "--config.data."
+    field = head[len(prefix) :] if head.startswith(prefix) else ""
+    if field in LEGACY_DATA_FIELDS:
+        return f"{prefix}{LEGACY_DATA_FIELDS[field]}.{field}{sep}{value}"
+    return arg
+
+
 def config_differences(config, stored_json: str) -> list[str]:
-    """Fields whose value in ``config`` differs from a stored ``config.json`` (``a.b: x != y``).
+    """Fields whose value in ``config`` differs from a stored ``config.json`` (``a.b: x != y``;
+    both with the old flat data fields in their sections, ``upgrade_data``).
 
     A field the stored config lacks (a run that predates the field) counts as a difference
     only when ``config`` sets it to something other than ``configs/default.py``'s value:
     such a run behaved as the default does."""
     from xct.configs import default
 
-    stored = json.loads(stored_json)
-    current = json.loads(config.to_json_best_effort())
+    def upgraded(c: dict) -> dict:
+        return {**c, "data": upgrade_data(c.get("data") or {})} if "data" in c else c
+
+    stored = upgraded(json.loads(stored_json))
+    current = upgraded(json.loads(config.to_json_best_effort()))
     defaults = json.loads(default.get_config().to_json_best_effort())
     out = []
 

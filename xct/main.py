@@ -87,11 +87,13 @@ def main(argv) -> int:
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
-    from xct import evaluate
+    from xct import evaluate, sharding
     from xct.experiment import Experiment
 
     console.enable_compilation_cache(FLAGS.compilation_cache_dir, enabled=FLAGS.compilation_cache)
     config = FLAGS.config
+    # Before any device is touched: every host then sees the global devices.
+    sharding.maybe_initialize_distributed(config.get("distributed", None) or None)
     try:
         if FLAGS.mode == "train":
             result = _train(config, FLAGS.workdir)
@@ -231,8 +233,13 @@ def config_path(spec: str) -> str:
 
 
 def _config_names(argv: list[str]) -> list[str]:
-    """``--config=NAME`` / ``--config NAME`` -> the shipped file's path."""
-    out = list(argv)
+    """``--config=NAME`` / ``--config NAME`` -> the shipped file's path; an old flat data
+    field (``--config.data.pool_size=2``) -> its section (``experiment.legacy_flag``)."""
+    from xct import experiment
+
+    # config_flags reads the overrides' names from sys.argv itself.
+    sys.argv = [experiment.legacy_flag(a) for a in sys.argv]
+    out = [experiment.legacy_flag(a) for a in argv]
     for i, a in enumerate(out):
         if a.startswith("--config="):
             out[i] = "--config=" + config_path(a[len("--config=") :])

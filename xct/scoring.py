@@ -574,14 +574,16 @@ def solvers_for(grid, s: Settings, arc_deg: float | None) -> Solvers:
 
 def trained_on(*data_configs) -> list[str]:
     """Resolved paths of the real CTs a render-source model trained on, from its
-    ``config.data`` settings (each a mapping with ``real_ct_dir``, ``real_fraction``,
-    ``real_exclude``; the union over all given): the table never scores a network on them.
+    ``config.data`` settings (each a mapping with ``render.real_ct_dir``, ``...real_fraction``,
+    ``...real_exclude``, or those fields flat as older runs stored them; the union over all
+    given): the table never scores a network on them.
     A relative ``real_ct_dir`` is taken from the working directory, as training took it."""
     from xct import data
 
     out = set()
     for d in data_configs:
         d = dict(d or {})
+        d.update(d.pop("render", None) or {})  # config.data.render (or a flat, older layout)
         if d.get("source", "render") != "render":
             continue
         sources = data.real_sources(
@@ -659,7 +661,7 @@ def network_solvers(config, s: Settings, arc_deg: float) -> tuple[dict, dict]:
     "body"``: each chest's body-filled cube) is reconstructed by the same parameters through
     ``Experiment.with_acquisition`` of that cube (same resolution, orbit and detector pixels;
     voxels and pixels of that cube's size): the network sees the body fill its cube as a
-    body-cube training pool shows it (``config.data.real_fov="body"``). One volume at a
+    body-cube training pool shows it (``config.data.render.real_fov="body"``). One volume at a
     time, on one device (``config.mesh`` is set to a single device)."""
     import jax
     import jax.numpy as jnp

@@ -2,8 +2,11 @@
 
 ``train_and_evaluate(exp, workdir)`` runs ``exp.train_step`` (``xct.steps``, jitted once
 by the Experiment on its mesh) from this workdir's last checkpoint, else from
-``config.init_from``, else fresh. Randomness per step is ``fold_in(root_key, step)`` and
-the data source's state is saved beside each checkpoint, so a resumed run computes exactly
+``config.init_from``, else fresh. Randomness comes from named streams of ``config.seed``
+(``xct.rng``: ``jax.random.split(jax.random.key(seed), 3)`` named ``init``, ``train``,
+``data`` in that order): the initial parameters use ``init``, step ``s`` uses
+``fold_in(train, s)`` and a rendered data source ``fold_in(data, s)``. No key is saved:
+with the data source's state saved beside each checkpoint, a resumed run computes exactly
 the steps it would have computed; the metrics log is cut back to the restored step, so a
 run killed at any moment and restarted leaves the log an uninterrupted run would have
 written. Validation uses the experiment's evaluator (the one ``--mode=evaluate`` uses)
@@ -28,7 +31,7 @@ from typing import NamedTuple
 import jax
 import numpy as np
 
-from xct import checkpoint, sharding
+from xct import checkpoint, experiment, rng, sharding
 from xct.experiment import Experiment
 
 
@@ -200,7 +203,6 @@ def _run(exp: Experiment, workdir: pathlib.Path) -> dict:
         ckpt.close()
         raise
     stream = exp.data.open(exp.mesh, exp.rules, data_state, start)
-    root_key = jax.random.key(exp.seed)
     logger = Logger(workdir, is_main, start)
     stop = {"signal": None}
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
@@ -214,7 +216,7 @@ def _run(exp: Experiment, workdir: pathlib.Path) -> dict:
     try:
         for step in range(start, loop.num_steps):
             batch = stream.batch(step)
-            key = jax.random.fold_in(root_key, 2 * step)
+            key = rng.step_key(exp.streams["train"], step)
             if step == start and jax.process_count() > 1:
                 # Compile first, then meet: compile times differ between hosts by more
                 # than the collectives' set-up waits.
@@ -282,6 +284,7 @@ def parse_stages(text: str) -> list[tuple[int, int, int]]:
 def stage_configs(config) -> list:
     """One config per stage of ``config.train.stages`` (resolution, steps, batch set)."""
     out = []
+    config = experiment.upgrade_config(config)
     for res, steps, batch in parse_stages(config.train.stages):
         c = config.copy_and_resolve_references()
         with c.unlocked():
@@ -291,7 +294,7 @@ def stage_configs(config) -> list:
             if batch:
                 c.data.batch_size = batch
             if c.data.source == "tfds":
-                c.data.dataset = re.sub(r"res\d+", f"res{res}", c.data.dataset)
+                c.data.tfds.dataset = re.sub(r"res\d+", f"res{res}", c.data.tfds.dataset)
             if int(c.train.get("patch_size", 0)) > res:
                 c.train.patch_size = 0  # a stage smaller than the patch trains on whole volumes
         out.append(c)
