@@ -4,7 +4,10 @@ The same object validates during training (``validate``: mean scores of a split,
 pick the best checkpoint) and produces the reported numbers of ``--mode=evaluate``
 (``run``: per-volume rows, NIfTI volumes, figure data), so the two can never disagree.
 Its predictor is compiled once per input shape (the Experiment's ``predict_hu``), and the
-scores are one jitted function.
+scores are one jitted function. Where no volume is kept (validation, or an evaluation that
+writes and shows none), ``score`` runs the whole of it -- prediction, the members' mean,
+re-projection and per-example scores -- as one jitted step on the mesh that returns the
+scores only, so no volume comes to the host.
 
 Scores (``volume_scores``) are the primary definition of ``xct.metrics`` (HU clipped to
 [-1000, 1024] scaled to [0, 1]; PSNR over the 3D volume with peak 1; 3D SSIM with a
@@ -15,6 +18,7 @@ prediction compared with the input DRRs.
 
 from __future__ import annotations
 
+import functools
 import pathlib
 import re
 from collections.abc import Iterable, Iterator, Sequence
@@ -47,6 +51,14 @@ def _scores_of(pred_hu, true_hu, pred_drr, input_drr, body) -> dict[str, jax.Arr
 
 _scores = jax.jit(_scores_of)
 _x2ct = jax.jit(metrics.x2ct_metrics)
+
+
+def _score_step(predict, acquisition, params_list, drr, angles_deg, true_hu) -> dict:
+    """Per-example scores ``[B]`` of the members' mean prediction from ``drr [B, V, r, r]``
+    and ``angles_deg [B, V]`` against ``true_hu [B, r, r, r]`` (pure: jit it on the mesh)."""
+    hu = sum(predict(p, drr, angles_deg) for p in params_list) / len(params_list)
+    pred_drr = jax.vmap(functools.partial(data._render_views, acquisition))(hu, angles_deg)
+    return _scores_of(hu, true_hu, pred_drr, drr, None)
 
 
 def body_box(body: np.ndarray) -> tuple[slice, ...]:
@@ -183,6 +195,8 @@ class Evaluator:
         self.mesh, self.rules = mesh, rules
         self.batch_size, self.num_views = int(batch_size), int(num_views)
         self.render = data.drr_renderer(acquisition)
+        predict = getattr(predict_hu, "jitted", predict_hu)  # traced inside the step below
+        self._score_step = jax.jit(functools.partial(_score_step, predict, acquisition))
         if self.batch_size % sharding.batch_axis_size(mesh, rules):
             raise ValueError(
                 f"config.eval.batch_size: {self.batch_size} is not divisible by the "
@@ -208,6 +222,37 @@ class Evaluator:
             hu = np.asarray(hu, np.float64)[:n]
             total = hu if total is None else total + hu
         return (total / len(params_list)).astype(np.float32)
+
+    def score(self, params_list: Sequence, drr, angles_deg, true_hu) -> dict[str, np.ndarray]:
+        """Per-example scores (``volume_scores``' keys without a body mask, each ``[B]``) of
+        the members' mean prediction from host arrays ``drr [B, V, r, r]``, ``angles_deg
+        [B, V]`` and ``true_hu [B, r, r, r]``: one jitted step on the mesh; only the scores
+        come back to the host."""
+        drr, angles_deg = np.asarray(drr, np.float32), np.asarray(angles_deg, np.float32)
+        true_hu = np.asarray(true_hu, np.float32)
+        n = drr.shape[0]
+        split = sharding.batch_axis_size(self.mesh, self.rules) * jax.process_count()
+        pad = -n % split  # repeat the last example so the batch splits over the devices
+        host = {"drr": drr, "angles_deg": angles_deg, "ct": true_hu}
+        if pad:
+            host = {k: np.concatenate([v, np.repeat(v[-1:], pad, 0)]) for k, v in host.items()}
+        batch = sharding.shard_batch(sharding.process_rows(host), self.mesh, self.rules)
+        with sharding.activation_context(self.mesh, self.rules):
+            scores = self._score_step(
+                list(params_list), batch["drr"], batch["angles_deg"], batch["ct"]
+            )
+        return {k: np.asarray(v)[:n] for k, v in sharding.fetch(scores).items()}
+
+    def _scores_only(self, params_list, exs: list[data.Example]) -> dict:
+        n, b = len(exs), self.batch_size
+        padded = exs + [exs[-1]] * (b - n)
+        true_hu = physics.denormalize_ct(np.stack([e.ct for e in padded]))
+        return self.score(
+            params_list,
+            np.stack([e.drr for e in padded]),
+            np.stack([e.angles_deg for e in padded]),
+            np.asarray(true_hu),
+        )
 
     def _score_chunk(self, params_list, exs: list[data.Example]):
         n, b = len(exs), self.batch_size
@@ -240,11 +285,15 @@ class Evaluator:
         in ``report_ids`` when given.
         """
         rows, candidates, taken = [], [], set()
+        volumes = out_dir is not None and save_volumes != 0 or report_volumes or report_ids
         for exs in chunks(examples, self.batch_size):
+            if not volumes:  # scores only: one jitted step, nothing else comes back
+                scores = self._scores_only(params_list, exs)
+                rows += [_row(e, scores, i) for i, e in enumerate(exs)]
+                continue
             true_hu, pred_hu, pred_drr, scores = self._score_chunk(params_list, exs)
             for i, e in enumerate(exs):
-                row = {"id": e.id, **{k: float(scores[k][i]) for k in ordered(scores)}}
-                row.update(source=e.source, pred_nifti="", gt_nifti="")
+                row = _row(e, scores, i)
                 if out_dir is not None and (save_volumes < 0 or len(rows) < save_volumes):
                     stem = safe_name(e.id, taken)
                     for kind, vol in (("pred", pred_hu[i]), ("gt", true_hu[i])):
@@ -275,3 +324,10 @@ class Evaluator:
             raise ValueError("validation: the split has no examples")
         keys = [k for k in rows[0] if k not in ("id", "source", "pred_nifti", "gt_nifti")]
         return {k: float(np.mean([r[k] for r in rows])) for k in keys}
+
+
+def _row(e: data.Example, scores: dict, i: int) -> dict:
+    """The per-volume row of example ``e``, the ``i``-th of ``scores``."""
+    row = {"id": e.id, **{k: float(scores[k][i]) for k in ordered(scores)}}
+    row.update(source=e.source, pred_nifti="", gt_nifti="")
+    return row
