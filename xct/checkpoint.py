@@ -26,6 +26,7 @@ import os
 import pathlib
 import re
 import socket
+import sys
 import zlib
 from typing import Any
 
@@ -67,6 +68,24 @@ def _quiet_orbax_errors() -> None:
     absl = logging.getLogger("absl")
     if not any(isinstance(f, _OrbaxWriteErrors) for f in absl.filters):
         absl.addFilter(_OrbaxWriteErrors())
+    if not getattr(sys.unraisablehook, "_xct", False):
+        sys.unraisablehook = _unraisable_hook(sys.unraisablehook)
+
+
+def _unraisable_hook(previous):
+    """After a failed save, TensorStore completes the save's other writes into Orbax's
+    already closed event loop, and each prints ``RuntimeError: Event loop is closed`` (an
+    unraisable exception, hundreds of tracebacks); those alone are dropped unless verbose."""
+
+    def hook(unraisable):
+        e = unraisable.exc_value
+        if console.verbose() or not (
+            isinstance(e, RuntimeError) and str(e) == "Event loop is closed"
+        ):
+            previous(unraisable)
+
+    hook._xct = True
+    return hook
 
 
 def _handlers():
