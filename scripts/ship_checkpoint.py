@@ -140,8 +140,11 @@ def verify(dst: pathlib.Path, max_mb: float, ignore=(), single_device: bool = Fa
     from xct import evaluate, experiment
 
     config = _load_config(str(dst / "config.py"))
-    stored = _flatten(json.loads((dst / "config.json").read_text()))
+    # Both with the data sections (a run stored before them has flat data fields).
+    stored = json.loads((dst / "config.json").read_text())
+    stored = _flatten({**stored, "data": experiment.upgrade_data(stored.get("data", {}))})
     mine = _flatten(json.loads(config.to_json()))
+    ignore = {experiment.upgrade_path(k) for k in ignore}
     differ = sorted(k for k in stored if k in mine and stored[k] != mine[k] and k not in ignore)
     if differ:
         raise SystemExit(

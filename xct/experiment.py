@@ -192,7 +192,7 @@ class Experiment:
         flat ``config.data`` fields are accepted (``upgrade_config``)."""
         config = upgrade_config(config)
         mesh = sharding.make_mesh(dict(config.mesh))
-        rules = sharding.check_rules(config.get("logical_axis_rules", sharding.DEFAULT_RULES))
+        rules = sharding.check_rules(config.logical_axis_rules)
         acq = acquisition_from_config(config)
         loop = settings(Loop, config.train, "train")
         setup = make_setup(config, acq, loop)
@@ -203,7 +203,7 @@ class Experiment:
                 f"config.data.batch_size: {batch_size} is not divisible by the "
                 f"{sharding.batch_axis_size(mesh, rules)} devices of the batch axis"
             )
-        seg_classes = int(config.model.get("seg_classes", 0))
+        seg_classes = int(config.model.get("seg_classes", 0))  # a field of some models only
         batch = data.dummy_batch(acq, batch_size, num_views, seg_classes)
         rep = sharding.replicated(mesh)  # parameters and optimiser state: every leaf
         init = functools.partial(steps.create_train_state, setup)
@@ -229,7 +229,7 @@ class Experiment:
             loop=loop,
             eval=eval_settings,
             seed=seed,
-            init_from=str(config.get("init_from", "") or ""),
+            init_from=str(config.init_from or ""),
             num_views=num_views,
             batch_size=batch_size,
             seg_classes=seg_classes,
@@ -338,7 +338,7 @@ def make_model(config, acq: geometry.Acquisition, patch: int = 0):
     if patch:
         if "patch_size" not in models.model_kwargs(name):
             raise ValueError(f"config.train.patch_size: model {name!r} has no patch mode")
-        if float(config.loss.get("projection", 0.0)):
+        if float(config.loss.projection):
             raise ValueError(
                 "config.loss.projection: the projection loss needs whole volumes; "
                 "set it to 0 with config.train.patch_size > 0"
@@ -380,7 +380,7 @@ def make_setup(config, acq: geometry.Acquisition, loop: Loop) -> steps.Setup:
         disc = models.get_model(name, **disc_kwargs)
         disc_tx = optax.adam(float(config.optim.disc_learning_rate), b1=0.5, b2=0.999)
     perceptual = None
-    net = str(config.loss.get("perceptual_net", ""))
+    net = str(config.loss.perceptual_net)
     if net:  # checked even while its weight is 0: a wrong path is an error, not a no-op
         from xct.models import segmenter  # noqa: PLC0415
 
@@ -398,10 +398,10 @@ def make_setup(config, acq: geometry.Acquisition, loop: Loop) -> steps.Setup:
         loss_weights=weights,
         ema_decay=float(config.optim.ema_decay),
         acquisition=acq,
-        extra_views=int(config.loss.get("projection_extra_views", 0)),
+        extra_views=int(config.loss.projection_extra_views),
         disc=disc,
         disc_tx=disc_tx,
-        gan_kind=str(config.loss.get("gan_kind", "lsgan")),
+        gan_kind=str(config.loss.gan_kind),
         patch_size=loop.patch_size,
         patch_overlap=loop.patch_overlap,
         perceptual=perceptual,
@@ -450,15 +450,22 @@ def upgrade_config(config):
     return c
 
 
+def upgrade_path(path: str) -> str:
+    """``data.pool_size`` -> ``data.render.pool_size``: the dotted path of an old flat data
+    field in its section; any other path unchanged."""
+    field = path.removeprefix("data.")
+    if path.startswith("data.") and field in LEGACY_DATA_FIELDS:
+        return f"data.{LEGACY_DATA_FIELDS[field]}.{field}"
+    return path
+
+
 def legacy_flag(arg: str) -> str:
     """``--config.data.pool_size=2`` -> ``--config.data.render.pool_size=2`` (old command
     lines); any other argument unchanged."""
     head, sep, value = arg.partition("=")
-    prefix = "--config.data."
-    field = head[len(prefix) :] if head.startswith(prefix) else ""
-    if field in LEGACY_DATA_FIELDS:
-        return f"{prefix}{LEGACY_DATA_FIELDS[field]}.{field}{sep}{value}"
-    return arg
+    if not head.startswith("--config.data."):
+        return arg
+    return f"--config.{upgrade_path(head.removeprefix('--config.'))}{sep}{value}"
 
 
 def config_differences(config, stored_json: str) -> list[str]:
