@@ -40,8 +40,10 @@ _CRC_KEY = "_xct_crc32"  # beside the data state in each save's JSON item
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
-class DamagedCheckpoint(ValueError):
-    """A saved step that cannot be restored as it was written (the message says why)."""
+class DamagedCheckpoint(OSError):
+    """A saved step that cannot be restored as it was written (the message says why). An
+    ``OSError`` (as ``gzip.BadGzipFile``): a damaged file, not a value that does not fit,
+    which is the ``ValueError`` of a checkpoint of another config."""
 
 
 class DiskFull(OSError):
@@ -73,15 +75,18 @@ def _quiet_orbax_errors() -> None:
 
 
 def _unraisable_hook(previous):
-    """After a failed save, TensorStore completes the save's other writes into Orbax's
-    already closed event loop, and each prints ``RuntimeError: Event loop is closed`` (an
-    unraisable exception, hundreds of tracebacks); those alone are dropped unless verbose."""
+    """After a failed save or restore, Orbax's other reads and writes end where nothing can
+    raise: TensorStore completes writes into the save's already closed event loop
+    (``RuntimeError: Event loop is closed``, hundreds of tracebacks) and Orbax's abandoned
+    read coroutines raise as they are closed. Those alone are dropped unless verbose: the
+    failure itself reaches the caller as one exception."""
 
     def hook(unraisable):
-        e = unraisable.exc_value
-        if console.verbose() or not (
-            isinstance(e, RuntimeError) and str(e) == "Event loop is closed"
-        ):
+        e, obj = unraisable.exc_value, unraisable.object
+        late_write = isinstance(e, RuntimeError) and str(e) == "Event loop is closed"
+        code = getattr(obj, "cr_code", None)
+        orbax_read = code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename
+        if console.verbose() or not (late_write or orbax_read):
             previous(unraisable)
 
     hook._xct = True
