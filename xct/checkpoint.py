@@ -290,13 +290,32 @@ def _reason(error: BaseException) -> str:
     return text[:200]
 
 
-def _checksums(state) -> list[int]:
-    """CRC-32 of each array's bytes, in ``jax.tree.leaves`` order (host copies)."""
-    return [zlib.crc32(np.ascontiguousarray(x).tobytes()) for x in jax.device_get(_leaves(state))]
+def _checksums(state) -> list[int | None]:
+    """CRC-32 of each array's bytes, in ``jax.tree.leaves`` order (``None``: an array no
+    host holds whole)."""
+    return [_crc(x) for x in _host_copies([x for x in jax.tree.leaves(state) if _is_array(x)])]
 
 
-def _leaves(state) -> list:
-    return [x for x in jax.tree.leaves(state) if hasattr(x, "shape")]
+def _is_array(x) -> bool:
+    return hasattr(x, "shape") and hasattr(x, "dtype")
+
+
+def _host_copies(leaves: list) -> list:
+    """NumPy copies; of a replicated array of a multi-host run, this host's replica; of an
+    array split over hosts, ``None``."""
+    out = []
+    for x in leaves:
+        if not isinstance(x, jax.Array) or x.is_fully_addressable:
+            out.append(np.asarray(jax.device_get(x)))
+        elif x.sharding.is_fully_replicated:
+            out.append(np.asarray(x.addressable_data(0)))
+        else:
+            out.append(None)
+    return out
+
+
+def _crc(x) -> int | None:
+    return None if x is None else zlib.crc32(np.ascontiguousarray(x).tobytes())
 
 
 def _path_key(path) -> tuple[str, ...]:
@@ -358,15 +377,16 @@ def _restore_step(mgr, step: int, abstract_state) -> tuple[Any, dict, int]:
         raise DamagedCheckpoint(_reason(e)) from e
     state, data = out["state"], dict(out["data"] or {})
     stored_crc = data.pop(_CRC_KEY, None)
-    paths = jax.tree_util.tree_flatten_with_path(state)[0]
-    leaves = jax.device_get([x for _, x in paths if hasattr(x, "shape")])
-    names = ["/".join(_path_key(p)) for p, x in paths if hasattr(x, "shape")]
+    paths = [(p, x) for p, x in jax.tree_util.tree_flatten_with_path(state)[0] if _is_array(x)]
+    leaves = _host_copies([x for _, x in paths])
+    names = ["/".join(_path_key(p)) for p, _ in paths]
     for name, x in zip(names, leaves, strict=True):
-        if np.issubdtype(x.dtype, np.inexact) and not np.all(np.isfinite(x)):
+        if x is not None and np.issubdtype(x.dtype, np.inexact) and not np.all(np.isfinite(x)):
             raise DamagedCheckpoint(f"{name} holds NaN or inf")
     if stored_crc is not None:
-        crc = [zlib.crc32(np.ascontiguousarray(x).tobytes()) for x in leaves]
-        bad = [n for n, a, b in zip(names, crc, stored_crc, strict=False) if a != b]
+        crc = [_crc(x) for x in leaves]
+        pairs = zip(names, crc, stored_crc, strict=False)
+        bad = [n for n, a, b in pairs if a is not None and b is not None and a != b]
         if bad or len(crc) != len(stored_crc):
             raise DamagedCheckpoint(
                 f"{bad[0] if bad else 'the state'} differs from what was written (checksum)"
