@@ -58,18 +58,25 @@ class WorkdirBusy(ValueError):
 
 
 class _OrbaxWriteErrors(logging.Filter):
-    """Drops Orbax's ERROR records (tracebacks of its background save threads) unless
-    library logs were asked for (``console.verbose``): every failed save reaches the
-    caller as an exception, which ``Checkpointer`` turns into one line."""
+    """Drops Orbax's ERROR records (tracebacks of its background save threads, and
+    asyncio's "Task exception was never retrieved" for its abandoned writes) unless library
+    logs were asked for (``console.verbose``): every failed save reaches the caller as an
+    exception, which ``Checkpointer`` turns into one line."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return console.verbose() or f"{os.sep}orbax{os.sep}" not in record.pathname
+        orbax = f"{os.sep}orbax{os.sep}"
+        if console.verbose():
+            return True
+        if record.name == "asyncio":
+            return orbax not in record.getMessage()
+        return orbax not in record.pathname
 
 
 def _quiet_orbax_errors() -> None:
-    absl = logging.getLogger("absl")
-    if not any(isinstance(f, _OrbaxWriteErrors) for f in absl.filters):
-        absl.addFilter(_OrbaxWriteErrors())
+    for name in ("absl", "asyncio"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _OrbaxWriteErrors) for f in logger.filters):
+            logger.addFilter(_OrbaxWriteErrors())
     if not getattr(sys.unraisablehook, "_xct", False):
         sys.unraisablehook = _unraisable_hook(sys.unraisablehook)
 
