@@ -272,3 +272,29 @@ def test_readme_example_parses():
     words = shlex.split(block.group(1).replace("\\\n", " "))
     args = reconstruct.parse_args(words[3:])
     assert args.detector_pixel_mm and len(args.xrays) == len(args.angles_deg)
+
+
+@pytest.mark.slow  # 30 s on 2 cores: compiling the template registration
+@pytest.mark.skipif(not SHARED.is_dir(), reason="needs ../shared/data/ct")
+def test_readme_example_runs(tmp_path, monkeypatch):
+    """The README's command runs as written (from the repository root), on PA and lateral
+    line integrals of 2 mm pixels, shrunk to 16^3 and 10 iterations by appended flags."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    block = re.search(r"```bash\n(python -m xct\.reconstruct .*?)\n(?:#|```)", text, re.S)
+    words = shlex.split(block.group(1).replace("\\\n", " "))[3:]
+    args = reconstruct.parse_args(words)
+    fov, pixel = args.fov_mm, args.detector_pixel_mm[0]
+    hu = _phantom(16, fov)
+    acq = geometry.Acquisition(resolution=16, fov_mm=fov)
+    n = int(np.ceil(acq.detector_width_mm / pixel))
+    geom = geometry.circular_cone_beam(args.angles_deg, det_shape=(n, n), pixel_mm=pixel)
+    drr = np.asarray(physics.render_drrs(jnp.asarray(hu), acq.grid(), geom))
+    rename = {"recon_out": str(tmp_path / "recon_out")}
+    for name, d in zip(args.xrays, drr, strict=True):
+        rename[name] = str(tmp_path / name)
+        np.save(rename[name], d)
+    monkeypatch.chdir(ROOT)
+    argv = [rename.get(w, w) for w in words]
+    assert reconstruct.main([*argv, "--resolution=16", "--iters=10"]) == 0
+    s = _summary(tmp_path / "recon_out")
+    assert s["xray_pixel_mm"] == [pixel, pixel] and s["registration_seconds"] > 0
