@@ -298,3 +298,41 @@ def test_readme_example_runs(tmp_path, monkeypatch):
     assert reconstruct.main([*argv, "--resolution=16", "--iters=10"]) == 0
     s = _summary(tmp_path / "recon_out")
     assert s["xray_pixel_mm"] == [pixel, pixel] and s["registration_seconds"] > 0
+
+
+def test_dicom_radiographs_are_read_and_calibrated(tmp_path):
+    """CR radiographs (12-bit MONOCHROME2, a gamma curve) with their pixel spacing,
+    distances and view positions in the tags: no --angles_deg, no --detector_pixel_mm;
+    read by xct.radiograph, calibrated by xct.calibrate (bootstrapped from a first TV)."""
+    pytest.importorskip("pydicom")
+    from test_radiograph import _write_dicom
+
+    hu = _phantom(16, 400.0)
+    xrays, pixel = _views(tmp_path, hu, 400.0, [0.0, 90.0], fine=4)
+    paths = []
+    for name, view, orient in (("pa", "PA", ["L", "F"]), ("rl", "RL", ["A", "F"])):
+        v = np.maximum(np.load(xrays[len(paths)]), 0.0) ** 0.7
+        stored = np.round(4095 * v / v.max()).astype(np.uint16)
+        paths.append(
+            _write_dicom(
+                tmp_path / f"{name}.dcm",
+                stored,
+                ViewPosition=view,
+                PatientOrientation=orient,
+                ImagerPixelSpacing=[pixel, pixel],
+                DistanceSourceToDetector=1500.0,
+                DistanceSourceToPatient=1000.0,
+            )
+        )
+    out = tmp_path / "out"
+    argv = ["--xrays", *map(str, paths), "--resolution=16", "--iters=20", f"--out={out}"]
+    assert reconstruct.main(argv) == 0
+    s = _summary(out)
+    assert s["angles_deg"] == [0.0, 90.0] and s["xray_pixel_source"] == "DICOM tags"
+    assert s["sod_mm"] == 1000.0 and s["sdd_mm"] == 1500.0
+    assert [c["pixel_mm"] for c in s["calibration"]] == [[pixel, pixel]] * 2
+    assert max(c["calibration_mismatch"] for c in s["calibration"]) < 0.2, s["calibration"]
+    assert s["drr_mismatch"] < 0.2
+    rec = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "reconstruction.nii.gz")))
+    # measured: 19.4 dB (the same views as clean .npy line integrals: 24.6 dB)
+    assert _psnr(io.to_projector_frame(rec), hu) > 17.0
