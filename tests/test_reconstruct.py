@@ -330,6 +330,7 @@ def test_dicom_radiographs_are_read_and_calibrated(tmp_path):
     s = _summary(out)
     assert s["angles_deg"] == [0.0, 90.0] and s["xray_pixel_source"] == "DICOM tags"
     assert s["sod_mm"] == 1000.0 and s["sdd_mm"] == 1500.0
+    assert s["calibrated_against"].startswith("a first tv_support")
     assert [c["pixel_mm"] for c in s["calibration"]] == [[pixel, pixel]] * 2
     assert max(c["calibration_mismatch"] for c in s["calibration"]) < 0.2, s["calibration"]
     assert s["drr_mismatch"] < 0.2

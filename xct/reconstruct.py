@@ -592,7 +592,7 @@ def reconstruct(args: argparse.Namespace) -> dict:
         grid, sirt_iters=n, cgls_iters=n, tv_iters=n, air_tol=args.air_tol, mu_water_per_mm=mu_water
     )
     dicom = pathlib.Path(args.xrays[0]).suffix.lower() in DICOM_SUFFIXES
-    vols, names = _load_templates(args, r, mu_water) if args.template else ([], [])
+    vols, names = _load_templates(args, r, mu_water) if method in TEMPLATE else ([], [])
     summary: dict = {"method": method, "xrays": [str(p) for p in args.xrays]}
     early_warnings: list[str] = []
     if dicom:
@@ -606,6 +606,9 @@ def reconstruct(args: argparse.Namespace) -> dict:
         drr, angles, records = _calibrated_radiographs(args, rads, acq, solvers, tmpl)
         geom = acq.orbit(angles)
         summary["calibration"] = records
+        summary["calibrated_against"] = (
+            args.template[0] if args.template else "a first tv_support reconstruction (2 rounds)"
+        )
         summary["calibration_seconds"] = round(time.perf_counter() - tc, 2)
         det = {"rows": r, "cols": r, "pixel_mm": [acq.detector_pixel_mm] * 2}
         sampling = "calibrated onto the inscribed resolution^2 detector (xct.calibrate)"
