@@ -274,7 +274,7 @@ def test_readme_example_parses():
     assert args.detector_pixel_mm and len(args.xrays) == len(args.angles_deg)
 
 
-@pytest.mark.slow  # 30 s on 2 cores: compiling the template registration
+@pytest.mark.slow  # 15-30 s on 2 cores: compiling the template registration
 @pytest.mark.skipif(not SHARED.is_dir(), reason="needs ../shared/data/ct")
 def test_readme_example_runs(tmp_path, monkeypatch):
     """The README's command runs as written (from the repository root), on PA and lateral
