@@ -29,8 +29,9 @@ viewed); at 90 degrees from posterior to anterior (column 0 = the patient's back
 rows * pixel by cols * pixel mm, never stretched: non-square X-rays keep their aspect.
 Each X-ray is area-averaged to pixels of a voxel's footprint at the detector
 (--detector_sampling footprint, xct.clinical.xrays_for_grid: measured in clinical mode on
-two real chests at 64^3, +1.4 dB inside the body at 8 views and +0.03 at 2 over resizing
-to resolution^2 pixels).
+two real chests at 64^3, scripts/clinical_probe.py, +0.7 dB inside the body at 8 views over
+resizing to resolution^2 pixels, the same at 2). X-rays whose border is air are extended
+with air to cover the cube; a body that reaches the X-rays' edge is flagged.
 
 Units: millimetres, degrees, HU out; --mu_water (per mm) turns attenuation into HU.
 Outputs in --out: reconstruction.nii.gz (HU, patient LPS, its centre at --isocenter_lps:
