@@ -48,6 +48,7 @@ import json
 import pathlib
 import sys
 import time
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -576,98 +577,122 @@ def _report(out: pathlib.Path, hu_lps: np.ndarray, drr, reproj, summary: dict, l
     )
 
 
-def reconstruct(args: argparse.Namespace) -> dict:
-    import jax
+class _Inputs(NamedTuple):
+    """The X-rays brought to the reconstruction grid, and what the summary says of them."""
+
+    drr: Any  # [views, rows, cols] line integrals on the grid's detector
+    geom: Any  # their Geometry
+    angles: np.ndarray  # [views] degrees
+    sod_mm: float
+    sdd_mm: float
+    fine_shape: list  # the X-rays' own rows, cols
+    fine_pixel_mm: Any  # their own pixel (row, col) at the detector, or None
+    fields: dict  # summary fields of the input path
+    warnings: list
+
+
+def _dicom_inputs(args, solvers, mu_water: float) -> _Inputs:
+    """DICOM radiographs read and calibrated as ``--mode=predict`` does, on the inscribed
+    ``resolution^2`` detector."""
+    from xct import geometry
+
+    r = args.resolution
+    rads = _read_radiographs(args)
+    sod = args.sod_mm or rads[0].sod_mm or DEFAULT_SOD_MM
+    sdd = args.sdd_mm or rads[0].sdd_mm or DEFAULT_SDD_MM
+    _check_distances(sod, sdd, args.fov_mm)
+    acq = geometry.Acquisition(resolution=r, fov_mm=args.fov_mm, sod_mm=sod, sdd_mm=sdd)
+    tc = time.perf_counter()
+    tmpl = _calibration_template(args, r, mu_water) if args.template else None
+    drr, angles, records = _calibrated_radiographs(args, rads, acq, solvers, tmpl)
+    fields = {
+        "calibration": records,
+        "calibrated_against": args.template[0]
+        if args.template
+        else "a first tv_support reconstruction (2 rounds)",
+        "calibration_seconds": round(time.perf_counter() - tc, 2),
+        "detector": {"rows": r, "cols": r, "pixel_mm": [acq.detector_pixel_mm] * 2},
+        "detector_sampling": "calibrated onto the inscribed resolution^2 detector (xct.calibrate)",
+        "xray_pixel_source": "DICOM tags"
+        if rads[0].pixel_mm or args.detector_pixel_mm
+        else "estimated",
+    }
+    fine = (list(rads[0].shape), rads[0].pixel_mm)
+    return _Inputs(drr, acq.orbit(angles), angles, sod, sdd, *fine, fields, [])
+
+
+def _image_inputs(args, grid) -> _Inputs:
+    """``.npy`` / ``.png`` X-rays on their own detector, extended with air where their
+    border is air, brought to the grid (``clinical.xrays_for_grid``)."""
     import jax.numpy as jnp
 
-    from xct import clinical, geometry, io, projector, scoring
+    from xct import clinical, geometry
     from xct.recon import priors
 
-    t0 = time.perf_counter()
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    r, method, mu_water = args.resolution, args.method, float(args.mu_water)
-    grid = geometry.VolumeGrid.centered((r,) * 3, args.fov_mm / r)
-    n = args.iters
-    solvers = scoring.Solvers(
-        grid, sirt_iters=n, cgls_iters=n, tv_iters=n, air_tol=args.air_tol, mu_water_per_mm=mu_water
+    r = args.resolution
+    sod = args.sod_mm or DEFAULT_SOD_MM
+    sdd = args.sdd_mm or DEFAULT_SDD_MM
+    _check_distances(sod, sdd, args.fov_mm)
+    fine, fine_pixel = _fine_xrays(args)
+    fine_shape = list(fine.shape[1:])
+    angles = np.asarray(args.angles_deg, np.float32)
+    shadow = geometry.inscribed_pixel_mm(r, args.fov_mm, sod, sdd) * r
+    tol = priors.DEFAULT_AIR_TOL if args.air_tol is None else args.air_tol
+    fine, pads, truncated = pad_with_air(fine, fine_pixel, shadow, tol)
+    warnings = []
+    if truncated:
+        warnings.append(
+            f"the body reaches the X-rays' edge ({' and '.join(truncated)}) and they do "
+            f"not cover the --fov_mm {args.fov_mm:g} cube: truncated views; the parts of "
+            "the cube outside them are constrained by the other views alone"
+        )
+    drr, geom = clinical.xrays_for_grid(
+        fine, fine_pixel, angles, grid, sampling=args.detector_sampling, sod_mm=sod, sdd_mm=sdd
     )
-    dicom = pathlib.Path(args.xrays[0]).suffix.lower() in DICOM_SUFFIXES
-    vols, names = _load_templates(args, r, mu_water) if method in TEMPLATE else ([], [])
-    summary: dict = {"method": method, "xrays": [str(p) for p in args.xrays]}
-    early_warnings: list[str] = []
-    if dicom:
-        rads = _read_radiographs(args)
-        sod = args.sod_mm or rads[0].sod_mm or DEFAULT_SOD_MM
-        sdd = args.sdd_mm or rads[0].sdd_mm or DEFAULT_SDD_MM
-        _check_distances(sod, sdd, args.fov_mm)
-        acq = geometry.Acquisition(resolution=r, fov_mm=args.fov_mm, sod_mm=sod, sdd_mm=sdd)
-        tc = time.perf_counter()
-        tmpl = _calibration_template(args, r, mu_water) if args.template else None
-        drr, angles, records = _calibrated_radiographs(args, rads, acq, solvers, tmpl)
-        geom = acq.orbit(angles)
-        summary["calibration"] = records
-        summary["calibrated_against"] = (
-            args.template[0] if args.template else "a first tv_support reconstruction (2 rounds)"
-        )
-        summary["calibration_seconds"] = round(time.perf_counter() - tc, 2)
-        det = {"rows": r, "cols": r, "pixel_mm": [acq.detector_pixel_mm] * 2}
-        sampling = "calibrated onto the inscribed resolution^2 detector (xct.calibrate)"
-        source = "DICOM tags" if rads[0].pixel_mm or args.detector_pixel_mm else "estimated"
-        fine_shape, fine_pixel = list(rads[0].shape), rads[0].pixel_mm
-    else:
-        sod = args.sod_mm or DEFAULT_SOD_MM
-        sdd = args.sdd_mm or DEFAULT_SDD_MM
-        _check_distances(sod, sdd, args.fov_mm)
-        fine, fine_pixel = _fine_xrays(args)
-        fine_shape = list(fine.shape[1:])
-        angles = np.asarray(args.angles_deg, np.float32)
-        shadow = geometry.inscribed_pixel_mm(r, args.fov_mm, sod, sdd) * r
-        tol = priors.DEFAULT_AIR_TOL if args.air_tol is None else args.air_tol
-        fine, pads, truncated = pad_with_air(fine, fine_pixel, shadow, tol)
-        summary["padded_with_air_px"] = pads
-        if truncated:
-            early_warnings.append(
-                f"the body reaches the X-rays' edge ({' and '.join(truncated)}) and they do "
-                f"not cover the --fov_mm {args.fov_mm:g} cube: truncated views; the parts of "
-                "the cube outside them are constrained by the other views alone"
-            )
-        drr, geom = clinical.xrays_for_grid(
-            fine, fine_pixel, angles, grid, sampling=args.detector_sampling, sod_mm=sod, sdd_mm=sdd
-        )
-        drr = jnp.asarray(drr, jnp.float32)
-        det = {
-            "rows": int(drr.shape[1]),
-            "cols": int(drr.shape[2]),
-            "pixel_mm": [
-                float(jnp.linalg.norm(geom.det_v_xyz_mm[0])),
-                float(jnp.linalg.norm(geom.det_u_xyz_mm[0])),
-            ],
-        }
-        sampling, source = args.detector_sampling, "--detector_pixel_mm"
-    iso = [float(x) for x in args.isocenter_lps]
+    drr = jnp.asarray(drr, jnp.float32)
+    pixel = [
+        float(jnp.linalg.norm(geom.det_v_xyz_mm[0])),
+        float(jnp.linalg.norm(geom.det_u_xyz_mm[0])),
+    ]
+    fields = {
+        "padded_with_air_px": pads,
+        "detector": {"rows": int(drr.shape[1]), "cols": int(drr.shape[2]), "pixel_mm": pixel},
+        "detector_sampling": args.detector_sampling,
+        "xray_pixel_source": "--detector_pixel_mm",
+    }
+    return _Inputs(drr, geom, angles, sod, sdd, fine_shape, fine_pixel, fields, warnings)
+
+
+def _geometry_summary(args, x: _Inputs) -> dict:
+    """What the run's geometry was, for ``summary.json`` and the report."""
+    fine_shape, fine_pixel, sod, sdd = x.fine_shape, x.fine_pixel_mm, x.sod_mm, x.sdd_mm
+    iso = [float(c) for c in args.isocenter_lps]
     mag = sdd / sod
-    summary.update(
-        {
-            "angles_deg": [float(a) for a in angles],
-            "resolution": r,
-            "fov_mm": float(args.fov_mm),
-            "voxel_mm": float(args.fov_mm) / r,
-            "isocenter_lps_mm": iso,
-            "isocenter_source": "--isocenter_lps" if any(iso) else "default: the origin",
-            "sod_mm": float(sod),
-            "sdd_mm": float(sdd),
-            "xray_shape": fine_shape,
-            "xray_pixel_mm": None if fine_pixel is None else [float(x) for x in fine_pixel],
-            "xray_pixel_source": source,
-            "xray_field_at_isocentre_mm": None
-            if fine_pixel is None
-            else [round(fine_shape[k] * float(fine_pixel[k]) / mag, 1) for k in (0, 1)],
-            "detector_sampling": sampling,
-            "detector": det,
-            "mu_water_per_mm": mu_water,
-        }
-    )
+    return {
+        **x.fields,
+        "angles_deg": [float(a) for a in x.angles],
+        "resolution": args.resolution,
+        "fov_mm": float(args.fov_mm),
+        "voxel_mm": float(args.fov_mm) / args.resolution,
+        "isocenter_lps_mm": iso,
+        "isocenter_source": "--isocenter_lps" if any(iso) else "default: the origin",
+        "sod_mm": float(sod),
+        "sdd_mm": float(sdd),
+        "xray_shape": fine_shape,
+        "xray_pixel_mm": None if fine_pixel is None else [float(x) for x in fine_pixel],
+        "xray_field_at_isocentre_mm": None
+        if fine_pixel is None
+        else [round(fine_shape[k] * float(fine_pixel[k]) / mag, 1) for k in (0, 1)],
+        "mu_water_per_mm": float(args.mu_water),
+    }
+
+
+def _solve(args, solvers, vols, names, drr, geom, grid, summary: dict) -> tuple:
+    """``(mu, registration loss or None)`` of ``--method``; what it chose goes into
+    ``summary``."""
+    import jax.numpy as jnp
+
+    method = args.method
     support = prior = loss = None
     if method.endswith("_support") or method == "template_tv":
         support = solvers.support(drr, geom)
@@ -684,20 +709,46 @@ def reconstruct(args: argparse.Namespace) -> dict:
         if args.template_hu_offset:
             summary["template_hu_offset"] = args.template_hu_offset
     mu = solvers.run(method, drr, geom, _params(args), support=support, prior=prior)
-    mu = jnp.maximum(mu, 0.0)
-    reproj = projector.forward_project(mu, grid, geom)
-    summary["drr_mismatch"] = float(
-        jnp.sqrt(jnp.sum((reproj - drr) ** 2) / jnp.maximum(jnp.sum(drr * drr), 1e-24))
-    )
     if method in ("tv", "tv_support", "template_tv"):
         summary["tv_weight"] = args.tv_weight
     if method == "template_tv":
         summary["prior_weight"] = args.prior_weight
+    return jnp.maximum(mu, 0.0), loss
+
+
+def reconstruct(args: argparse.Namespace) -> dict:
+    """X-rays in (``args`` as ``parse_args`` returns them), ``reconstruction.nii.gz``,
+    ``report.html`` and ``summary.json`` out in ``args.out``; returns the summary."""
+    import jax
+    import jax.numpy as jnp
+
+    from xct import geometry, io, projector, scoring
+
+    t0 = time.perf_counter()
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    r, method, mu_water = args.resolution, args.method, float(args.mu_water)
+    grid = geometry.VolumeGrid.centered((r,) * 3, args.fov_mm / r)
+    n = args.iters
+    solvers = scoring.Solvers(
+        grid, sirt_iters=n, cgls_iters=n, tv_iters=n, air_tol=args.air_tol, mu_water_per_mm=mu_water
+    )
+    dicom = pathlib.Path(args.xrays[0]).suffix.lower() in DICOM_SUFFIXES
+    vols, names = _load_templates(args, r, mu_water) if method in TEMPLATE else ([], [])
+    x = _dicom_inputs(args, solvers, mu_water) if dicom else _image_inputs(args, grid)
+    drr, geom = x.drr, x.geom
+    summary: dict = {"method": method, "xrays": [str(p) for p in args.xrays]}
+    summary.update(_geometry_summary(args, x))
+    mu, loss = _solve(args, solvers, vols, names, drr, geom, grid, summary)
+    reproj = projector.forward_project(mu, grid, geom)
+    summary["drr_mismatch"] = float(
+        jnp.sqrt(jnp.sum((reproj - drr) ** 2) / jnp.maximum(jnp.sum(drr * drr), 1e-24))
+    )
     hu_lps = io.from_projector_frame(np.asarray(physics.mu_to_hu(mu, mu_water)))
-    s = float(args.fov_mm) / r
+    s, iso = float(args.fov_mm) / r, summary["isocenter_lps_mm"]
     out_grid = geometry.VolumeGrid((r,) * 3, (s,) * 3, tuple(c - (r - 1) * s / 2.0 for c in iso))
     summary["plausibility"], late = plausibility(hu_lps, out_grid)
-    summary["warnings"] = early_warnings + late
+    summary["warnings"] = x.warnings + late
     for w in summary["warnings"]:
         print(f"warning: {w}", file=sys.stderr)
     path = io.write_ct(out / "reconstruction.nii.gz", hu_lps, out_grid)
