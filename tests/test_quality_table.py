@@ -101,6 +101,40 @@ def test_quality_table_priors_and_templates_leave_one_out(tmp_path):
             assert r["params"] == best
 
 
+def test_atlas_rows_register_once_and_leave_each_chest_out(tmp_path):
+    """Three 'chests' as --ct_dir and --template: atlas and atlas_tv rows for each, fused
+    from the other two only; template / template_tv use the atlas's best registered
+    template (one registration per chest and number of views)."""
+    import numpy as np
+
+    from xct import geometry, io, phantoms
+
+    ct_dir = tmp_path / "cts"
+    ct_dir.mkdir()
+    grid = geometry.VolumeGrid.centered((40, 48, 48), 8.0)
+    files = []
+    for seed in (1, 2, 3):
+        hu, _ = phantoms.chest_phantom(seed, grid)
+        files.append(str(io.write_ct(ct_dir / f"chest_{seed}.nii.gz", np.asarray(hu), grid)))
+    out = tmp_path / "q"
+    argv = ["--resolution=16", "--phantoms=0", "--views", "2", "--iters=3", f"--ct_dir={ct_dir}"]
+    argv += ["--methods", "tv_support", "template", "template_tv", "atlas", "atlas_tv"]
+    argv += ["--tv_weight", "0.01", "--prior_weight", "1", "--template", *files, f"--out={out}"]
+    assert quality_table.main(argv) == 0
+    with open(out / "per_volume_16.csv", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    names = [f"chest_{s}.nii.gz" for s in (1, 2, 3)]
+    methods = ("tv_support", "template", "template_tv", "atlas", "atlas_tv")
+    assert {(r["method"], r["volume"]) for r in rows} == {(m, n) for m in methods for n in names}
+    assert all(math.isfinite(float(r["psnr_body"])) for r in rows)
+    summary = json.loads((out / "results_16.json").read_text(encoding="utf-8"))
+    assert len(summary["templates_used"]) == 3  # one registration per chest
+    for used in summary["templates_used"]:
+        assert sorted(used["atlas"]) == sorted(set(names) - {used["volume"]})
+        assert used["template"] in used["atlas"]
+        assert used["mismatch"][used["template"]] == min(used["mismatch"].values())
+
+
 def test_quality_table_bad_inputs(tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()

@@ -15,7 +15,7 @@ def test_one_registry_for_the_table_and_the_cli():
     assert reconstruct.METHODS == scoring.METHODS
     assert set(scoring.METHODS) | set(scoring.NETWORK) == set(scoring.REGISTRY)
     assert set(scoring.METHOD_LABELS) == set(scoring.REGISTRY)
-    assert scoring.SWEPT == ("tv", "tv_support", "template_tv", "network+tv")
+    assert scoring.SWEPT == ("tv", "tv_support", "template_tv", "atlas_tv", "network+tv")
     assert scoring.CLASSICAL == ("fdk", "sirt", "cgls", "tv")
     for name in scoring.SWEPT:
         s = scoring.Settings(tv_weight=(0.01, 0.1), prior_weight=(1.0,))

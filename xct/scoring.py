@@ -58,6 +58,11 @@ What is measured, per volume and per number of views V (``Settings.views``):
     left out with the reason. Its ``seconds`` include the registration.
   - ``template_tv``: TV with the priors, started from the registered template and pulled
     towards it (``prior_weight / 2 ||x - template||^2``).
+  - ``atlas`` / ``atlas_tv``: every template screened cheaply (``recon.atlas.screen``), the
+    best three registered fully and fused, weighted per voxel by how well each explains the
+    rays through it (``recon.atlas``); ``atlas_tv`` is ``template_tv`` with the fused atlas
+    for the template. When an atlas method is asked, ``template`` / ``template_tv`` use the
+    atlas's best registered template: one registration per volume and number of views.
 
   Weights: ``tv_weight`` (mm^2) and ``prior_weight`` (mm) take several values; each volume
   is then scored with the candidate whose mean PSNR is best on the *other* volumes of its
@@ -146,6 +151,8 @@ REGISTRY = {
             "template",
             ("tv_weight", "prior_weight"),
         ),
+        Method("atlas", "atlas (templates screened, best registered, fused)", "template"),
+        Method("atlas_tv", "TV from atlas (atlas_tv)", "template", ("tv_weight", "prior_weight")),
         Method("network", "network", "network"),
         Method("network+refine", "network + refinement", "network"),
         Method("network+fdk", "network + FDK correction", "network"),
@@ -449,7 +456,7 @@ def candidates(s: Settings, method: str) -> list[dict]:
             for w in s.network_tv_weight or s.tv_weight
             for pw in s.network_prior_weight or s.prior_weight
         ]
-    if method == "template_tv":
+    if method in ("template_tv", "atlas_tv"):
         return [{"tv_weight": w, "prior_weight": pw} for w in s.tv_weight for pw in s.prior_weight]
     return [{}]
 
@@ -547,13 +554,27 @@ class Solvers:
         best = min(results, key=lambda r: r[2])
         return best[0], best[1], {name: m for name, _, m in results}
 
+    def atlas(self, templates: list[Volume], drr, geom, *, k: int = 3, progress: bool = False):
+        """``recon.atlas.atlas`` of the templates (HU cubes on the grid): screened, the best
+        ``k`` registered and fused. Its ``volumes[best]`` is the single best template, so
+        ``template`` / ``template_tv`` need no registration of their own."""
+        import jax.numpy as jnp
+
+        from xct import physics
+        from xct.recon import atlas
+
+        mus = [
+            jnp.maximum(physics.hu_to_mu(jnp.asarray(t.hu), self.mu_water), 0.0) for t in templates
+        ]
+        return atlas.atlas(mus, drr, geom, self.grid, k=min(k, len(mus)), progress=progress)
+
     def mismatch(self, mu, drr, geom) -> float:
         """The relative DRR residual ``||A mu - drr|| / ||drr||``."""
         return float(self._mismatch(mu, drr, geom))
 
     def run(self, method: str, drr, geom, params: dict, support=None, prior=None):
         """Attenuation per mm of ``method`` (``support``: the views' hull; ``prior``: the
-        registered template)."""
+        registered template, or the fused atlas for ``atlas`` / ``atlas_tv``)."""
         if method == "fdk":
             return self._fdk(drr, geom)
         if method in ("sirt", "sirt_support"):
@@ -563,9 +584,9 @@ class Solvers:
         if method in ("tv", "tv_support"):
             s = support if method == "tv_support" else None
             return self._tv(drr, geom, params["tv_weight"], s, None, 0.0)
-        if method == "template":
+        if method in ("template", "atlas"):
             return prior
-        if method == "template_tv":
+        if method in ("template_tv", "atlas_tv"):
             return self._tv(drr, geom, params["tv_weight"], support, prior, params["prior_weight"])
         raise ValueError(f"unknown method {method!r}")
 
@@ -859,12 +880,12 @@ class _Table:
             self._by_fov[fov_mm] = (geoms, solvers_for(grid, s, self.arc), render)
         return self._by_fov[fov_mm]
 
-    def template_prior(self, vol: Volume, v: int, drr, geom, solvers: Solvers):
-        """``(registered template mu or None, registration seconds)``; a refusal is
-        recorded in ``template_skipped`` and the progress bar skips its rows."""
+    def _usable_templates(self, vol: Volume) -> tuple[list[Volume], list[str]]:
+        """The templates that may serve ``vol`` (never itself; of a plausible size), and why
+        the others may not."""
         from xct.recon import template
 
-        usable, why, prior, seconds = [], [], None, 0.0
+        usable, why = [], []
         for t in self.templates:
             if t.source == vol.source:
                 continue  # leave one out: never the CT being scored
@@ -873,38 +894,58 @@ class _Table:
                 usable.append(t)
             except ValueError as e:
                 why.append(str(e))
-        if not usable:
-            why = why or [f"no --template but {vol.id} itself"]
-        else:
+        return usable, why or [f"no --template but {vol.id} itself"]
+
+    def template_priors(self, vol: Volume, v: int, drr, geom, solvers: Solvers):
+        """``({"template": mu, "atlas": mu}, registration seconds)``: the registered best
+        template and, when an atlas method is asked, the fused atlas. With an atlas method
+        the registration is the atlas's (every template screened, the best ``k`` registered):
+        its best registered template serves ``template`` / ``template_tv``, so one run
+        registers once. A refusal is recorded in ``template_skipped`` and the progress bar
+        skips its rows."""
+        from xct.recon import template
+
+        usable, why = self._usable_templates(vol)
+        priors, seconds = {}, 0.0
+        if usable:
             self.bar.set_postfix_str(f"{vol.id[:24]} registering {v}v")
             t0 = time.perf_counter()
-            name, reg, mism = solvers.register(usable, drr, geom)
-            prior, seconds = reg.volume, time.perf_counter() - t0
-            self.templates_used.append(
-                {"volume": vol.id, "views": v, "template": name, "mismatch": mism}
-            )
+            if set(self.jobs) & {"atlas", "atlas_tv"}:
+                at = solvers.atlas(usable, drr, geom)
+                names = [usable[i].id for i in at.indices]
+                mism = dict(zip(names, (float(m) for m in at.mismatch), strict=True))
+                name = names[at.best]
+                priors = {"template": at.volumes[at.best], "atlas": at.volume}
+                fused = names
+            else:
+                name, reg, mism = solvers.register(usable, drr, geom)
+                priors, fused = {"template": reg.volume}, []
+            seconds = time.perf_counter() - t0
+            used = {"volume": vol.id, "views": v, "template": name, "mismatch": mism}
+            self.templates_used.append({**used, "atlas": fused} if fused else used)
             try:
                 template.check_match(name, mism[name])
             except ValueError as e:
-                why, prior = [str(e)], None
-        if prior is None:
+                why, priors = [str(e)], {}
+        if not priors:
             self.template_skipped.append({"volume": vol.id, "views": v, "reason": why[0]})
             print(f"{vol.id} {v}v: template rows left out: {why[0]}", file=sys.stderr)
             self.bar.update(sum(len(candidates(self.s, m)) for m in self.jobs if m in TEMPLATE))
-        return prior, seconds
+        return priors, seconds
 
     def classical_rows(self, vol: Volume, v: int, drr, geom, solvers: Solvers) -> None:
         """The rows of ``METHODS`` (every candidate weight) of one volume at ``v`` views."""
         import jax
         import jax.numpy as jnp
 
-        support = prior = None
+        support, priors = None, {}
         reg_seconds = 0.0
-        if set(self.jobs) & {*PRIOR, "template_tv"}:
+        if set(self.jobs) & {*PRIOR, "template_tv", "atlas_tv"}:
             support = solvers.support(drr, geom)
         if set(self.jobs) & set(TEMPLATE):
-            prior, reg_seconds = self.template_prior(vol, v, drr, geom, solvers)
+            priors, reg_seconds = self.template_priors(vol, v, drr, geom, solvers)
         for method in self.jobs:
+            prior = priors.get(method.removesuffix("_tv")) if method in TEMPLATE else None
             if method in TEMPLATE and prior is None:
                 continue
             for params in candidates(self.s, method):
@@ -1209,7 +1250,7 @@ def _setup_lines(result: dict) -> list[str]:
                 ", template_tv's prior weight among ["
                 + ", ".join(f"{w:g}" for w in s["prior_weight"])
                 + "] mm"
-                if "template_tv" in s["methods"]
+                if {"template_tv", "atlas_tv"} & set(s["methods"])
                 else ""
             )
             + "; with several candidates each volume is scored with the candidate whose mean "
@@ -1226,7 +1267,9 @@ def _setup_lines(result: dict) -> list[str]:
                 "bounds 0 ≤ μ ≤ μ(3071 HU). Template (`xct.recon.template`): "
                 "the --template CT, never the volume scored, registered to the views through "
                 "the projector (pose and scale, then smooth displacement fields and a smooth "
-                "gain; Adam, coarse to fine); with several, the best DRR match. template_tv: "
+                "gain; Adam, coarse to fine); with several, the best DRR match. Atlas "
+                "(`xct.recon.atlas`): every template screened, the best 3 registered and "
+                "fused by local fit. template_tv / atlas_tv: "
                 "TV with the priors from the registered template, pulled towards it."
             ),
         ]
