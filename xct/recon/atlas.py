@@ -39,6 +39,9 @@ from xct.recon import iterative, priors
 from xct.recon import template as tmpl
 
 #: Default softmax temperature of the fusion weights, in units of relative RMS mismatch.
+#: Seven real chests, leave one out, clinical X-rays, 64^3, k = 3 (scripts/atlas_probe.py):
+#: local weights at 0.1 gave 19.26 / 20.83 dB inside the body at 2 / 8 views (0.03: 19.00 /
+#: 21.14; the plain mean 18.94 / 20.08; global weights at best 18.94 / 20.16).
 TEMPERATURE = 0.1
 #: ``template.register``'s default stages, screening included.
 SCHEDULE = tmpl.Schedule()
