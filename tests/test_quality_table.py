@@ -9,7 +9,8 @@ from scripts import quality_table
 
 def test_quality_table_smoke(tmp_path, capsys):
     out = tmp_path / "q"
-    argv = ["--resolution=16", "--phantoms=1", "--views", "2", "8", "--iters=3", "--no_real"]
+    argv = ["--realism=ideal", "--resolution=16", "--phantoms=1", "--views", "2", "8", "--iters=3"]
+    argv += ["--no_real"]
     assert quality_table.main([*argv, f"--out={out}"]) == 0
 
     for name in ("quality_16.md", "per_volume_16.csv", "results_16.json", "psnr_vs_views_16.png"):
@@ -53,6 +54,7 @@ def test_quality_table_priors_and_templates_leave_one_out(tmp_path):
         files.append(str(io.write_ct(ct_dir / f"chest_{seed}.nii.gz", np.asarray(hu), grid)))
     out = tmp_path / "q"
     argv = [
+        "--realism=ideal",
         "--resolution=16",
         "--phantoms=0",
         "--views",
@@ -117,7 +119,8 @@ def test_atlas_rows_register_once_and_leave_each_chest_out(tmp_path):
         hu, _ = phantoms.chest_phantom(seed, grid)
         files.append(str(io.write_ct(ct_dir / f"chest_{seed}.nii.gz", np.asarray(hu), grid)))
     out = tmp_path / "q"
-    argv = ["--resolution=16", "--phantoms=0", "--views", "2", "--iters=3", f"--ct_dir={ct_dir}"]
+    argv = ["--realism=ideal", "--resolution=16", "--phantoms=0", "--views", "2", "--iters=3"]
+    argv += [f"--ct_dir={ct_dir}"]
     argv += ["--methods", "tv_support", "template", "template_tv", "atlas", "atlas_tv"]
     argv += ["--tv_weight", "0.01", "--prior_weight", "1", "--template", *files, f"--out={out}"]
     assert quality_table.main(argv) == 0

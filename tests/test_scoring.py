@@ -137,19 +137,20 @@ def test_with_acquisition_predicts_on_another_cube():
 
 
 def test_clinical_mode_xrays_the_whole_scan(tmp_path):
-    """--realism clinical: real CTs only, their whole scan (couch kept) X-rayed with noise,
-    scored against the scan averaged over each voxel; labelled clinical; no phantoms."""
+    """--realism clinical (the default): real CTs only, their whole scan (couch kept)
+    X-rayed with noise, scored against the scan averaged over each voxel; labelled clinical;
+    phantoms refused in one line naming the mode they need."""
     ct_dir = tmp_path / "cts"
     ct_dir.mkdir()
     grid = geometry.VolumeGrid.centered((24, 40, 40), 10.0)
     hu, _ = phantoms.chest_phantom(4, grid, couch=True)
     io.write_ct(ct_dir / "chest_4.nii.gz", np.asarray(hu), grid)
     kw = dict(resolution=16, views=(2,), methods=("fdk", "tv"), tv_iters=3, ct_dir=str(ct_dir))
-    clinical = scoring.run_table(
-        scoring.Settings(realism="clinical", phantoms=1, detector_pixel_mm=6.0, **kw)
-    )
-    ideal = scoring.run_table(scoring.Settings(phantoms=0, **kw))
-    assert ("phantoms", "clinical mode X-rays whole real scans; no phantoms") in clinical["skipped"]
+    with pytest.raises(ValueError, match="phantoms: 1 asked.*--realism ideal"):
+        scoring.Settings(phantoms=1, detector_pixel_mm=6.0, **kw)
+    assert scoring.Settings().realism == "clinical"
+    clinical = scoring.run_table(scoring.Settings(detector_pixel_mm=6.0, **kw))
+    ideal = scoring.run_table(scoring.Settings(realism="ideal", phantoms=0, **kw))
     assert {(r["method"], r["volume"]) for r in clinical["rows"]} == {
         ("fdk", "chest_4.nii.gz"),
         ("tv", "chest_4.nii.gz"),
@@ -168,7 +169,7 @@ def test_mu_water_is_clinical_only_and_scales_the_solvers():
     """--mu_water: refused in the idealised mode (its X-rays are made at 70 keV); in Solvers
     the value bound follows it (HU_MAX at that water)."""
     with pytest.raises(ValueError, match="mu_water_per_mm"):
-        scoring.Settings(mu_water_per_mm=0.02)
+        scoring.Settings(realism="ideal", mu_water_per_mm=0.02)
     assert scoring.Settings(realism="clinical", mu_water_per_mm=0.02).mu_water_per_mm == 0.02
     grid = geometry.VolumeGrid.centered((8, 8, 8), 50.0)
     kw = {"sirt_iters": 1, "cgls_iters": 1, "tv_iters": 1}

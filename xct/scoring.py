@@ -20,14 +20,15 @@ What is measured, per volume and per number of views V (``Settings.views``):
   ``*chest*``) are "real chests", with their own tables; the other real CTs (crops of a
   heart, abdomens, ...) are a separate, labelled table. The ground truth is the cube as the
   datasets store it (HU rounded to int16), in the projector frame.
-* X-rays, ``realism="ideal"`` (the default, labelled *idealised* in the tables and the
-  JSON): ``physics.render_drrs`` (monochromatic) of that very cube on the datasets' cone
-  beam (sod 1000 mm, sdd 1500 mm, an ``r^2`` detector sized to the cube's inscribed
-  cylinder). Angles: the first V of ``geometry.nested_view_angles(max(views), arc_deg)``
-  (every prefix of 2^k views is evenly spaced); ``arc_deg`` defaults to the datasets' 180
-  degrees (2 views: PA and lateral). ``photons=N`` adds Poisson noise (N unattenuated
-  photons per pixel, key ``fold_in(key(seed), volume index)``); the default is noise-free.
-* X-rays, ``realism="clinical"`` (``xct.clinical``; real CTs only, phantoms are left out):
+* X-rays, ``realism="ideal"`` (labelled *idealised* in the tables and the JSON):
+  ``physics.render_drrs`` (monochromatic) of that very cube on the datasets' cone beam (sod
+  1000 mm, sdd 1500 mm, an ``r^2`` detector sized to the cube's inscribed cylinder). Angles:
+  the first V of ``geometry.nested_view_angles(max(views), arc_deg)`` (every prefix of 2^k
+  views is evenly spaced); ``arc_deg`` defaults to the datasets' 180 degrees (2 views: PA
+  and lateral). ``photons=N`` adds Poisson noise (N unattenuated photons per pixel, key
+  ``fold_in(key(seed), volume index)``); the default is noise-free.
+* X-rays, ``realism="clinical"`` (the default; ``xct.clinical``; real CTs only, phantoms
+  are refused):
   the whole scan at its own resolution, couch and all (``clinical.load_scan``), X-rayed on
   the same orbit onto a detector of ``detector_pixel_mm`` pixels that covers the body
   (``clinical.clinical_xrays``), Poisson noise of ``photons`` (default
@@ -208,7 +209,7 @@ class Settings:
     """Everything a quality table is run with (``scripts/quality_table.py``'s flags)."""
 
     resolution: int = 64  # voxels per side (and detector pixels)
-    phantoms: int = 4  # synthetic test phantoms (0: none)
+    phantoms: int = 0  # synthetic test phantoms (0: none; realism="ideal" only)
     views: tuple[int, ...] = (2, 4, 8, 16, 64)
     methods: tuple[str, ...] = CLASSICAL
     sirt_iters: int = 50
@@ -232,7 +233,7 @@ class Settings:
     network_tv_weight: tuple[float, ...] | None = None  # default: tv_weight
     network_prior_weight: tuple[float, ...] | None = None  # default: prior_weight
     refine_iters: int = 100
-    realism: str = "ideal"  # how the X-rays are made (REALISM)
+    realism: str = "clinical"  # how the X-rays are made (REALISM); "ideal" is labelled idealised
     detector_pixel_mm: float = 2.0  # clinical: the X-rays' pixel at the detector
     detector_sampling: str = "footprint"  # clinical: fine X-rays to the grid (DETECTOR_SAMPLINGS)
     spectrum: str = "mono"  # clinical: "mono" or "poly" (physics.render_drrs' 120 kVp model)
@@ -243,6 +244,11 @@ class Settings:
     def __post_init__(self):
         if self.realism not in REALISM:
             raise ValueError(f"realism: expected one of {sorted(REALISM)}, got {self.realism!r}")
+        if self.realism == "clinical" and self.phantoms:
+            raise ValueError(
+                f"phantoms: {self.phantoms} asked, but clinical realism X-rays whole real scans "
+                "(couch and all) and phantoms have none: --realism ideal for phantoms"
+            )
         if self.detector_sampling not in DETECTOR_SAMPLINGS:
             raise ValueError(
                 f"detector_sampling: expected one of {DETECTOR_SAMPLINGS}, got "
@@ -398,8 +404,6 @@ def load_volumes(s: Settings, skipped: list) -> list[Volume]:
     """The phantoms and real CTs ``s`` asks for (unreadable CTs appended to ``skipped``)."""
     clinical = s.realism == "clinical"
     volumes = [] if clinical else list(synthetic_volumes(s.phantoms, s.resolution))
-    if clinical and s.phantoms:
-        skipped.append(("phantoms", "clinical mode X-rays whole real scans; no phantoms"))
     if s.ct_dir is not None:
         ct_dir = pathlib.Path(s.ct_dir)
         if ct_dir.is_dir():
