@@ -515,3 +515,26 @@ def test_sections_are_the_constructors_keyword_arguments():
         Experiment.from_config(c)
     with pytest.raises(ValueError, match=r"config.train: unknown"):
         experiment.settings(experiment.Loop, {"oops": 1}, "train")
+
+
+def test_a_stored_config_that_predates_fields_gets_their_defaults():
+    """A run's config.json written before a field existed (train.on_nonfinite,
+    loss.perceptual_net, the data sections) loads: the missing fields take
+    configs/default.py's value, as that run behaved; model fields are never filled."""
+    import json
+    import pathlib
+
+    import ml_collections
+
+    from xct import experiment
+
+    stored = pathlib.Path(__file__).resolve().parents[1] / "checkpoints" / "unet32_2v"
+    raw = json.loads((stored / "config.json").read_text())
+    assert "on_nonfinite" not in raw["train"] and "render" not in raw["data"]
+    c = experiment.upgrade_config(ml_collections.ConfigDict(raw))
+    base = default.get_config()
+    assert c.train.on_nonfinite == base.train.on_nonfinite
+    assert c.loss.perceptual_net == base.loss.perceptual_net
+    assert set(c.data) == set(base.data)
+    assert set(c.model) == set(raw["model"])
+    assert experiment.upgrade_config(c) is c  # nothing left to change

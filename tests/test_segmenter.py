@@ -51,10 +51,11 @@ def test_perceptual_loss_is_zero_on_the_target_and_trains_only_the_prediction(ne
 
 def test_config_needs_the_segmenter_folder():
     from xct.configs import quickstart
-    from xct.experiment import make_setup
+    from xct.experiment import Loop, make_setup, settings
     from xct.geometry import Acquisition
 
     c = quickstart.get_config()
     c.loss.perceptual = 0.1
+    loop = settings(Loop, c.train, "train")
     with pytest.raises(ValueError, match="loss.perceptual_net"):
-        make_setup(c, Acquisition(resolution=32, fov_mm=400.0))
+        make_setup(c, Acquisition(resolution=32, fov_mm=400.0), loop)

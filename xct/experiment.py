@@ -437,16 +437,38 @@ def upgrade_data(d: dict) -> dict:
     return out
 
 
+#: Sections whose fields every config has (``configs/default.py``); a model's or a
+#: discriminator's fields depend on its name, so those are never filled in.
+_FILLED_SECTIONS = ("geometry", "data", "train", "eval", "loss", "optim", "mesh", "distributed")
+
+
 def upgrade_config(config):
     """``config`` with the old flat ``config.data`` fields moved into ``config.data.tfds``
-    and ``config.data.render`` (a copy; ``config`` itself when it has none). The one
-    translation of configs written before the sections: stored runs, shipped checkpoints'
-    ``config.py``, ``--config.data.pool_size=...`` (``legacy_flag``)."""
-    if not any(k in config.data for k in LEGACY_DATA_FIELDS):
+    and ``config.data.render``, and the fields a stored run predates (absent from its
+    ``config.json``) set to ``configs/default.py``'s value, as that run behaved (a copy;
+    ``config`` itself when nothing changes). The one translation of configs written before
+    a field or the sections: stored runs, shipped checkpoints' ``config.py``,
+    ``--config.data.pool_size=...`` (``legacy_flag``)."""
+    from xct.configs import default
+
+    base = default.get_config()
+    missing = [
+        (name, key)
+        for name in _FILLED_SECTIONS
+        if name in config and name in base and isinstance(base[name], ml_collections.ConfigDict)
+        for key in base[name]
+        if key not in config[name] and key not in LEGACY_DATA_FIELDS
+    ]
+    legacy = "data" in config and any(k in config.data for k in LEGACY_DATA_FIELDS)
+    if not legacy and not missing:
         return config
     c = config.copy_and_resolve_references()
     with c.unlocked():
-        c.data = ml_collections.ConfigDict(upgrade_data(c.data.to_dict()))
+        if legacy:
+            c.data = ml_collections.ConfigDict(upgrade_data(c.data.to_dict()))
+        for name, key in missing:
+            if key not in c[name]:  # the data sections may have come with upgrade_data
+                c[name][key] = base[name][key]
     return c
 
 
