@@ -110,7 +110,7 @@ def test_help_shows_defaults_orientation_and_units(capsys):
     for needle in (
         "(default: 64)",
         "(default: 400.0)",
-        "(default: tv_support)",
+        "(default: auto)",
         "(default: footprint)",
         f"(default: {physics.MU_WATER_PER_MM})",
         "(default: [0.0, 0.0, 0.0])",
@@ -223,7 +223,7 @@ def test_template_stored_as_hu_plus_1024_names_the_flag(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "plus1024.nii.gz" in err and "--template_hu_offset=-1024" in err
     args = reconstruct.parse_args([*argv, "--template_hu_offset=-1024"])
-    vols, names = reconstruct._load_templates(args, 16, physics.MU_WATER_PER_MM)
+    vols, names, _ = reconstruct._load_templates(args, 16, physics.MU_WATER_PER_MM)
     assert len(vols) == 1 and float(jnp.max(vols[0])) > physics.MU_WATER_PER_MM
 
 
@@ -244,6 +244,39 @@ def test_template_tv_on_a_real_chest(tmp_path):
     assert s["drr_mismatch"] < 0.05
     assert max(s["template_mismatch"].values()) < 0.3
     assert s["registration_seconds"] > 0
+
+
+def test_auto_method_without_and_with_a_folder_of_templates(tmp_path, capsys):
+    """--method auto (the default) runs the benchmark's choice for the number of X-rays:
+    without templates the X-ray-priors TV, with a --template folder the atlas (files that are
+    not CTs of the right size left out with a note), both named in summary.json."""
+    from xct import scoring
+
+    hu, xrays, pixel = _phantom_views(tmp_path)
+    base = ["--xrays", *xrays, "--angles_deg", "0", "90", "--resolution=16", "--iters=5"]
+    base += [f"--detector_pixel_mm={pixel}"]
+    assert reconstruct.main([*base, f"--out={tmp_path / 'plain'}"]) == 0
+    s = _summary(tmp_path / "plain")
+    method, weights, _ = scoring.auto_method(2, templates=False)
+    assert s["method_requested"] == "auto" and s["method"] == method == "tv_support"
+    assert s["tv_weight"] == weights["tv_weight"] and "without template" in s["method_why"]
+
+    folder = tmp_path / "atlas"
+    folder.mkdir()
+    grid = geometry.VolumeGrid.centered((40, 48, 48), 8.0)
+    for seed in (2, 3, 4):
+        chest, _ = phantoms.chest_phantom(seed, grid)
+        io.write_ct(folder / f"chest_{seed}.nii.gz", np.asarray(chest), grid)
+    labels = np.zeros((8, 8, 8), np.float32)
+    io.write_ct(folder / "organs.nii.gz", labels, geometry.VolumeGrid.centered((8, 8, 8), 8.0))
+    (folder / "README.txt").write_text("not a CT")
+    capsys.readouterr()
+    assert reconstruct.main([*base, "--template", str(folder), f"--out={tmp_path / 'a'}"]) == 0
+    s = _summary(tmp_path / "a")
+    assert s["method"] == scoring.auto_method(2, templates=True)[0] == "atlas_tv"
+    assert len(s["atlas"]["templates"]) == 3 and s["registration_seconds"] > 0
+    assert [t["template"] for t in s["templates_skipped"]] == [str(folder / "organs.nii.gz")]
+    assert "organs.nii.gz left out" in capsys.readouterr().err
 
 
 def test_template_with_zero_spacing_is_refused(tmp_path, capsys):

@@ -52,9 +52,13 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from xct import physics
+from xct import physics, scoring
 from xct.geometry import DEFAULT_SDD_MM, DEFAULT_SOD_MM
 from xct.scoring import METHODS, TEMPLATE  # the one registry, shared with quality_table
+
+DEFAULT_TV_WEIGHT = 0.03  # mm^2, a named method's TV weight when --tv_weight is not given
+DEFAULT_PRIOR_WEIGHT = 0.3  # mm, template_tv / atlas_tv's pull when --prior_weight is not given
+CT_SUFFIXES = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd")  # CT files of a --template folder
 
 DICOM_SUFFIXES = (".dcm", ".dicom")
 IMAGE_SUFFIXES = (".npy", ".png")
@@ -137,8 +141,21 @@ def _parser() -> argparse.ArgumentParser:
         help="unattenuated intensity I0 of --npy_kind intensity and .png (.png: else the "
         "99.9th percentile)",
     )
-    p.add_argument("--method", default="tv_support", choices=METHODS, help="reconstruction")
-    p.add_argument("--template", nargs="+", default=[], metavar="CT", help="template CT file(s)")
+    p.add_argument(
+        "--method",
+        default="auto",
+        choices=("auto", *METHODS),
+        help="reconstruction; auto: what the clinical-mode benchmark measured best for the "
+        "number of X-rays, with --template (atlas_tv) or without (xct.scoring.AUTO)",
+    )
+    p.add_argument(
+        "--template",
+        nargs="+",
+        default=[],
+        metavar="CT",
+        help="template CT file(s) or folder(s) of them (other patients; several are screened, "
+        "the best 3 registered and fused by atlas / atlas_tv)",
+    )
     p.add_argument(
         "--template_hu_offset",
         type=float,
@@ -170,8 +187,18 @@ def _parser() -> argparse.ArgumentParser:
         "mu_water - 1); default: 70 keV)",
     )
     p.add_argument("--iters", type=int, default=200, help="iterations of SIRT / CGLS / TV")
-    p.add_argument("--tv_weight", type=float, default=0.03, help="TV weight, mm^2")
-    p.add_argument("--prior_weight", type=float, default=0.3, help="template_tv pull, mm")
+    p.add_argument(
+        "--tv_weight",
+        type=float,
+        default=None,
+        help="TV weight, mm^2 (default: the benchmark's for --method auto, else 0.03)",
+    )
+    p.add_argument(
+        "--prior_weight",
+        type=float,
+        default=None,
+        help="template_tv / atlas_tv pull, mm (default: the benchmark's for auto, else 0.3)",
+    )
     p.add_argument(
         "--air_tol", type=float, default=None, help="priors: air line integral (default: priors')"
     )
@@ -216,7 +243,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--method {args.method} needs --template FILE [FILE ...]")
     if args.resolution < 8 or args.resolution % 2:
         p.error("--resolution: an even number of voxels, at least 8")
-    if args.iters < 1 or args.tv_weight < 0 or args.prior_weight < 0:
+    if args.iters < 1 or (args.tv_weight or 0) < 0 or (args.prior_weight or 0) < 0:
         p.error("--iters >= 1, --tv_weight >= 0, --prior_weight >= 0")
     if not args.mu_water > 0 or not args.fov_mm > 0:
         p.error("--mu_water and --fov_mm: positive numbers")
@@ -324,21 +351,28 @@ def _check_distances(sod_mm: float, sdd_mm: float, fov_mm: float) -> None:
 
 
 def _load_templates(args, r: int, mu_water: float):
+    """``(attenuation cubes, names, skipped)`` of the ``--template`` CTs: a file that is not
+    a CT or whose body is far from the cube's size is left out with a one-line note (and
+    listed in the summary); none usable is an error."""
     import jax.numpy as jnp
 
     from xct import io
     from xct.recon import template
 
-    vols, names = [], []
-    for f in args.template:
+    vols, names, skipped = [], [], []
+    for f in template_files(args.template):
         try:
             cube = io.load_cube(f, resolution=r, fov_mm="body", hu_offset=args.template_hu_offset)
+            template.check_template_size(pathlib.Path(f).name, cube.fov_mm, args.fov_mm)
         except ValueError as e:
-            raise ValueError(f"--template {f}: {e}") from None
-        template.check_template_size(pathlib.Path(f).name, cube.fov_mm, args.fov_mm)
+            skipped.append({"template": f, "reason": str(e)})
+            print(f"note: --template {f} left out: {e}", file=sys.stderr)
+            continue
         vols.append(jnp.maximum(physics.hu_to_mu(jnp.asarray(cube.hu), mu_water), 0.0))
         names.append(str(f))
-    return vols, names
+    if not vols:
+        raise ValueError(f"--template: none of {len(skipped)} file(s) is usable (reasons above)")
+    return vols, names, skipped
 
 
 def _calibration_template(args, r: int, mu_water: float):
@@ -348,7 +382,7 @@ def _calibration_template(args, r: int, mu_water: float):
 
     from xct import io
 
-    f = args.template[0]
+    f = template_files(args.template)[0]
     try:
         cube = io.load_cube(f, resolution=r, fov_mm=args.fov_mm, hu_offset=args.template_hu_offset)
     except ValueError as e:
@@ -454,7 +488,47 @@ def _read_radiographs(args):
 
 
 def _params(args) -> dict:
-    return {"tv_weight": args.tv_weight, "prior_weight": args.prior_weight}
+    tv = DEFAULT_TV_WEIGHT if args.tv_weight is None else args.tv_weight
+    prior = DEFAULT_PRIOR_WEIGHT if args.prior_weight is None else args.prior_weight
+    return {"tv_weight": tv, "prior_weight": prior}
+
+
+def resolve_method(args) -> dict:
+    """``--method auto`` -> the benchmark's method (and its weights where none were given)
+    for the number of X-rays and whether templates were given; ``args`` is updated. Returns
+    what the summary records of the choice (empty for a named method)."""
+    if args.method != "auto":
+        return {}
+    method, weights, why = scoring.auto_method(len(args.xrays), bool(args.template))
+    args.method = method
+    if args.tv_weight is None:
+        args.tv_weight = weights["tv_weight"]
+    if args.prior_weight is None:
+        args.prior_weight = weights["prior_weight"]
+    return {"method_requested": "auto", "method_why": why}
+
+
+def template_files(specs) -> list[str]:
+    """``--template`` files, and the CT files of folders (sorted; NIfTI, MHA/MHD, NRRD)."""
+    out = []
+    for spec in specs:
+        path = pathlib.Path(spec)
+        if path.is_dir():
+            found = sorted(
+                str(f)
+                for f in path.iterdir()
+                if f.is_file() and f.name.lower().endswith(CT_SUFFIXES)
+            )
+            if not found:
+                raise ValueError(
+                    f"--template {spec}: a folder without CT files ({', '.join(CT_SUFFIXES)})"
+                )
+            out += found
+        elif path.is_file():
+            out.append(str(path))
+        else:
+            raise ValueError(f"--template {spec}: no such file or folder")
+    return out
 
 
 # ------------------------------------------------------------------------------------------
@@ -607,7 +681,7 @@ def _dicom_inputs(args, solvers, mu_water: float) -> _Inputs:
     drr, angles, records = _calibrated_radiographs(args, rads, acq, solvers, tmpl)
     fields = {
         "calibration": records,
-        "calibrated_against": args.template[0]
+        "calibrated_against": template_files(args.template)[0]
         if args.template
         else "a first tv_support reconstruction (2 rounds)",
         "calibration_seconds": round(time.perf_counter() - tc, 2),
@@ -694,10 +768,12 @@ def _solve(args, solvers, vols, names, drr, geom, grid, summary: dict) -> tuple:
 
     method = args.method
     support = prior = loss = None
-    if method.endswith("_support") or method == "template_tv":
+    if method.endswith(("_support", "_tv")) and method != "tv":
         support = solvers.support(drr, geom)
         summary["support_fraction"] = float(jnp.mean(support))
-    if method in TEMPLATE:
+    if method in ("atlas", "atlas_tv"):
+        prior = _atlas_prior(vols, names, drr, geom, grid, summary)
+    elif method in TEMPLATE:
         from xct.recon import template
 
         best, reg, mismatch, seconds = register_templates(vols, names, drr, geom, grid)
@@ -708,12 +784,39 @@ def _solve(args, solvers, vols, names, drr, geom, grid, summary: dict) -> tuple:
         summary["registration_seconds"] = round(seconds, 2)
         if args.template_hu_offset:
             summary["template_hu_offset"] = args.template_hu_offset
-    mu = solvers.run(method, drr, geom, _params(args), support=support, prior=prior)
-    if method in ("tv", "tv_support", "template_tv"):
-        summary["tv_weight"] = args.tv_weight
-    if method == "template_tv":
-        summary["prior_weight"] = args.prior_weight
+    params = _params(args)
+    mu = solvers.run(method, drr, geom, params, support=support, prior=prior)
+    if method in ("tv", "tv_support", "template_tv", "atlas_tv"):
+        summary["tv_weight"] = params["tv_weight"]
+    if method in ("template_tv", "atlas_tv"):
+        summary["prior_weight"] = params["prior_weight"]
     return jnp.maximum(mu, 0.0), loss
+
+
+def _atlas_prior(vols, names, drr, geom, grid, summary: dict):
+    """The fused atlas of the templates (``recon.atlas``: all screened, the best 3
+    registered with a progress bar, fused by local fit); what it chose goes into
+    ``summary``."""
+    from xct.recon import atlas, template
+
+    print(
+        f"atlas: screening {len(vols)} template(s), registering the best {min(3, len(vols))} "
+        f"on a {grid.shape[0]}^3 grid (the first run includes compiling)",
+        file=sys.stderr,
+        flush=True,
+    )
+    at = atlas.atlas(vols, drr, geom, grid, k=min(3, len(vols)), progress=True)
+    used = [names[i] for i in at.indices]
+    template.check_match(used[at.best], float(at.mismatch[at.best]))
+    summary["atlas"] = {
+        "templates": used,
+        "mismatch": [float(m) for m in at.mismatch],
+        "screening_mismatch": dict(
+            zip(names, (float(m) for m in at.screening.mismatch), strict=True)
+        ),
+    }
+    summary["registration_seconds"] = round(sum(at.seconds.values()), 2)
+    return at.volume
 
 
 def reconstruct(args: argparse.Namespace) -> dict:
@@ -727,6 +830,7 @@ def reconstruct(args: argparse.Namespace) -> dict:
     t0 = time.perf_counter()
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    chosen = resolve_method(args)
     r, method, mu_water = args.resolution, args.method, float(args.mu_water)
     grid = geometry.VolumeGrid.centered((r,) * 3, args.fov_mm / r)
     n = args.iters
@@ -734,10 +838,14 @@ def reconstruct(args: argparse.Namespace) -> dict:
         grid, sirt_iters=n, cgls_iters=n, tv_iters=n, air_tol=args.air_tol, mu_water_per_mm=mu_water
     )
     dicom = pathlib.Path(args.xrays[0]).suffix.lower() in DICOM_SUFFIXES
-    vols, names = _load_templates(args, r, mu_water) if method in TEMPLATE else ([], [])
+    vols, names, skipped = (
+        _load_templates(args, r, mu_water) if method in TEMPLATE else ([], [], [])
+    )
     x = _dicom_inputs(args, solvers, mu_water) if dicom else _image_inputs(args, grid)
     drr, geom = x.drr, x.geom
-    summary: dict = {"method": method, "xrays": [str(p) for p in args.xrays]}
+    summary: dict = {"method": method, **chosen, "xrays": [str(p) for p in args.xrays]}
+    if skipped:
+        summary["templates_skipped"] = skipped
     summary.update(_geometry_summary(args, x))
     mu, loss = _solve(args, solvers, vols, names, drr, geom, grid, summary)
     reproj = projector.forward_project(mu, grid, geom)

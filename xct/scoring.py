@@ -165,6 +165,40 @@ REGISTRY = {
 }
 
 
+@dataclasses.dataclass(frozen=True)
+class Choice:
+    """What ``--method auto`` runs for a number of views: the method the clinical-mode
+    benchmark measured best (and its leave-one-out weights), with templates or without."""
+
+    max_views: int  # this choice serves up to this many views
+    with_templates: tuple[str, float, float]  # (method, tv_weight mm^2, prior_weight mm)
+    without: tuple[str, float, float]
+    source: str  # where it was measured
+
+
+#: ``--method auto``, from the clinical-mode headline table (docs/quality_clinical/: seven
+#: real chests, leave one out, X-rays of the whole scan with couch and 1e5 photons); the
+#: weights are those chosen leave one out on most chests. See BENCHMARKS.md.
+AUTO = (
+    Choice(3, ("atlas_tv", 0.03, 1.0), ("tv_support", 0.03, 0.0), "docs/quality_clinical"),
+    Choice(6, ("atlas_tv", 0.1, 1.0), ("tv_support", 0.1, 0.0), "docs/quality_clinical"),
+    Choice(10**9, ("atlas_tv", 0.1, 1.0), ("tv_support", 0.1, 0.0), "docs/quality_clinical"),
+)
+
+
+def auto_method(num_views: int, templates: bool) -> tuple[str, dict, str]:
+    """``(method, {"tv_weight", "prior_weight"}, why)`` that ``--method auto`` runs for
+    ``num_views`` X-rays, with or without template CTs."""
+    if num_views < 1:
+        raise ValueError(f"auto method: expected at least one view, got {num_views}")
+    choice = next(c for c in AUTO if num_views <= c.max_views)
+    method, tv_weight, prior_weight = choice.with_templates if templates else choice.without
+    why = f"best in the clinical-mode benchmark ({choice.source}) at {num_views} view(s) " + (
+        "with template CTs" if templates else "without template CTs"
+    )
+    return method, {"tv_weight": tv_weight, "prior_weight": prior_weight}, why
+
+
 def _family(name: str) -> tuple[str, ...]:
     return tuple(m.name for m in REGISTRY.values() if m.family == name)
 
