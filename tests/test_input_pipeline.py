@@ -63,6 +63,32 @@ def test_deterministic_reshuffled_per_epoch_and_exactly_resumable():
     assert [_ids(next(it2)) for _ in range(3)] == expected
 
 
+def test_batches_are_read_ahead_while_the_step_runs():
+    """A slow source (20 ms per example read): with a step of the same length, the next
+    batches are read in grain's threads meanwhile, so 6 steps take about 6 step times,
+    not 6 step times plus 6 batches of reads; and the data are those of a plain read."""
+    import time
+
+    class Slow(list):
+        def __getitem__(self, i):
+            time.sleep(0.02)
+            return super().__getitem__(i)
+
+    source = _fake_source(12)
+    it = input_pipeline.iterate(_make(Slow(source), batch_size=3))
+    first = next(it)
+    time.sleep(0.3)  # the first step compiling: batches are read meanwhile
+    t0 = time.perf_counter()
+    got = [first]
+    for _ in range(5):
+        time.sleep(0.06)  # a step as long as reading its batch
+        got.append(next(it))
+    waited = time.perf_counter() - t0 - 5 * 0.06
+    assert waited < 0.15, f"waited {waited:.3f} s for batches (read synchronously: about 0.30 s)"
+    plain = input_pipeline.iterate(_make(source, batch_size=3))
+    assert [_ids(b) for b in got] == [_ids(next(plain)) for _ in got]
+
+
 def test_epochs_cover_each_example_once():
     src = _fake_source(n=6)
     ds = _make(src, batch_size=2, num_epochs=2)
