@@ -87,6 +87,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="clinical: water's attenuation per mm the reconstructions assume (HU = 1000 (mu / "
         "mu_water - 1)); default xct.physics.MU_WATER_PER_MM, 0.01929 (70 keV)",
     )
+    p.add_argument(
+        "--grid_factor",
+        type=int,
+        default=1,
+        help="clinical: reconstruct on a grid this many times finer than --resolution (same "
+        "cube, X-rays brought to its voxels), box-averaged to --resolution before scoring; "
+        "classical and prior methods only",
+    )
     p.add_argument("--iters", type=int, default=50, help="iterations of every iterative method")
     p.add_argument("--sirt_iters", type=int, default=None, help="default: --iters")
     p.add_argument("--cgls_iters", type=int, default=None, help="default: --iters")

@@ -2,6 +2,7 @@
 through Experiment.with_acquisition, and the config loader."""
 
 import dataclasses
+import json
 
 import jax
 import jax.numpy as jnp
@@ -177,3 +178,112 @@ def test_mu_water_is_clinical_only_and_scales_the_solvers():
     doubled = scoring.Solvers(grid, mu_water_per_mm=2 * physics.MU_WATER_PER_MM, **kw)
     assert base.mu_water == physics.MU_WATER_PER_MM
     assert doubled.upper == pytest.approx(2 * base.upper)
+
+
+def test_finer_grid_keeps_the_field_of_view():
+    """grid_factor's grid: each voxel split f times, the same voxel edges outside."""
+    grid = geometry.VolumeGrid.centered((8, 8, 8), 50.0)
+    assert scoring.finer_grid(grid, 1) is grid
+    assert scoring.finer_grid(grid, 2) == geometry.VolumeGrid.centered((16, 16, 16), 25.0)
+    off = geometry.VolumeGrid((4, 6, 8), (3.0, 2.0, 1.0), (10.0, -5.0, 7.0))
+    fine = scoring.finer_grid(off, 3)
+    assert fine.shape == (12, 18, 24) and np.allclose(fine.spacing_mm, (1.0, 2 / 3, 1 / 3))
+    # the first voxel's low edge is where it was: origin - spacing / 2, per axis (x, y, z)
+    np.testing.assert_allclose(
+        np.asarray(fine.origin_xyz_mm) - np.asarray(fine.spacing_mm)[::-1] / 2,
+        np.asarray(off.origin_xyz_mm) - np.asarray(off.spacing_mm)[::-1] / 2,
+    )
+
+
+def _blocky_xrays(n=8, fov_mm=200.0, views=24, pixel_mm=3.0):
+    """A piecewise-constant object aligned to the ``n^3`` voxels of a ``fov_mm`` cube and its
+    fine X-rays (rendered from the object repeated 2 x 2 x 2, a detector of ``pixel_mm``
+    covering the cube, a full orbit): ``(grid, mu [n]^3, drr, angles, pixel_mm)``."""
+    grid = geometry.VolumeGrid.centered((n,) * 3, fov_mm / n)
+    hu = np.full((n,) * 3, -1000.0, np.float32)
+    m = n // 4
+    hu[m:-m, m:-m, m:-m] = np.random.default_rng(0).choice([-800.0, 0.0, 40.0, 400.0], (2 * m,) * 3)
+    fine_hu = hu.repeat(2, 0).repeat(2, 1).repeat(2, 2)
+    fine_grid = geometry.VolumeGrid.centered((2 * n,) * 3, fov_mm / n / 2)
+    angles = np.linspace(0.0, 360.0, views, endpoint=False)
+    det = int(2.4 * fov_mm / pixel_mm)
+    geom = geometry.circular_cone_beam(angles, det_shape=(det, det), pixel_mm=pixel_mm)
+    drr = np.asarray(physics.render_drrs(jnp.asarray(fine_hu), fine_grid, geom))
+    return grid, np.asarray(physics.hu_to_mu(hu)), drr, angles, pixel_mm
+
+
+def test_grid_factor_reconstructs_finer_and_averages_down():
+    """Solvers(grid_factor=2): the methods run on the 16^3 grid of the same cube, the result
+    comes back on the 8^3 output grid, finite; with a piecewise-constant object aligned to the
+    output voxels and 24 views it is closer to the truth than on the 8^3 grid (measured: TV
+    0.04 vs 0.15, CGLS 0.10 vs 0.20 mean relative error); template methods are refused."""
+    from xct import clinical
+
+    grid, mu_true, fine, angles, pixel = _blocky_xrays()
+    err = {}
+    for f in (1, 2):
+        solvers = scoring.Solvers(
+            grid, sirt_iters=5, cgls_iters=50, tv_iters=100, arc_deg=360.0, grid_factor=f
+        )
+        assert solvers.recon_grid == scoring.finer_grid(grid, f)
+        drr, geom = clinical.xrays_for_grid(fine, pixel, angles, solvers.recon_grid)
+        drr = jnp.asarray(drr)
+        support = solvers.support(drr, geom)
+        assert support.shape == (8 * f,) * 3
+        for method in ("fdk", "sirt_support", "cgls", "tv"):
+            x = solvers.run(method, drr, geom, {"tv_weight": 0.01}, support=support)
+            assert x.shape == (8, 8, 8) and bool(jnp.all(jnp.isfinite(x))), (method, f)
+            x = np.maximum(np.asarray(x), 0.0)
+            err[method, f] = np.abs(x - mu_true).mean() / mu_true.mean()
+    assert err["tv", 2] < 0.7 * err["tv", 1], err
+    assert err["cgls", 2] < 0.8 * err["cgls", 1], err
+    with pytest.raises(ValueError, match="grid_factor 2: template_tv run on the output grid"):
+        solvers.run("template_tv", drr, geom, {"tv_weight": 0.1, "prior_weight": 1.0})
+    with pytest.raises(ValueError, match="whole number"):
+        scoring.Solvers(grid, sirt_iters=1, cgls_iters=1, tv_iters=1, grid_factor=0)
+
+
+def test_solvers_average_down_as_clinical_does():
+    """What ``run`` returns at grid_factor 2 is ``clinical.average_down`` of the clipped fine
+    result: FDK of the same X-rays on the fine grid, by hand, agrees."""
+    from xct import clinical
+
+    grid, _, fine, angles, pixel = _blocky_xrays(views=8)
+    kw = {"sirt_iters": 1, "cgls_iters": 1, "tv_iters": 1, "arc_deg": 360.0}
+    coarse = scoring.Solvers(grid, grid_factor=2, **kw)
+    drr, geom = clinical.xrays_for_grid(fine, pixel, angles, coarse.recon_grid)
+    on_fine = scoring.Solvers(coarse.recon_grid, **kw)
+    want = clinical.average_down(np.maximum(on_fine.run("fdk", jnp.asarray(drr), geom, {}), 0.0), 2)
+    got = coarse.run("fdk", jnp.asarray(drr), geom, {})
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-7)
+    flat = np.full((16, 16, 16), 0.02, np.float32)  # averaging down a constant keeps it
+    np.testing.assert_allclose(clinical.average_down(flat, 2), 0.02, rtol=1e-6)
+
+
+def test_grid_factor_is_clinical_only_and_recorded(tmp_path, capsys):
+    """--grid_factor: in the table's JSON, set-up text and rows (clinical mode); refused in one
+    line in the idealised mode, with template methods, and below 1."""
+    from scripts import quality_table
+
+    with pytest.raises(ValueError, match="needs --realism clinical"):
+        scoring.Settings(realism="ideal", grid_factor=2)
+    with pytest.raises(ValueError, match="grid_factor 2: template, template_tv run on the"):
+        scoring.Settings(grid_factor=2, methods=("tv", "template", "template_tv"))
+    with pytest.raises(ValueError, match="whole number >= 1"):
+        scoring.Settings(grid_factor=0)
+    ct_dir = tmp_path / "cts"
+    ct_dir.mkdir()
+    grid = geometry.VolumeGrid.centered((24, 40, 40), 10.0)
+    hu, _ = phantoms.chest_phantom(4, grid, couch=True)
+    io.write_ct(ct_dir / "chest_4.nii.gz", np.asarray(hu), grid)
+    argv = ["--resolution=16", "--views", "2", "--methods", "tv_support", "--iters=3"]
+    argv += [f"--ct_dir={ct_dir}", "--detector_pixel_mm=6", "--grid_factor=2"]
+    assert quality_table.main([*argv, f"--out={tmp_path / 'out'}"]) == 0
+    result = json.loads((tmp_path / "out" / "results_16.json").read_text(encoding="utf-8"))
+    assert result["setup"]["grid_factor"] == 2 and "--grid_factor=2" in result["command"]
+    md = (tmp_path / "out" / "quality_16.md").read_text(encoding="utf-8")
+    assert "grid_factor 2: reconstructed on a 32³ grid" in md
+    capsys.readouterr()
+    assert quality_table.main([*argv, "--realism=ideal", f"--out={tmp_path / 'x'}"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: grid_factor: 2 asked"), err

@@ -192,6 +192,14 @@ def _parser() -> argparse.ArgumentParser:
         help="water's attenuation per mm at the X-rays' effective energy (HU = 1000 (mu / "
         "mu_water - 1); default: 70 keV)",
     )
+    p.add_argument(
+        "--grid_factor",
+        type=int,
+        default=1,
+        help="reconstruct on a grid this many times finer than --resolution (same cube, "
+        ".npy/.png X-rays brought to its voxels), then average each block down to "
+        "--resolution; classical and prior methods only",
+    )
     p.add_argument("--iters", type=int, default=200, help="iterations of SIRT / CGLS / TV")
     p.add_argument(
         "--tv_weight",
@@ -249,6 +257,20 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--method {args.method} needs --template FILE [FILE ...]")
     if args.resolution < 8 or args.resolution % 2:
         p.error("--resolution: an even number of voxels, at least 8")
+    if args.grid_factor < 1:
+        p.error(f"--grid_factor: a whole number >= 1, got {args.grid_factor}")
+    if args.grid_factor > 1 and (
+        args.method in TEMPLATE or (args.method == "auto" and args.template)
+    ):
+        p.error(
+            f"--grid_factor {args.grid_factor}: --method {args.method} registers templates on "
+            "the output grid only; give --grid_factor 1 or a method without templates"
+        )
+    if args.grid_factor > 1 and dicom:
+        p.error(
+            "--grid_factor: .npy/.png X-rays only (DICOM radiographs are calibrated onto the "
+            "resolution^2 detector)"
+        )
     if args.iters < 1 or (args.tv_weight or 0) < 0 or (args.prior_weight or 0) < 0:
         p.error("--iters >= 1, --tv_weight >= 0, --prior_weight >= 0")
     if not args.mu_water > 0 or not args.fov_mm > 0:
@@ -841,15 +863,22 @@ def reconstruct(args: argparse.Namespace) -> dict:
     grid = geometry.VolumeGrid.centered((r,) * 3, args.fov_mm / r)
     n = args.iters
     solvers = scoring.Solvers(
-        grid, sirt_iters=n, cgls_iters=n, tv_iters=n, air_tol=args.air_tol, mu_water_per_mm=mu_water
+        grid,
+        sirt_iters=n,
+        cgls_iters=n,
+        tv_iters=n,
+        air_tol=args.air_tol,
+        mu_water_per_mm=mu_water,
+        grid_factor=args.grid_factor,
     )
     dicom = pathlib.Path(args.xrays[0]).suffix.lower() in DICOM_SUFFIXES
     vols, names, skipped = (
         _load_templates(args, r, mu_water) if method in TEMPLATE else ([], [], [])
     )
-    x = _dicom_inputs(args, solvers, mu_water) if dicom else _image_inputs(args, grid)
+    x = _dicom_inputs(args, solvers, mu_water) if dicom else _image_inputs(args, solvers.recon_grid)
     drr, geom = x.drr, x.geom
     summary: dict = {"method": method, **chosen, "xrays": [str(p) for p in args.xrays]}
+    summary["grid_factor"] = args.grid_factor  # reconstructed on (resolution x grid_factor)^3
     if skipped:
         summary["templates_skipped"] = skipped
     summary.update(_geometry_summary(args, x))

@@ -38,6 +38,10 @@ What is measured, per volume and per number of views V (``Settings.views``):
   scan averaged over each output voxel, couch kept (``clinical.truth_cube``), the body mask
   from the scan's own resolution; the cube is the body cube (``real_fov="body"``) or a
   side in mm. Network rows are left out (they take the datasets' ``r^2`` detector).
+  ``grid_factor`` f > 1 (classical and prior methods): each method runs on the ``(f r)^3``
+  grid of the same cube (``finer_grid``; the X-rays brought to that grid), its result is
+  clipped at ``mu >= 0`` and averaged over each ``f^3`` block (``clinical.average_down``)
+  to the ``r^3`` cube, which is scored as before.
 * Methods (``METHODS``; ``xct.recon``, in attenuation per mm; every output is clipped at
   ``mu >= 0``, i.e. HU >= -1000, then ``physics.mu_to_hu``):
 
@@ -274,6 +278,9 @@ class Settings:
     # clinical: water's mu per mm the reconstructions assume (HU = 1000 (mu / mu_water - 1),
     # templates' HU -> mu); None: physics.MU_WATER_PER_MM (70 keV), what mono X-rays are made at
     mu_water_per_mm: float | None = None
+    # clinical: the methods run on a grid grid_factor times finer than the cube (same field of
+    # view; X-rays brought to that grid), the result box-averaged to the cube before scoring
+    grid_factor: int = 1
 
     def __post_init__(self):
         if self.realism not in REALISM:
@@ -302,6 +309,12 @@ class Settings:
         unknown = sorted(set(self.methods) - set(METHODS))
         if unknown:
             raise ValueError(f"methods: unknown {unknown}, expected some of {METHODS}")
+        check_grid_factor(self.grid_factor, self.methods)
+        if self.grid_factor > 1 and self.realism != "clinical":
+            raise ValueError(
+                f"grid_factor: {self.grid_factor} asked, but the idealised X-rays are DRRs of "
+                "the scored cube itself: a finer grid needs --realism clinical"
+            )
 
 
 # ---------------------------------------------------------------------------------------
@@ -484,6 +497,36 @@ def fdk_hann(drr, geom, grid, arc_deg: float | None = None):
     return recon.fdk(drr, geom, grid, window="hann", short_scan=short_scan)
 
 
+def check_grid_factor(grid_factor: int, methods) -> None:
+    """``ValueError`` (one line) unless ``grid_factor`` is a whole number >= 1 and, above 1,
+    ``methods`` holds no template method: templates are read and registered on the output
+    cube (``template_volumes``, ``recon.template``), not on a finer grid."""
+    if isinstance(grid_factor, bool) or not isinstance(grid_factor, int) or grid_factor < 1:
+        raise ValueError(f"grid_factor: a whole number >= 1, got {grid_factor!r}")
+    refused = [m for m in methods if m in TEMPLATE]
+    if grid_factor > 1 and refused:
+        raise ValueError(
+            f"grid_factor {grid_factor}: {', '.join(refused)} run on the output grid only "
+            "(templates are registered at the output resolution); use grid_factor 1 for them"
+        )
+
+
+def finer_grid(grid, factor: int):
+    """``grid`` (a ``geometry.VolumeGrid``) with each voxel split ``factor`` times along each
+    axis: the same field of view (voxel edges), ``factor`` times the voxels per side."""
+    from xct import geometry
+
+    f = int(factor)
+    if f == 1:
+        return grid
+    spacing = np.asarray(grid.spacing_mm, np.float64)  # [z, y, x]
+    shift_xyz = (-(spacing / 2.0) * (1.0 - 1.0 / f))[::-1]  # first centre moves inwards
+    origin = np.asarray(grid.origin_xyz_mm) + grid.direction_matrix() @ shift_xyz
+    return geometry.VolumeGrid(
+        tuple(n * f for n in grid.shape), tuple(spacing / f), tuple(origin), grid.direction
+    )
+
+
 def candidates(s: Settings, method: str) -> list[dict]:
     """The weights ``method`` is run with (one empty entry for methods without weights)."""
     if method in ("tv", "tv_support"):
@@ -503,13 +546,21 @@ class Solvers:
     """The methods of ``METHODS`` on one grid: each a jitted function of ``(drr, geom,
     ...)`` returning attenuation per mm; ``run`` dispatches by name.
 
+    With ``grid_factor`` f > 1 the classical and prior methods run on ``recon_grid``
+    (``finer_grid(grid, f)``: the same cube, f times the voxels per side; give them X-rays
+    brought to that grid, e.g. ``clinical.xrays_for_grid(..., solvers.recon_grid)``) and
+    ``run`` returns their result clipped at ``mu >= 0`` and averaged over each f^3 block
+    (``clinical.average_down``) on ``grid``; ``support`` is on ``recon_grid``. Template
+    methods (registered on ``grid``) are refused.
+
     Args:
-      grid: the reconstructed cube's ``VolumeGrid``.
+      grid: the output cube's ``VolumeGrid`` (what ``run`` returns, what is scored).
       sirt_iters, cgls_iters, tv_iters: iterations of each iterative method.
       air_tol: the priors' air line integral (None: ``recon.priors``' default).
       arc_deg: the views' arc, for FDK's weights (None: decided from the views).
       mu_water_per_mm: water's attenuation at the X-rays' effective energy (None:
         ``physics.MU_WATER_PER_MM``): the value bound and the templates' HU -> mu.
+      grid_factor: how many times finer than ``grid`` the methods reconstruct (1: on it).
     """
 
     def __init__(
@@ -522,6 +573,7 @@ class Solvers:
         air_tol: float | None = None,
         arc_deg: float | None = None,
         mu_water_per_mm: float | None = None,
+        grid_factor: int = 1,
     ):
         import jax
         import jax.numpy as jnp
@@ -529,7 +581,10 @@ class Solvers:
         from xct import physics, projector, recon
         from xct.recon import priors, template
 
-        self.grid, self.air_tol = grid, air_tol
+        check_grid_factor(grid_factor, ())
+        f = grid_factor
+        self.grid, self.air_tol, self.grid_factor = grid, air_tol, f
+        self.recon_grid = fine = finer_grid(grid, f)
         self.mu_water = float(mu_water_per_mm or physics.MU_WATER_PER_MM)
         upper = float(physics.hu_to_mu(physics.HU_MAX, self.mu_water))
         self.upper = upper
@@ -537,30 +592,40 @@ class Solvers:
         def cons(support):
             return None if support is None else priors.Constraints(support, 0.0, upper)
 
-        self._fdk = jax.jit(lambda drr, geom: fdk_hann(drr, geom, grid, arc_deg))
+        def down(mu):  # clinical.average_down of the clipped fine result, traced
+            if f == 1:
+                return mu
+            n0, n1, n2 = grid.shape
+            return jnp.maximum(mu, 0.0).reshape(n0, f, n1, f, n2, f).mean((1, 3, 5))
+
+        self._fdk = jax.jit(lambda drr, geom: down(fdk_hann(drr, geom, fine, arc_deg)))
         self._sirt = jax.jit(
-            lambda drr, geom, support: recon.sirt(
-                drr, geom, grid, sirt_iters, nonnegative=True, constraints=cons(support)
-            )[0]
+            lambda drr, geom, support: down(
+                recon.sirt(
+                    drr, geom, fine, sirt_iters, nonnegative=True, constraints=cons(support)
+                )[0]
+            )
         )
         self._cgls = jax.jit(
-            lambda drr, geom, support: recon.cgls(
-                drr, geom, grid, cgls_iters, constraints=cons(support)
-            )[0]
+            lambda drr, geom, support: down(
+                recon.cgls(drr, geom, fine, cgls_iters, constraints=cons(support))[0]
+            )
         )
         self._tv = jax.jit(
-            lambda drr, geom, weight, support, x_prior, prior_weight: recon.tv(
-                drr,
-                geom,
-                grid,
-                tv_iters,
-                x0=x_prior,
-                tv_weight=weight,
-                nonnegative=True,
-                constraints=cons(support),
-                x_prior=x_prior,
-                prior_weight=prior_weight,
-            )[0]
+            lambda drr, geom, weight, support, x_prior, prior_weight: down(
+                recon.tv(
+                    drr,
+                    geom,
+                    fine,
+                    tv_iters,
+                    x0=x_prior,
+                    tv_weight=weight,
+                    nonnegative=True,
+                    constraints=cons(support),
+                    x_prior=x_prior,
+                    prior_weight=prior_weight,
+                )[0]
+            )
         )
         self._register = jax.jit(lambda t, drr, geom: template.register(t, drr, geom, grid))
         self._mismatch = jax.jit(
@@ -575,7 +640,10 @@ class Solvers:
         from xct.recon import priors
 
         kw = {} if self.air_tol is None else {"air_tol": self.air_tol}
-        return priors.visual_hull(drr, geom, self.grid, **kw)
+        return priors.visual_hull(drr, geom, self.recon_grid, **kw)
+
+    def _output_grid_only(self, what: str) -> None:
+        check_grid_factor(self.grid_factor, (what,))
 
     def register(self, templates: list[Volume], drr, geom):
         """``(name, Registration, {name: mismatch})`` of the best-matching template after
@@ -584,6 +652,7 @@ class Solvers:
 
         from xct import physics
 
+        self._output_grid_only("template")
         results = []
         for t in templates:
             mu = jnp.maximum(physics.hu_to_mu(jnp.asarray(t.hu), self.mu_water), 0.0)
@@ -601,6 +670,7 @@ class Solvers:
         from xct import physics
         from xct.recon import atlas
 
+        self._output_grid_only("atlas")
         mus = [
             jnp.maximum(physics.hu_to_mu(jnp.asarray(t.hu), self.mu_water), 0.0) for t in templates
         ]
@@ -613,6 +683,7 @@ class Solvers:
     def run(self, method: str, drr, geom, params: dict, support=None, prior=None):
         """Attenuation per mm of ``method`` (``support``: the views' hull; ``prior``: the
         registered template, or the fused atlas for ``atlas`` / ``atlas_tv``)."""
+        self._output_grid_only(method)
         if method == "fdk":
             return self._fdk(drr, geom)
         if method in ("sirt", "sirt_support"):
@@ -639,6 +710,7 @@ def solvers_for(grid, s: Settings, arc_deg: float | None) -> Solvers:
         air_tol=s.air_tol,
         arc_deg=arc_deg,
         mu_water_per_mm=s.mu_water_per_mm,
+        grid_factor=s.grid_factor,
     )
 
 
@@ -1051,7 +1123,7 @@ class _Table:
                 fine[:v],
                 s.detector_pixel_mm,
                 self.angles[:v],
-                solvers.grid,
+                solvers.recon_grid,
                 sampling=s.detector_sampling,
             )
             self.classical_rows(vol, v, jnp.asarray(drr), geom, solvers)
@@ -1109,6 +1181,7 @@ def _setup_json(s: Settings, arc_deg: float, angles) -> dict:
         "refine_iters": s.refine_iters,
         "realism": s.realism,
         "realism_label": REALISM[s.realism],
+        "grid_factor": s.grid_factor,
         **(
             {
                 "detector_pixel_mm": s.detector_pixel_mm,
@@ -1237,7 +1310,19 @@ def _xray_text(s: dict) -> str:
             else f"resizing to {r}²"
         )
         + "; truth: the scan averaged over each voxel of the cube (couch kept), body mask at "
-        "the scan's resolution"
+        "the scan's resolution" + _grid_factor_text(s)
+    )
+
+
+def _grid_factor_text(s: dict) -> str:
+    """The set-up's finer reconstruction grid, if any (``Settings.grid_factor``)."""
+    f, r = s.get("grid_factor", 1), s["resolution"]
+    if f == 1:
+        return ""
+    return (
+        f"; grid_factor {f}: reconstructed on a {f * r}³ grid of the same cube (X-rays brought "
+        f"to its voxels), each result clipped at μ ≥ 0 and averaged over {f}³ blocks to {r}³ "
+        "before scoring"
     )
 
 
