@@ -133,9 +133,13 @@ def run_cli(
     cmd += [*extra, "--out", str(out_dir)]
     (pathlib.Path(out_dir)).mkdir(parents=True, exist_ok=True)
     (pathlib.Path(out_dir) / "command.txt").write_text(" ".join(cmd) + "\n")
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    seconds = time.perf_counter() - t0
+    for _attempt in range(2):  # once more after a failure: a module edited mid-run by a peer
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        seconds = time.perf_counter() - t0
+        if not proc.returncode:
+            break
+        _log(f"{out_dir}: exit {proc.returncode} ({proc.stderr.strip().splitlines()[-1:]})")
     if proc.returncode:
         raise RuntimeError(f"{' '.join(cmd)}\nfailed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     summary = json.loads((pathlib.Path(out_dir) / "summary.json").read_text())
@@ -259,6 +263,11 @@ def tables(rows: list[dict], methods) -> str:
     for c in [*chests, "mean"]:
         for v in views:
             sel = [r for r in rows if r["views"] == v and (c == "mean" or r["chest"] == c)]
+            if c == "mean":  # only chests where every method ran, so columns compare
+                done = [x for x in chests if all(
+                    any(r["chest"] == x and r["method"] == m for r in sel) for m in methods
+                )]  # fmt: skip
+                sel = [r for r in sel if r["chest"] in done]
             cells = []
             for m in methods:
                 ms = [r for r in sel if r["method"] == m]
