@@ -397,3 +397,21 @@ def test_grid_factor_reconstructs_finer_and_writes_the_output_grid(tmp_path, cap
             reconstruct.main([*case, f"--out={out}"])
         err = capsys.readouterr().err
         assert e.value.code == 2 and "--grid_factor" in err and err.count("\n") == 1, err
+
+
+def test_named_methods_take_the_benchmarks_weights_unless_given():
+    """--method tv without --tv_weight runs at the clinical-mode benchmark's leave-one-out
+    weight for that many views (what the table's TV row used), and says so."""
+    from xct import scoring
+
+    for views, angles in ((2, ["0", "90"]), (8, [str(a) for a in range(0, 160, 20)])):
+        xrays = [f"v{i}.npy" for i in range(views)]
+        argv = ["--xrays", *xrays, "--angles_deg", *angles, "--detector_pixel_mm=2", "--out=o"]
+        args = reconstruct.parse_args([*argv, "--method=tv"])
+        chosen = reconstruct.resolve_method(args)
+        assert args.tv_weight == scoring.benchmark_weights("tv", views)["tv_weight"]
+        assert "benchmark" in chosen["tv_weight_source"]
+        args = reconstruct.parse_args([*argv, "--method=tv", "--tv_weight=0.5"])
+        assert reconstruct.resolve_method(args) == {} and args.tv_weight == 0.5
+    assert scoring.benchmark_weights("tv", 8)["tv_weight"] == 0.1
+    assert scoring.benchmark_weights("fdk", 8) is None

@@ -205,13 +205,14 @@ def _parser() -> argparse.ArgumentParser:
         "--tv_weight",
         type=float,
         default=None,
-        help="TV weight, mm^2 (default: the benchmark's for --method auto, else 0.03)",
+        help="TV weight, mm^2 (default: the clinical-mode benchmark's for the method and "
+        "number of views, xct.scoring.AUTO; else 0.03)",
     )
     p.add_argument(
         "--prior_weight",
         type=float,
         default=None,
-        help="template_tv / atlas_tv pull, mm (default: the benchmark's for auto, else 0.3)",
+        help="template_tv / atlas_tv pull, mm (default: the benchmark's, as --tv_weight)",
     )
     p.add_argument(
         "--air_tol", type=float, default=None, help="priors: air line integral (default: priors')"
@@ -522,18 +523,28 @@ def _params(args) -> dict:
 
 
 def resolve_method(args) -> dict:
-    """``--method auto`` -> the benchmark's method (and its weights where none were given)
-    for the number of X-rays and whether templates were given; ``args`` is updated. Returns
-    what the summary records of the choice (empty for a named method)."""
-    if args.method != "auto":
-        return {}
-    method, weights, why = scoring.auto_method(len(args.xrays), bool(args.template))
-    args.method = method
-    if args.tv_weight is None:
+    """``--method auto`` -> the benchmark's method for the number of X-rays and whether
+    templates were given; for it and for a named method with weights, the benchmark's
+    leave-one-out weights where none were given. ``args`` is updated; returns what the
+    summary records of the choice."""
+    views = len(args.xrays)
+    if args.method == "auto":
+        method, weights, why = scoring.auto_method(views, bool(args.template))
+        args.method = method
+        chosen = {"method_requested": "auto", "method_why": why}
+    else:
+        weights, chosen = scoring.benchmark_weights(args.method, views), {}
+    if weights and args.tv_weight is None:
         args.tv_weight = weights["tv_weight"]
-    if args.prior_weight is None:
+        chosen["tv_weight_source"] = f"clinical-mode benchmark at {views} view(s)"
+    if (
+        weights
+        and args.prior_weight is None
+        and args.method.endswith("_tv")
+        and args.method != "tv"
+    ):
         args.prior_weight = weights["prior_weight"]
-    return {"method_requested": "auto", "method_why": why}
+    return chosen
 
 
 def template_files(specs) -> list[str]:

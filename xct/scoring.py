@@ -192,6 +192,18 @@ AUTO = (
 )
 
 
+def benchmark_weights(method: str, num_views: int) -> dict | None:
+    """The leave-one-out weights of the clinical-mode benchmark (``AUTO``) for ``method`` at
+    ``num_views``: TV's for ``tv`` / ``tv_support``, atlas_tv's for the TV-from-a-prior
+    methods; None for a method without weights."""
+    choice = next(c for c in AUTO if num_views <= c.max_views)
+    if method in ("tv", "tv_support"):
+        return {"tv_weight": choice.without[1], "prior_weight": 0.0}
+    if method in ("template_tv", "atlas_tv"):
+        return {"tv_weight": choice.with_templates[1], "prior_weight": choice.with_templates[2]}
+    return None
+
+
 def auto_method(num_views: int, templates: bool) -> tuple[str, dict, str]:
     """``(method, {"tv_weight", "prior_weight"}, why)`` that ``--method auto`` runs for
     ``num_views`` X-rays, with or without template CTs."""
