@@ -5,6 +5,9 @@ real template (and a network) vs views, on phantoms and real CTs.
         --resolution=64 --views 2 4 8 --methods fdk tv tv_support template template_tv atlas \\
         atlas_tv --template ../shared/data/ct/chest_*_2mm.nii.gz --tv_iters=200 \\
         --tv_weight 0.03 0.1 0.3 --prior_weight 0.3 1 --out=docs/quality_clinical  # headline
+    python -m scripts.quality_table --ct_dir=../shared/data/ct --include 'chest_*_2mm.nii.gz' \\
+        --resolution=64 --grid_factor=2 --views 4 8 --methods tv_support --tv_iters=200 \\
+        --tv_weight 0.01 0.03 0.1 --out=docs/quality_clinical_grid2   # on 128^3, scored at 64^3
     python -m scripts.quality_table --realism ideal --resolution=32 --phantoms=4 --iters=50 \\
         --checkpoint_workdir=quickstart_out/train --config=configs/quickstart.py \\
         --network_views 2 4 8 --real_fov=400 --out=docs/quality   # with a network (400 mm cubes)
