@@ -195,10 +195,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--grid_factor",
         type=int,
-        default=1,
+        default=None,
         help="reconstruct on a grid this many times finer than --resolution (same cube, "
         ".npy/.png X-rays brought to its voxels), then average each block down to "
-        "--resolution; classical and prior methods only",
+        "--resolution; classical and prior methods only (default: --method auto's choice, "
+        "else 1)",
     )
     p.add_argument("--iters", type=int, default=200, help="iterations of SIRT / CGLS / TV")
     p.add_argument(
@@ -258,16 +259,22 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--method {args.method} needs --template FILE [FILE ...]")
     if args.resolution < 8 or args.resolution % 2:
         p.error("--resolution: an even number of voxels, at least 8")
-    if args.grid_factor < 1:
+    if args.grid_factor is not None and args.grid_factor < 1:
         p.error(f"--grid_factor: a whole number >= 1, got {args.grid_factor}")
-    if args.grid_factor > 1 and (
-        args.method in TEMPLATE or (args.method == "auto" and args.template)
-    ):
+    auto = args.method == "auto" and (args.grid_factor or 1) > 1
+    if auto and scoring.auto_method(len(args.xrays), bool(args.template))[0] in TEMPLATE:
+        p.error(
+            f"--grid_factor {args.grid_factor}: --method auto chooses "
+            f"{scoring.auto_method(len(args.xrays), True)[0]} for {len(args.xrays)} X-rays "
+            "with templates, which registers them on the output grid only; leave "
+            "--grid_factor out"
+        )
+    if (args.grid_factor or 1) > 1 and args.method in TEMPLATE:
         p.error(
             f"--grid_factor {args.grid_factor}: --method {args.method} registers templates on "
             "the output grid only; give --grid_factor 1 or a method without templates"
         )
-    if args.grid_factor > 1 and dicom:
+    if (args.grid_factor or 1) > 1 and dicom:
         p.error(
             "--grid_factor: .npy/.png X-rays only (DICOM radiographs are calibrated onto the "
             "resolution^2 detector)"
@@ -523,26 +530,34 @@ def _params(args) -> dict:
 
 
 def resolve_method(args) -> dict:
-    """``--method auto`` -> the benchmark's method for the number of X-rays and whether
-    templates were given; for it and for a named method with weights, the benchmark's
-    leave-one-out weights where none were given. ``args`` is updated; returns what the
-    summary records of the choice."""
+    """``--method auto`` -> the benchmark's method (and grid) for the number of X-rays and
+    whether templates were given; for it and for a named method with weights, the clinical
+    benchmark's leave-one-out weights where none were given. ``args`` is updated; returns
+    what the summary records of the choice."""
     views = len(args.xrays)
+    dicom = pathlib.Path(args.xrays[0]).suffix.lower() in DICOM_SUFFIXES
+    chosen: dict = {}
     if args.method == "auto":
-        method, weights, why = scoring.auto_method(views, bool(args.template))
+        method, auto, why = scoring.auto_method(views, bool(args.template))
+        if args.grid_factor is None:
+            args.grid_factor = 1 if dicom else auto["grid_factor"]
+            if dicom and auto["grid_factor"] > 1:
+                why += " (DICOM radiographs: on the output grid)"
+        if args.grid_factor > 1 and method in TEMPLATE:
+            raise ValueError(
+                f"--grid_factor {args.grid_factor}: --method auto chose {method} at {views} "
+                "view(s), which registers templates on the output grid only; leave "
+                "--grid_factor out"
+            )
         args.method = method
         chosen = {"method_requested": "auto", "method_why": why}
-    else:
-        weights, chosen = scoring.benchmark_weights(args.method, views), {}
+    if args.grid_factor is None:
+        args.grid_factor = 1
+    weights = scoring.benchmark_weights(args.method, views, args.grid_factor)
     if weights and args.tv_weight is None:
         args.tv_weight = weights["tv_weight"]
         chosen["tv_weight_source"] = f"clinical-mode benchmark at {views} view(s)"
-    if (
-        weights
-        and args.prior_weight is None
-        and args.method.endswith("_tv")
-        and args.method != "tv"
-    ):
+    if weights and args.prior_weight is None and args.method in ("template_tv", "atlas_tv"):
         args.prior_weight = weights["prior_weight"]
     return chosen
 

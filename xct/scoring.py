@@ -175,46 +175,66 @@ class Choice:
     benchmark measured best (and its leave-one-out weights), with templates or without."""
 
     max_views: int  # this choice serves up to this many views
-    with_templates: tuple[str, float, float]  # (method, tv_weight mm^2, prior_weight mm)
-    without: tuple[str, float, float]
+    # (method, tv_weight mm^2, prior_weight mm, grid_factor)
+    with_templates: tuple[str, float, float, int]
+    without: tuple[str, float, float, int]
     source: str  # where it was measured
 
 
-#: ``--method auto``, from the clinical-mode headline table (docs/quality_clinical/: seven
-#: real chests, leave one out, X-rays of the whole scan with couch and 1e5 photons); the
-#: weights are those chosen leave one out on most chests. See BENCHMARKS.md.
-#: Measured at 2, 4 and 8 views (2026-12-06): atlas_tv beat TV by +4.2 / +2.7 / +0.6 dB inside
-#: the body (mean of 7), and every other method; without templates tv_support ties TV.
+#: ``--method auto``, from the clinical-mode tables (seven real chests, leave one out, X-rays
+#: of the whole scan with couch and 1e5 photons; BENCHMARKS.md), measured at 2, 4 and 8 views
+#: (2026-12-06). Inside the body: atlas_tv beat TV by +4.2 / +2.7 / +0.6 dB and every other
+#: 64^3 method; tv_support on a 128^3 grid averaged to 64^3 (grid_factor 2) beat it at 8
+#: views (25.80 vs atlas_tv's 24.72) and beat tv_support at 64^3 at 4 (+0.5); weights are
+#: those chosen leave one out on most chests.
 AUTO = (
-    Choice(3, ("atlas_tv", 0.03, 1.0), ("tv_support", 0.03, 0.0), "docs/quality_clinical"),
-    Choice(6, ("atlas_tv", 0.03, 1.0), ("tv_support", 0.1, 0.0), "docs/quality_clinical"),
-    Choice(10**9, ("atlas_tv", 0.1, 1.0), ("tv_support", 0.1, 0.0), "docs/quality_clinical"),
+    Choice(3, ("atlas_tv", 0.03, 1.0, 1), ("tv_support", 0.03, 0.0, 1), "docs/quality_clinical"),
+    Choice(
+        6,
+        ("atlas_tv", 0.03, 1.0, 1),
+        ("tv_support", 0.03, 0.0, 2),
+        "docs/quality_clinical, docs/quality_clinical_grid2",
+    ),
+    Choice(
+        10**9,
+        ("tv_support", 0.03, 0.0, 2),
+        ("tv_support", 0.03, 0.0, 2),
+        "docs/quality_clinical_grid2",
+    ),
 )
 
 
-def benchmark_weights(method: str, num_views: int) -> dict | None:
-    """The leave-one-out weights of the clinical-mode benchmark (``AUTO``) for ``method`` at
-    ``num_views``: TV's for ``tv`` / ``tv_support``, atlas_tv's for the TV-from-a-prior
-    methods; None for a method without weights."""
-    choice = next(c for c in AUTO if num_views <= c.max_views)
+def benchmark_weights(method: str, num_views: int, grid_factor: int = 1) -> dict | None:
+    """The leave-one-out weights of the clinical-mode tables for ``method`` at
+    ``num_views`` on a ``grid_factor`` times finer grid: TV's for ``tv`` / ``tv_support``,
+    atlas_tv's for the TV-from-a-prior methods; None for a method without weights."""
     if method in ("tv", "tv_support"):
-        return {"tv_weight": choice.without[1], "prior_weight": 0.0}
+        tv = 0.03 if grid_factor > 1 or num_views <= 3 else 0.1
+        return {"tv_weight": tv, "prior_weight": 0.0}
     if method in ("template_tv", "atlas_tv"):
-        return {"tv_weight": choice.with_templates[1], "prior_weight": choice.with_templates[2]}
+        return {"tv_weight": 0.03 if num_views <= 6 else 0.1, "prior_weight": 1.0}
     return None
 
 
 def auto_method(num_views: int, templates: bool) -> tuple[str, dict, str]:
-    """``(method, {"tv_weight", "prior_weight"}, why)`` that ``--method auto`` runs for
-    ``num_views`` X-rays, with or without template CTs."""
+    """``(method, {"tv_weight", "prior_weight", "grid_factor"}, why)`` that ``--method
+    auto`` runs for ``num_views`` X-rays, with or without template CTs."""
     if num_views < 1:
         raise ValueError(f"auto method: expected at least one view, got {num_views}")
     choice = next(c for c in AUTO if num_views <= c.max_views)
-    method, tv_weight, prior_weight = choice.with_templates if templates else choice.without
+    method, tv_weight, prior_weight, grid = choice.with_templates if templates else choice.without
     why = f"best in the clinical-mode benchmark ({choice.source}) at {num_views} view(s) " + (
         "with template CTs" if templates else "without template CTs"
     )
-    return method, {"tv_weight": tv_weight, "prior_weight": prior_weight}, why
+    if templates and method not in TEMPLATE_METHODS:
+        why += " (the templates do not help there: not used)"
+    if grid > 1:
+        why += f", on a {grid}x finer grid averaged down"
+    weights = {"tv_weight": tv_weight, "prior_weight": prior_weight, "grid_factor": grid}
+    return method, weights, why
+
+
+TEMPLATE_METHODS = ("template", "template_tv", "atlas", "atlas_tv")
 
 
 def _family(name: str) -> tuple[str, ...]:
