@@ -413,6 +413,14 @@ def read_cube(path, resolution: int, fov, body: bool = False):
     return (cube.hu, cube.fov_mm, cube.body) if body else (cube.hu, cube.fov_mm)
 
 
+def _skip(name: str, path, error: ValueError, skipped: list) -> None:
+    """A CT that cannot be read right: its first reason on stderr and in ``skipped``."""
+    reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    reason = reason.removeprefix(f"{path}: ")
+    print(f"skipped {name}: {reason}", file=sys.stderr, flush=True)
+    skipped.append((name, reason))
+
+
 def real_volumes(
     ct_dir, resolution: int, fov, skipped: list, chests: str = "*chest*", include: str = "*"
 ):
@@ -430,10 +438,7 @@ def real_volumes(
         try:
             hu, side, body = read_cube(path, resolution, fov, body=True)
         except ValueError as e:
-            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            reason = reason.removeprefix(f"{path}: ")
-            print(f"skipped {name}: {reason}", file=sys.stderr, flush=True)
-            skipped.append((name, reason))
+            _skip(name, path, e, skipped)
             continue
         kind = "chest" if fnmatch.fnmatch(name, chests) else "real"
         yield Volume(name, kind, hu, side, body, source=str(path.resolve()))
@@ -472,10 +477,7 @@ def clinical_volumes(
             side = scan.side_mm if fov == "body" else float(fov)
             hu, body = clinical.truth_cube(scan, resolution, side)
         except ValueError as e:
-            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            reason = reason.removeprefix(f"{path}: ")
-            print(f"skipped {name}: {reason}", file=sys.stderr, flush=True)
-            skipped.append((name, reason))
+            _skip(name, path, e, skipped)
             continue
         kind = "chest" if fnmatch.fnmatch(name, chests) else "real"
         yield Volume(name, kind, hu, side, body, source=str(path.resolve()), scan=scan)
