@@ -444,13 +444,17 @@ _FILLED_SECTIONS = ("geometry", "data", "train", "eval", "loss", "optim", "mesh"
 
 def upgrade_config(config):
     """``config`` with the old flat ``config.data`` fields moved into ``config.data.tfds``
-    and ``config.data.render``, and the fields a stored run predates (absent from its
-    ``config.json``) set to ``configs/default.py``'s value, as that run behaved (a copy;
-    ``config`` itself when nothing changes). The one translation of configs written before
+    and ``config.data.render`` and, in such a stored run (written before the sections), the
+    fields it predates (absent from its ``config.json``) set to ``configs/default.py``'s
+    value, as that run behaved (a copy; ``config`` itself when it has no flat fields: a
+    config with sections must name every field). The one translation of configs written before
     a field or the sections: stored runs, shipped checkpoints' ``config.py``,
     ``--config.data.pool_size=...`` (``legacy_flag``)."""
     from xct.configs import default
 
+    legacy = "data" in config and any(k in config.data for k in LEGACY_DATA_FIELDS)
+    if not legacy:
+        return config  # a config with sections must name every field (settings says which)
     base = default.get_config()
     missing = [
         (name, key)
@@ -459,9 +463,6 @@ def upgrade_config(config):
         for key in base[name]
         if key not in config[name] and key not in LEGACY_DATA_FIELDS
     ]
-    legacy = "data" in config and any(k in config.data for k in LEGACY_DATA_FIELDS)
-    if not legacy and not missing:
-        return config
     c = config.copy_and_resolve_references()
     with c.unlocked():
         if legacy:
