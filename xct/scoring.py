@@ -413,6 +413,18 @@ def read_cube(path, resolution: int, fov, body: bool = False):
     return (cube.hu, cube.fov_mm, cube.body) if body else (cube.hu, cube.fov_mm)
 
 
+def _ct_sources(ct_dir, include: str):
+    """``(name, path)`` of every CT source under ``ct_dir`` (``io.find_ct_sources``) whose
+    name relative to it matches the glob ``include``."""
+    from xct import io
+
+    root = pathlib.Path(ct_dir)
+    for path in io.find_ct_sources(root, what="source_dir"):
+        name = path.relative_to(root).as_posix()
+        if fnmatch.fnmatch(name, include):
+            yield name, path
+
+
 def _skip(name: str, path, error: ValueError, skipped: list) -> None:
     """A CT that cannot be read right: its first reason on stderr and in ``skipped``."""
     reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
@@ -428,13 +440,7 @@ def real_volumes(
     others is appended to ``skipped``. Those whose name matches the glob ``chests`` are of
     kind ``"chest"``, the others ``"real"``; names that do not match ``include`` are passed
     over."""
-    from xct import io
-
-    root = pathlib.Path(ct_dir)
-    for path in io.find_ct_sources(root, what="source_dir"):
-        name = path.relative_to(root).as_posix()
-        if not fnmatch.fnmatch(name, include):
-            continue
+    for name, path in _ct_sources(ct_dir, include):
         try:
             hu, side, body = read_cube(path, resolution, fov, body=True)
         except ValueError as e:
@@ -465,13 +471,9 @@ def clinical_volumes(
 ):
     """``real_volumes`` for the clinical mode: each CT's whole scan (``Volume.scan``) and
     its truth, the scan averaged over each voxel of the cube (``clinical.truth_cube``)."""
-    from xct import clinical, io
+    from xct import clinical
 
-    root = pathlib.Path(ct_dir)
-    for path in io.find_ct_sources(root, what="source_dir"):
-        name = path.relative_to(root).as_posix()
-        if not fnmatch.fnmatch(name, include):
-            continue
+    for name, path in _ct_sources(ct_dir, include):
         try:
             scan = clinical.load_scan(path)
             side = scan.side_mm if fov == "body" else float(fov)
