@@ -123,6 +123,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="template CT file(s) for template / template_tv (never the CT being scored)",
     )
     p.add_argument(
+        "--atlas_net",
+        nargs="+",
+        default=[],
+        metavar="DIR",
+        help="atlas_net model folder(s) (xct.atlas_net.save); each CT is scored by one that "
+        "did not train on it (e.g. the folds of scripts/train_atlas_net.py)",
+    )
+    p.add_argument(
         "--real_fov",
         default="body",
         help="real CTs' cube: 'body' (the side the body fills, per CT) or a side in mm",
@@ -199,7 +207,7 @@ def settings(args: argparse.Namespace) -> scoring.Settings:
     """The library's settings of parsed flags."""
     fields = {f.name for f in scoring.Settings.__dataclass_fields__.values()}
     kw = {k: v for k, v in vars(args).items() if k in fields}
-    for k in ("views", "methods", "tv_weight", "prior_weight", "template"):
+    for k in ("views", "methods", "tv_weight", "prior_weight", "template", "atlas_net"):
         kw[k] = tuple(kw[k])
     for k in ("network_views", "network_tv_weight", "network_prior_weight"):
         kw[k] = None if kw[k] is None else tuple(kw[k])

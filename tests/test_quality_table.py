@@ -106,10 +106,14 @@ def test_quality_table_priors_and_templates_leave_one_out(tmp_path):
 def test_atlas_rows_register_once_and_leave_each_chest_out(tmp_path):
     """Three 'chests' as --ct_dir and --template: atlas and atlas_tv rows for each, fused
     from the other two only; template / template_tv use the atlas's best registered
-    template (one registration per chest and number of views)."""
+    template (one registration per chest and number of views); atlas_net rows scored by a
+    model that did not train on the chest, and left out where every model did."""
+    import jax
+    import jax.numpy as jnp
     import numpy as np
 
-    from xct import geometry, io, phantoms
+    from xct import atlas_net, geometry, io, phantoms
+    from xct.models.refiner import Refiner
 
     ct_dir = tmp_path / "cts"
     ct_dir.mkdir()
@@ -118,19 +122,30 @@ def test_atlas_rows_register_once_and_leave_each_chest_out(tmp_path):
     for seed in (1, 2, 3):
         hu, _ = phantoms.chest_phantom(seed, grid)
         files.append(str(io.write_ct(ct_dir / f"chest_{seed}.nii.gz", np.asarray(hu), grid)))
+    params = Refiner(width=4).init(jax.random.key(0), jnp.zeros((1, 8, 8, 8, 3)))
+    atlas_net.save(tmp_path / "net12", params, width=4, info={"trained_on": ["chest_1", "chest_2"]})
+    atlas_net.save(tmp_path / "net3", params, width=4, info={"trained_on": ["chest_2", "chest_3"]})
     out = tmp_path / "q"
     argv = ["--realism=ideal", "--resolution=16", "--phantoms=0", "--views", "2", "--iters=3"]
     argv += [f"--ct_dir={ct_dir}"]
-    argv += ["--methods", "tv_support", "template", "template_tv", "atlas", "atlas_tv"]
+    argv += ["--methods", "tv_support", "template", "template_tv", "atlas", "atlas_tv", "atlas_net"]
     argv += ["--tv_weight", "0.01", "--prior_weight", "1", "--template", *files, f"--out={out}"]
+    argv += ["--atlas_net", str(tmp_path / "net12"), str(tmp_path / "net3")]
     assert quality_table.main(argv) == 0
     with open(out / "per_volume_16.csv", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     names = [f"chest_{s}.nii.gz" for s in (1, 2, 3)]
     methods = ("tv_support", "template", "template_tv", "atlas", "atlas_tv")
-    assert {(r["method"], r["volume"]) for r in rows} == {(m, n) for m in methods for n in names}
+    want = {(m, n) for m in methods for n in names}
+    want |= {("atlas_net", "chest_1.nii.gz"), ("atlas_net", "chest_3.nii.gz")}
+    assert {(r["method"], r["volume"]) for r in rows} == want  # both models trained on 2
     assert all(math.isfinite(float(r["psnr_body"])) for r in rows)
     summary = json.loads((out / "results_16.json").read_text(encoding="utf-8"))
+    assert summary["atlas_net"]["used"] == {
+        "chest_1.nii.gz": str(tmp_path / "net3"),
+        "chest_3.nii.gz": str(tmp_path / "net12"),
+    }
+    assert [t["volume"] for t in summary["atlas_net"]["skipped"]] == ["chest_2.nii.gz"]
     assert len(summary["templates_used"]) == 3  # one registration per chest
     for used in summary["templates_used"]:
         assert sorted(used["atlas"]) == sorted(set(names) - {used["volume"]})

@@ -279,6 +279,37 @@ def test_auto_method_without_and_with_a_folder_of_templates(tmp_path, capsys):
     assert "organs.nii.gz left out" in capsys.readouterr().err
 
 
+def test_atlas_net_method_names_its_model(tmp_path, capsys):
+    """--method atlas_net: the atlas, atlas_tv and the model's correction (an untrained
+    model: none), the model and its training chests in summary.json; a folder without a
+    model is refused naming the file."""
+    import jax
+    import jax.numpy as jnp
+
+    from xct import atlas_net
+    from xct.models.refiner import Refiner
+
+    hu, xrays, pixel = _phantom_views(tmp_path)
+    grid = geometry.VolumeGrid.centered((40, 48, 48), 8.0)
+    files = []
+    for seed in (2, 3):
+        chest, _ = phantoms.chest_phantom(seed, grid)
+        files.append(str(io.write_ct(tmp_path / f"chest_{seed}.nii.gz", np.asarray(chest), grid)))
+    params = Refiner(width=4).init(jax.random.key(0), jnp.zeros((1, 8, 8, 8, 3)))
+    atlas_net.save(tmp_path / "net", params, width=4, info={"trained_on": ["chest_a"]})
+    argv = ["--xrays", *xrays, "--angles_deg", "0", "90", "--resolution=16", "--iters=5"]
+    argv += [f"--detector_pixel_mm={pixel}", "--method=atlas_net", "--template", *files]
+    assert (
+        reconstruct.main([*argv, f"--atlas_net={tmp_path / 'net'}", f"--out={tmp_path / 'o'}"]) == 0
+    )
+    s = _summary(tmp_path / "o")
+    assert s["method"] == "atlas_net" and s["atlas_net"]["trained_on"] == ["chest_a"]
+    assert len(s["atlas"]["templates"]) == 2 and s["drr_mismatch"] < 1.0
+    capsys.readouterr()
+    assert reconstruct.main([*argv, f"--atlas_net={tmp_path}", f"--out={tmp_path / 'b'}"]) == 1
+    assert "atlas_net.json not found" in capsys.readouterr().err
+
+
 def test_template_with_zero_spacing_is_refused(tmp_path, capsys):
     """A template file whose header gives a zero voxel size: an error naming it and why."""
     import struct

@@ -82,8 +82,12 @@ def test_solvers_run_every_method():
     solvers = scoring.Solvers(grid, sirt_iters=5, cgls_iters=5, tv_iters=5, arc_deg=180.0)
     support = solvers.support(drr, geom)
     params = {"tv_weight": 0.1, "prior_weight": 1.0}
+    from xct.models.refiner import Refiner
+
+    refiner = Refiner(width=4)
+    net = (refiner, refiner.init(jax.random.key(0), jnp.zeros((1, 8, 8, 8, 3))), {})
     for method in scoring.METHODS:
-        x = solvers.run(method, drr, geom, params, support=support, prior=mu)
+        x = solvers.run(method, drr, geom, params, support=support, prior=mu, net=net)
         assert x.shape == (16, 16, 16) and bool(jnp.all(jnp.isfinite(x))), method
         assert solvers.mismatch(jnp.maximum(x, 0.0), drr, geom) < 1.0, method
     assert solvers.mismatch(mu, drr, geom) < 0.05  # the truth explains its own views

@@ -112,6 +112,13 @@ def _method_arguments(p: argparse.ArgumentParser) -> None:
         "the best 3 registered and fused by atlas / atlas_tv)",
     )
     p.add_argument(
+        "--atlas_net",
+        default=None,
+        metavar="DIR",
+        help="atlas_net's trained model (xct.atlas_net.save; default: the shipped "
+        "checkpoints/atlas_net64)",
+    )
+    p.add_argument(
         "--template_hu_offset",
         type=float,
         default=0.0,
@@ -822,10 +829,19 @@ def _solve(args, solvers, vols, names, drr, geom, grid, summary: dict) -> tuple:
 
     method = args.method
     support = prior = loss = None
-    if method.endswith(("_support", "_tv")) and method != "tv":
+    net = None
+    if method == "atlas_net":
+        from xct import atlas_net
+
+        net = atlas_net.load(args.atlas_net or atlas_net.DEFAULT_DIR)
+        summary["atlas_net"] = {
+            "model": str(args.atlas_net or atlas_net.DEFAULT_DIR),
+            "trained_on": net[2].get("trained_on", []),
+        }
+    if (method.endswith(("_support", "_tv")) and method != "tv") or method == "atlas_net":
         support = solvers.support(drr, geom)
         summary["support_fraction"] = float(jnp.mean(support))
-    if method in ("atlas", "atlas_tv"):
+    if method in ("atlas", "atlas_tv", "atlas_net"):
         prior = _atlas_prior(vols, names, drr, geom, grid, summary)
     elif method in TEMPLATE:
         from xct.recon import template
@@ -839,7 +855,7 @@ def _solve(args, solvers, vols, names, drr, geom, grid, summary: dict) -> tuple:
         if args.template_hu_offset:
             summary["template_hu_offset"] = args.template_hu_offset
     params = _params(args)
-    mu = solvers.run(method, drr, geom, params, support=support, prior=prior)
+    mu = solvers.run(method, drr, geom, params, support=support, prior=prior, net=net)
     if method in ("tv", "tv_support", "template_tv", "atlas_tv"):
         summary["tv_weight"] = params["tv_weight"]
     if method in ("template_tv", "atlas_tv"):

@@ -158,6 +158,7 @@ REGISTRY = {
         ),
         Method("atlas", "atlas (templates screened, best registered, fused)", "template"),
         Method("atlas_tv", "TV from atlas (atlas_tv)", "template", ("tv_weight", "prior_weight")),
+        Method("atlas_net", "atlas_net (learned correction of atlas_tv)", "template"),
         Method("network", "network", "network"),
         Method("network+refine", "network + refinement", "network"),
         Method("network+fdk", "network + FDK correction", "network"),
@@ -234,7 +235,15 @@ def auto_method(num_views: int, templates: bool) -> tuple[str, dict, str]:
     return method, weights, why
 
 
-TEMPLATE_METHODS = ("template", "template_tv", "atlas", "atlas_tv")
+TEMPLATE_METHODS = ("template", "template_tv", "atlas", "atlas_tv", "atlas_net")
+#: The registered prior each template method starts from.
+PRIOR_OF = {
+    "template": "template",
+    "template_tv": "template",
+    "atlas": "atlas",
+    "atlas_tv": "atlas",
+    "atlas_net": "atlas",
+}
 
 
 def _family(name: str) -> tuple[str, ...]:
@@ -315,6 +324,9 @@ class Settings:
     # clinical: the methods run on a grid grid_factor times finer than the cube (same field of
     # view; X-rays brought to that grid), the result box-averaged to the cube before scoring
     grid_factor: int = 1
+    # atlas_net: folders of trained models (xct.atlas_net.save); each volume is scored by one
+    # that did not train on it (its "trained_on"), or its row is left out
+    atlas_net: tuple[str, ...] = ()
 
     def __post_init__(self):
         if self.realism not in REALISM:
@@ -714,14 +726,35 @@ class Solvers:
         ]
         return atlas.atlas(mus, drr, geom, self.grid, k=min(k, len(mus)), progress=progress)
 
+    def atlas_net(self, net, drr, geom, support, prior):
+        """``atlas_net``: ``tv_support`` and ``atlas_tv`` at the clinical benchmark's weights
+        for the number of views (what the network trained on), then the network's correction
+        (``xct.atlas_net.refine_hu``); attenuation per mm, >= 0."""
+        import jax.numpy as jnp
+
+        from xct import atlas_net, physics
+
+        if net is None or prior is None or support is None:
+            raise ValueError("atlas_net: needs a trained model, the fused atlas and the support")
+        views = int(drr.shape[0])
+        tv = self.run("tv_support", drr, geom, benchmark_weights("tv_support", views), support)
+        w = benchmark_weights("atlas_tv", views)
+        base = self.run("atlas_tv", drr, geom, w, support, prior)
+        model, params, _ = net
+        hu = atlas_net.refine_hu(model, params, base, prior, tv, self.mu_water)
+        return jnp.maximum(physics.hu_to_mu(jnp.asarray(hu), self.mu_water), 0.0)
+
     def mismatch(self, mu, drr, geom) -> float:
         """The relative DRR residual ``||A mu - drr|| / ||drr||``."""
         return float(self._mismatch(mu, drr, geom))
 
-    def run(self, method: str, drr, geom, params: dict, support=None, prior=None):
+    def run(self, method: str, drr, geom, params: dict, support=None, prior=None, net=None):
         """Attenuation per mm of ``method`` (``support``: the views' hull; ``prior``: the
-        registered template, or the fused atlas for ``atlas`` / ``atlas_tv``)."""
+        registered template, or the fused atlas for ``atlas`` / ``atlas_tv`` / ``atlas_net``;
+        ``net``: ``atlas_net``'s ``(model, params, meta)``, ``xct.atlas_net.load``)."""
         self._output_grid_only(method)
+        if method == "atlas_net":
+            return self.atlas_net(net, drr, geom, support, prior)
         if method == "fdk":
             return self._fdk(drr, geom)
         if method in ("sirt", "sirt_support"):
@@ -1001,6 +1034,15 @@ class _Table:
         self.net_fns, self.net_info = net
         self.jobs = [m for m in METHODS if m in s.methods]
         self.rows, self.templates_used, self.template_skipped = [], [], []
+        self.atlas_nets = []
+        if "atlas_net" in self.jobs:
+            from xct import atlas_net
+
+            for d in s.atlas_net:
+                model, params, meta = atlas_net.load(d)
+                self.atlas_nets.append((model, params, {**meta, "path": str(d)}))
+        self.atlas_net_used: dict = {}
+        self.atlas_net_skipped: list = []
         self._by_fov: dict = {}
         self.base_key = jax.random.key(s.seed)
         self.per_volume = sum(len(candidates(s, m)) for m in self.jobs) * len(s.views)
@@ -1044,6 +1086,24 @@ class _Table:
                 why.append(str(e))
         return usable, why or [f"no --template but {vol.id} itself"]
 
+    def atlas_net_for(self, vol: Volume, v: int):
+        """The first ``--atlas_net`` model that did not train on ``vol`` (leave one out), or
+        None (recorded in ``atlas_net_skipped``, its row left out)."""
+        name = pathlib.Path(vol.source or vol.id).name.removesuffix(".nii.gz")
+        for net in self.atlas_nets:
+            if name not in net[2].get("trained_on", []):
+                self.atlas_net_used.setdefault(vol.id, net[2].get("path"))
+                return net
+        why = (
+            "no --atlas_net model given"
+            if not self.atlas_nets
+            else "every --atlas_net model trained on it"
+        )
+        self.atlas_net_skipped.append({"volume": vol.id, "views": v, "reason": why})
+        print(f"{vol.id} {v}v: atlas_net row left out: {why}", file=sys.stderr)
+        self.bar.update(1)
+        return None
+
     def template_priors(self, vol: Volume, v: int, drr, geom, solvers: Solvers):
         """``({"template": mu, "atlas": mu}, registration seconds)``: the registered best
         template and, when an atlas method is asked, the fused atlas. With an atlas method
@@ -1058,7 +1118,7 @@ class _Table:
         if usable:
             self.bar.set_postfix_str(f"{vol.id[:24]} registering {v}v")
             t0 = time.perf_counter()
-            if set(self.jobs) & {"atlas", "atlas_tv"}:
+            if set(self.jobs) & {"atlas", "atlas_tv", "atlas_net"}:
                 at = solvers.atlas(usable, drr, geom)
                 names = [usable[i].id for i in at.indices]
                 mism = dict(zip(names, (float(m) for m in at.mismatch), strict=True))
@@ -1088,19 +1148,22 @@ class _Table:
 
         support, priors = None, {}
         reg_seconds = 0.0
-        if set(self.jobs) & {*PRIOR, "template_tv", "atlas_tv"}:
+        if set(self.jobs) & {*PRIOR, "template_tv", "atlas_tv", "atlas_net"}:
             support = solvers.support(drr, geom)
         if set(self.jobs) & set(TEMPLATE):
             priors, reg_seconds = self.template_priors(vol, v, drr, geom, solvers)
         for method in self.jobs:
-            prior = priors.get(method.removesuffix("_tv")) if method in TEMPLATE else None
+            prior = priors.get(PRIOR_OF[method]) if method in TEMPLATE else None
             if method in TEMPLATE and prior is None:
+                continue
+            net = self.atlas_net_for(vol, v) if method == "atlas_net" else None
+            if method == "atlas_net" and net is None:
                 continue
             for params in candidates(self.s, method):
                 self.bar.set_postfix_str(f"{vol.id[:24]} {method} {v}v {_fmt_params(params)}")
                 t = time.perf_counter()
                 mu = jax.block_until_ready(
-                    solvers.run(method, drr, geom, params, support=support, prior=prior)
+                    solvers.run(method, drr, geom, params, support=support, prior=prior, net=net)
                 )
                 seconds = time.perf_counter() - t
                 if method in TEMPLATE:
@@ -1274,6 +1337,7 @@ def run_table(s: Settings, command: str = "") -> dict:
         "chest_ids": [v.id for v in volumes if v.kind == "chest"],
         "templates_used": table.templates_used,
         "template_skipped": table.template_skipped,
+        "atlas_net": {"used": table.atlas_net_used, "skipped": table.atlas_net_skipped},
         "skipped": skipped,
         "rows": select(table.rows),
         "sweep": table.rows,
@@ -1560,6 +1624,13 @@ def _appendix_lines(result: dict) -> list[str]:
         md += [
             f"- `{t['volume']}` {t['views']}v: {t['reason']}" for t in result["template_skipped"]
         ]
+    an = result.get("atlas_net") or {}
+    if an.get("used"):
+        md += ["", "atlas_net models (each never trained on the chest it scores): "]
+        md += [f"- `{vol}`: `{path}`" for vol, path in an["used"].items()]
+    if an.get("skipped"):
+        md += ["", "atlas_net rows left out:"]
+        md += [f"- `{t['volume']}` {t['views']}v: {t['reason']}" for t in an["skipped"]]
     if result["skipped"]:
         md += ["", "Skipped (as ct_folder would):"]
         md += [f"- `{name}`: {reason}" for name, reason in result["skipped"]]

@@ -1,0 +1,206 @@
+"""``scripts/train_atlas_net.py train``: folds, the shipped model and the report."""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import json
+import pathlib
+import sys
+import time
+
+import numpy as np
+
+BASELINES = ("tv", "tv_support", "atlas", "atlas_tv")
+
+
+def _score(hu, case) -> dict:
+    from xct import scoring
+
+    return scoring.score_volume(np.asarray(hu, np.float32), case["truth_hu"], case["body"])
+
+
+def _hu(mu, case) -> np.ndarray:
+    from xct import physics
+
+    return np.asarray(physics.mu_to_hu(np.asarray(mu), case["meta"]["mu_water"]))
+
+
+def _train_on(cases, held_out: str | None, args, label: str):
+    from xct import atlas_net
+
+    xs = [atlas_net.case_inputs(c, held_out) for c in cases]
+    ys = [atlas_net.case_target(c) for c in cases]
+    bs = [c["body"] for c in cases]
+    s = atlas_net.TrainSettings(steps=args.steps, width=args.width, seed=args.seed)
+    t = time.perf_counter()
+
+    def log(i, loss):
+        el = time.perf_counter() - t
+        eta = el / (i + 1) * (s.steps - i - 1)
+        print(
+            f"  [{label}] step {i + 1}/{s.steps} loss {loss:.5f} ({el:.0f} s, ETA {eta:.0f} s)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    model, params, losses = atlas_net.train(xs, ys, bs, s, log=log)
+    return model, params, losses, time.perf_counter() - t
+
+
+def run(args) -> None:
+    from xct import atlas_net, scoring
+
+    files = sorted((pathlib.Path(args.out) / "cases").glob("*.npz"))
+    if not files:
+        raise ValueError(f"{args.out}/cases: no cases (run the 'cases' stage first)")
+    cases = [atlas_net.load_case(f) for f in files]
+    chests = sorted({c["meta"]["chest"] for c in cases})
+    folds = args.folds or chests
+    print(f"{len(cases)} cases of {len(chests)} chests; folds: {len(folds)}", file=sys.stderr)
+    rows, train_s = [], {}
+    rows_file = pathlib.Path(args.out) / "fold_rows.jsonl"
+    for k in folds:
+        train_cases = [c for c in cases if c["meta"]["chest"] != k]
+        model, params, losses, secs = _train_on(train_cases, k, args, f"fold {k}")
+        train_s[k] = secs
+        atlas_net.save(
+            pathlib.Path(args.out) / "folds" / k,
+            params,
+            width=args.width,
+            info={
+                "trained_on": [c for c in chests if c != k],
+                "held_out": k,
+                "cases": len(train_cases),
+                "steps": args.steps,
+                "seed": args.seed,
+                "train_seconds": round(secs, 1),
+                "final_loss": float(np.mean(losses[-50:])),
+            },
+        )
+        for c in cases:
+            m = c["meta"]
+            if m["chest"] != k:
+                continue
+            t = time.perf_counter()
+            hu = np.asarray(atlas_net._apply_jit(model, params, atlas_net.case_inputs(c))) * 1e3
+            net_s = time.perf_counter() - t
+            base = {"chest": k, "views": m["views"], "variant": m["variant"]}
+            for method in BASELINES:
+                rows.append({**base, "method": method, **_score(_hu(c[method], c), c)})
+            rows.append({**base, "method": "atlas_net", **_score(hu, c), "net_seconds": net_s})
+            a, n = rows[-2]["psnr_body"], rows[-1]["psnr_body"]
+            print(
+                f"  {k} {m['views']}v #{m['variant']}: atlas_tv {a:.2f} -> atlas_net {n:.2f} "
+                f"dB inside the body",
+                file=sys.stderr,
+                flush=True,
+            )
+        with rows_file.open("a") as f:
+            for r in rows:
+                if r["chest"] == k:
+                    f.write(json.dumps(r) + "\n")
+    if args.ship:
+        model, params, losses, secs = _train_on(cases, None, args, "all chests")
+        info = {
+            "trained_on": chests,
+            "cases": len(cases),
+            "views": sorted({c["meta"]["views"] for c in cases}),
+            "steps": args.steps,
+            "seed": args.seed,
+            "train_seconds": round(secs, 1),
+            "date": datetime.date.today().isoformat(),
+            "command": " ".join(sys.argv),
+        }
+        atlas_net.save(args.ship, params, width=args.width, info=info)
+        print(f"wrote {args.ship}", file=sys.stderr)
+    if args.report:
+        write_report(pathlib.Path(args.report), rows, train_s, args, scoring.machine_line())
+
+
+def _mean(rows, method, views, key, variant0=True):
+    v = [
+        r[key]
+        for r in rows
+        if r["method"] == method and r["views"] == views and (r["variant"] == 0 or not variant0)
+    ]
+    return (float(np.mean(v)), len(v)) if v else (float("nan"), 0)
+
+
+def write_report(out: pathlib.Path, rows, train_s, args, machine: str) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    with (out / "rows.csv").open("w", newline="") as f:
+        keys = sorted({k for r in rows for k in r})
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+    views = sorted({r["views"] for r in rows})
+    methods = (*BASELINES, "atlas_net")
+    md = [
+        "# atlas_net: folds over the shared chests, clinical X-rays",
+        "",
+        f"Machine: {machine}; {datetime.date.today().isoformat()}.",
+        "",
+        "Command: `" + " ".join(sys.argv) + "`",
+        "",
+    ]
+    summary = {}
+    for variant0, title in (
+        (True, "the quality table's X-rays (variant 0)"),
+        (False, "every case of the held-out chest (deformed ones too)"),
+    ):
+        md += [
+            f"## PSNR dB inside the body | whole cube, primary definition: {title}",
+            "",
+            "| method | " + " | ".join(f"{v} views" for v in views) + " |",
+            "|---" * (1 + len(views)) + "|",
+        ]
+        for m in methods:
+            cells = []
+            for v in views:
+                b, n = _mean(rows, m, v, "psnr_body", variant0)
+                wh, _ = _mean(rows, m, v, "psnr", variant0)
+                x2, _ = _mean(rows, m, v, "x2ct_psnr_body", variant0)
+                cells.append(f"{b:.2f} \\| {wh:.2f} (x2ct {x2:.2f}; n={n})")
+                summary.setdefault("variant0" if variant0 else "all", {}).setdefault(m, {})[
+                    str(v)
+                ] = {"psnr_body": b, "psnr": wh, "x2ct_psnr_body": x2, "n": n}
+            md.append(f"| {m} | " + " | ".join(cells) + " |")
+        md.append("")
+    md += ["## Per chest, variant 0: atlas_tv -> atlas_net inside the body (dB)", ""]
+    for k in sorted({r["chest"] for r in rows}):
+        parts = []
+        for v in views:
+            a = [
+                r["psnr_body"]
+                for r in rows
+                if r["chest"] == k
+                and r["views"] == v
+                and r["variant"] == 0
+                and r["method"] == "atlas_tv"
+            ]
+            n = [
+                r["psnr_body"]
+                for r in rows
+                if r["chest"] == k
+                and r["views"] == v
+                and r["variant"] == 0
+                and r["method"] == "atlas_net"
+            ]
+            if a and n:
+                parts.append(f"{v}v {a[0]:.2f} -> {n[0]:.2f} ({n[0] - a[0]:+.2f})")
+        md.append(f"- {k}: " + "; ".join(parts) + f" (fold trained in {train_s.get(k, 0):.0f} s)")
+    (out / "README.md").write_text("\n".join(md) + "\n", encoding="utf-8")
+    (out / "summary.json").write_text(
+        json.dumps(
+            {
+                "summary": summary,
+                "train_seconds": train_s,
+                "steps": args.steps,
+                "width": args.width,
+            },
+            indent=1,
+        ),
+        encoding="utf-8",
+    )
+    print("\n".join(md))

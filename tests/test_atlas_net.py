@@ -1,0 +1,162 @@
+"""xct.atlas_net and xct.models.refiner: an untrained refiner changes nothing, training on
+a known correction learns it, a fold's atlas never holds the held-out chest, a case is the
+table's X-rays, and a saved model loads (or is refused by name)."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from xct import atlas_net, clinical, geometry, phantoms, physics, scoring
+from xct.models.refiner import Refiner
+from xct.recon import atlas as A
+
+
+def test_untrained_refiner_returns_its_base():
+    model = Refiner(width=4)
+    x = jax.random.normal(jax.random.key(0), (2, 8, 8, 8, 3))
+    params = model.init(jax.random.key(1), x)
+    r = model.apply(params, x)
+    assert r.shape == (2, 8, 8, 8)
+    np.testing.assert_array_equal(np.asarray(r), 0.0)  # the head starts at zero
+    np.testing.assert_array_equal(np.asarray(atlas_net.apply(model, params, x)), x[..., 0])
+    with pytest.raises(ValueError, match="divisible by 4"):
+        model.apply(params, jnp.zeros((1, 6, 8, 8, 3)))
+
+
+def test_training_learns_a_known_correction():
+    """The base is off by a smooth, input-dependent error; the refiner learns to remove
+    most of it from 40 steps on patches."""
+    rng = np.random.default_rng(0)
+    xs, ys, bs = [], [], []
+    for _ in range(3):
+        truth = rng.normal(size=(16, 16, 16)).astype(np.float32)
+        prior = truth + 0.1 * rng.normal(size=truth.shape).astype(np.float32)
+        base = truth + 0.5 * prior  # the base over-shoots by half the prior
+        xs.append(np.stack([base, prior, base], -1))
+        ys.append(truth)
+        bs.append(np.ones_like(truth, bool))
+    s = atlas_net.TrainSettings(steps=60, batch=2, patch=8, width=4, learning_rate=3e-3)
+    model, params, losses = atlas_net.train(xs, ys, bs, s)
+    assert len(losses) == 60 and np.all(np.isfinite(losses))
+    assert np.mean(losses[-10:]) < 0.5 * np.mean(losses[:5]), (losses[:5], losses[-10:])
+    pred = np.asarray(atlas_net.apply(model, params, xs[0]))
+    assert np.mean((pred - ys[0]) ** 2) < 0.5 * np.mean((xs[0][..., 0] - ys[0]) ** 2)
+
+
+def test_fuse_subset_is_the_atlas_of_that_subset():
+    """What a fold sees (the templates without the held-out chest) is exactly what
+    recon.atlas.fuse gives for those templates."""
+    acq = geometry.Acquisition(resolution=16, fov_mm=400.0)
+    grid, geom = acq.grid(), acq.orbit(acq.view_angles(2))
+    vols = jnp.stack(
+        [jnp.maximum(physics.hu_to_mu(phantoms.chest_phantom(s, grid)[0]), 0.0) for s in range(4)]
+    )
+    drr = physics.render_drrs(jnp.asarray(phantoms.chest_phantom(9, grid)[0]), grid, geom)
+    err = A.local_mismatch(vols, drr, geom, grid)
+    screen = np.asarray([0.3, 0.1, 0.2, 0.4])
+    assert atlas_net.atlas_subset(screen, [0, 1, 2, 3]) == [1, 2, 0]
+    sub = atlas_net.atlas_subset(screen, [0, 2, 3])  # template 1 held out
+    assert sub == [2, 0, 3]
+    got = atlas_net.fuse_subset(vols, err, sub)
+    want, _ = A.fuse(vols[np.asarray(sub)], drr, geom, grid)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-7)
+
+
+def test_case_inputs_of_a_fold_leave_the_held_out_chest_out():
+    z = np.zeros((4, 4, 4), np.float32)
+    mw = float(physics.MU_WATER_PER_MM)
+    case = {
+        "atlas_tv": z + mw,
+        "atlas": z + 2 * mw,
+        "tv_support": z,
+        "atlas_tv|b": z + 3 * mw,
+        "atlas|b": z + 4 * mw,
+        "truth_hu": z + 500.0,
+        "meta": {"mu_water": mw},
+    }
+    np.testing.assert_allclose(atlas_net.case_inputs(case)[0, 0, 0], [0.0, 1.0, -1.0])
+    np.testing.assert_allclose(atlas_net.case_inputs(case, "b")[0, 0, 0], [2.0, 3.0, -1.0])
+    # a fold whose chest was not among the fused templates sees the case's own atlas
+    np.testing.assert_allclose(atlas_net.case_inputs(case, "c")[0, 0, 0], [0.0, 1.0, -1.0])
+    np.testing.assert_allclose(atlas_net.case_target(case), 0.5)
+
+
+def test_save_and_load(tmp_path):
+    model = Refiner(width=4)
+    params = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 8, 3)))
+    atlas_net.save(tmp_path / "m", params, width=4, info={"trained_on": ["chest_a"]})
+    m2, p2, meta = atlas_net.load(tmp_path / "m")
+    assert meta["trained_on"] == ["chest_a"] and m2.width == 4
+    for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(p2), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(ValueError, match="atlas_net.json not found"):
+        atlas_net.load(tmp_path / "nothing")
+    meta_file = tmp_path / "m" / "atlas_net.json"
+    meta_file.write_text(json.dumps({**meta, "width": 8}))
+    with pytest.raises(ValueError, match="width-8 Refiner"):
+        atlas_net.load(tmp_path / "m")
+
+
+def test_solvers_atlas_net_is_atlas_tv_plus_the_correction():
+    """An untrained refiner adds nothing: atlas_net is then atlas_tv at the benchmark's
+    weights, through the same Solvers the table and the CLI use."""
+    acq = geometry.Acquisition(resolution=16, fov_mm=400.0)
+    grid, geom = acq.grid(), acq.orbit(np.float32([0.0, 90.0]))
+    hu, _ = phantoms.chest_phantom(1, grid)
+    prior = jnp.maximum(physics.hu_to_mu(jnp.asarray(phantoms.chest_phantom(2, grid)[0])), 0.0)
+    drr = physics.render_drrs(jnp.asarray(hu), grid, geom)
+    solvers = scoring.Solvers(grid, sirt_iters=2, cgls_iters=2, tv_iters=5)
+    support = solvers.support(drr, geom)
+    model = Refiner(width=4)
+    params = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 8, 3)))
+    net = (model, params, {})
+    got = solvers.run("atlas_net", drr, geom, {}, support=support, prior=prior, net=net)
+    w = scoring.benchmark_weights("atlas_tv", 2)
+    want = jnp.maximum(solvers.run("atlas_tv", drr, geom, w, support, prior), 0.0)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="atlas_net: needs a trained model"):
+        solvers.run("atlas_net", drr, geom, {}, support=support, prior=prior)
+
+
+def test_make_case_is_the_tables_xrays_and_scores(tmp_path):
+    """A tiny deformed case: three templates fused, a fold's atlas (and atlas_tv) without
+    each of them and none for the others, the angles jittered together, finite inputs,
+    and a saved case reads back."""
+    grid = geometry.VolumeGrid.centered((24, 40, 40), 10.0)
+    hu, _ = phantoms.chest_phantom(4, grid, couch=True)
+    scan = clinical.scan_from_array(np.asarray(hu), grid, "chest_4")
+    tgrid = clinical.cube_grid(scan, 16)
+    templates = {
+        f"t{s}": np.asarray(
+            jnp.maximum(physics.hu_to_mu(phantoms.chest_phantom(s, tgrid)[0]), 0.0), np.float32
+        )
+        for s in (5, 6, 7, 8)
+    }
+    spec = atlas_net.CaseSpec(
+        chest="chest_4",
+        views=2,
+        variant=1,
+        deform_mm=8.0,
+        angle_jitter_deg=5.0,
+        resolution=16,
+        pixel_mm=6.0,
+        tv_iters=3,
+    )
+    case = atlas_net.make_case(spec, scan, templates, {})
+    meta = case["meta"]
+    assert len(meta["fused"]) == 3 and meta["templates"] == ["t5", "t6", "t7", "t8"]
+    for name in meta["fused"]:
+        assert f"atlas|{name}" in case and f"atlas_tv|{name}" in case
+    for name in set(meta["templates"]) - set(meta["fused"]):
+        assert f"atlas|{name}" not in case
+    assert abs(meta["angles_deg"][1] - meta["angles_deg"][0] - 90.0) < 1e-6
+    assert case["truth_hu"].shape == (16, 16, 16) and case["body"].any()
+    x = atlas_net.case_inputs(case, meta["fused"][0])
+    assert x.shape == (16, 16, 16, 3) and np.all(np.isfinite(x))
+    atlas_net.save_case(tmp_path / "c.npz", case)
+    back = atlas_net.load_case(tmp_path / "c.npz")
+    assert back["meta"] == meta
+    np.testing.assert_array_equal(back["atlas_tv"], case["atlas_tv"])

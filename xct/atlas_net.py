@@ -1,0 +1,370 @@
+"""``atlas_net``: a small 3D CNN that corrects ``atlas_tv``, trained on real chests in
+clinical mode (issue 26 item 4).
+
+``atlas_tv`` (TV started from and pulled towards the fused atlas of other patients' CTs)
+is the best hand-made method from few clinical X-rays. What it cannot do is learn how its
+errors look: where the atlas is trusted too much, where TV's streaks remain, how the
+data-consistent estimate and the prior disagree. ``atlas_net`` is a residual fusion
+network (``models.refiner.Refiner``) that takes, on the 64^3 output grid,
+
+* ``atlas_tv``'s volume (the base the correction is added to),
+* the fused atlas prior,
+* ``tv_support``'s volume (TV with the views' support and bounds, no prior: what the
+  X-rays alone say),
+
+and returns ``atlas_tv + residual`` in HU. It is trained on clinical cases of real chests
+(``make_case``: the whole scan X-rayed with couch and Poisson noise, optionally deformed
+by a smooth random field, with jittered angles), one model per held-out chest (folds: the
+held-out chest is neither a training target nor a template of any training case), and a
+final model on all of them. ``scripts/train_atlas_net.py`` builds the cases, trains,
+scores the folds and writes the shipped model (``save`` / ``load``).
+
+Values: inputs and output are ``mu / mu_water - 1`` (HU / 1000), arrays ``[z, y, x]``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from xct import clinical, geometry
+
+#: The inputs' order (channels of ``Refiner``).
+INPUTS = ("atlas_tv", "atlas", "tv_support")
+#: The shipped model (trained on the seven shared chests), beside the package in a checkout.
+DEFAULT_DIR = pathlib.Path(__file__).resolve().parents[1] / "checkpoints" / "atlas_net64"
+#: Templates fused into the atlas (``recon.atlas.atlas``'s default k).
+ATLAS_K = 3
+
+
+# ------------------------------------------------------------------------------------------
+# Cases: one chest X-rayed as a clinic does, with what every fold needs
+
+
+def deform_scan(
+    scan: clinical.ClinicalScan, key: jax.Array, max_mm: float, coarse: int = 4
+) -> clinical.ClinicalScan:
+    """``scan`` warped by a smooth random displacement (``input_pipeline``'s elastic
+    field: ``coarse^3`` uniform noise upsampled, at most about ``max_mm``); the body mask
+    moves with it. The grid (so the isocentre and the cube) is unchanged."""
+    from xct import input_pipeline
+
+    if max_mm <= 0:
+        return scan
+    spacing = float(min(scan.grid.spacing_mm))
+    disp = input_pipeline.elastic_displacement(
+        key, scan.hu.shape, max_mm=max_mm, spacing_mm=spacing, coarse=coarse
+    )
+    warp = jax.jit(input_pipeline.warp, static_argnums=2)
+    hu = np.asarray(warp(jnp.asarray(scan.hu), disp, clinical.FILL_HU))
+    body = np.asarray(warp(jnp.asarray(scan.body, jnp.float32), disp, 0.0)) >= 0.5
+    return dataclasses.replace(scan, hu=hu, body=body, source=scan.source + " (deformed)")
+
+
+def atlas_subset(screen_mismatch: np.ndarray, allowed: list[int], k: int = ATLAS_K) -> list[int]:
+    """The templates ``recon.atlas.atlas`` would fuse when only ``allowed`` (indices) are
+    given: the ``k`` with the smallest screening mismatch."""
+    return sorted(allowed, key=lambda i: (screen_mismatch[i], i))[:k]
+
+
+def fuse_subset(registered, errors, subset: list[int], temperature: float | None = None):
+    """The fused prior of the registered templates ``subset`` (``recon.atlas.fuse`` with
+    local weights: ``errors`` are their ``atlas.local_mismatch`` maps)."""
+    from xct.recon import atlas
+
+    t = atlas.TEMPERATURE if temperature is None else temperature
+    idx = np.asarray(subset)
+    w = atlas.fusion_weights(jnp.asarray(errors)[idx], t)
+    return jnp.sum(w * jnp.asarray(registered)[idx], axis=0)
+
+
+@dataclasses.dataclass
+class CaseSpec:
+    """How one case is made."""
+
+    chest: str  # the X-rayed chest's name
+    views: int
+    variant: int  # 0: the benchmark's X-rays (no deformation, nested angles); > 0 augmented
+    deform_mm: float = 0.0
+    angle_jitter_deg: float = 0.0
+    seed: int = 0
+    resolution: int = 64
+    photons: float = clinical.DEFAULT_PHOTONS
+    pixel_mm: float = clinical.DEFAULT_PIXEL_MM
+    tv_iters: int = 200
+
+
+def make_case(spec: CaseSpec, scan, templates: dict, solvers_cache: dict) -> dict:
+    """One clinical case: X-rays of ``scan`` (deformed by ``spec``), every template of
+    ``templates`` (``{name: mu [r]^3}``, never the X-rayed chest) screened and registered,
+    ``tv_support``, the atlas and ``atlas_tv`` of all templates, and for each template
+    ``n`` among the fused ones, the atlas and ``atlas_tv`` without ``n`` (what a fold that
+    holds out ``n`` sees). Returns a dict of NumPy arrays and metadata (``save_case``)."""
+    from xct import scoring
+    from xct.recon import atlas
+
+    t0 = time.perf_counter()
+    key = jax.random.key(spec.seed)
+    deform_key, angle_key, noise_key = jax.random.split(key, 3)
+    r = spec.resolution
+    det_shape = clinical.covering_detector(scan, spec.pixel_mm)
+    if spec.deform_mm > 0:
+        scan = deform_scan(scan, deform_key, spec.deform_mm)
+    angles = np.asarray(geometry.nested_view_angles(8)[: spec.views], np.float64)
+    if spec.angle_jitter_deg > 0:
+        jitter = jax.random.uniform(angle_key, (), minval=-1.0, maxval=1.0)
+        angles = angles + float(jitter) * spec.angle_jitter_deg
+    grid = clinical.cube_grid(scan, r)
+    truth, body = clinical.truth_cube(scan, r)
+    fine, _ = clinical.clinical_xrays(
+        scan, angles, noise_key, pixel_mm=spec.pixel_mm, photons=spec.photons, det_shape=det_shape
+    )
+    drr, geom = clinical.xrays_for_grid(np.asarray(fine), spec.pixel_mm, angles, grid)
+    drr = jnp.asarray(drr, jnp.float32)
+    sk = (grid, drr.shape)
+    if sk not in solvers_cache:
+        solvers_cache[sk] = scoring.Solvers(
+            grid, sirt_iters=1, cgls_iters=1, tv_iters=spec.tv_iters
+        )
+    solvers = solvers_cache[sk]
+    support = solvers.support(drr, geom)
+    tv_w = scoring.benchmark_weights("tv_support", spec.views)
+    at_w = scoring.benchmark_weights("atlas_tv", spec.views)
+    tv_plain = solvers.run("tv", drr, geom, tv_w)
+    tv = solvers.run("tv_support", drr, geom, tv_w, support)
+    names = sorted(templates)
+    mus = [jnp.asarray(templates[n], jnp.float32) for n in names]
+    scr = atlas.screen(mus, drr, geom, grid)
+    _, registered, mism = atlas.register_best(mus, scr, drr, geom, grid, k=len(mus))
+    # register_best returns them in screening order; put them back in ``names`` order
+    order = [int(i) for i in scr.order[: len(mus)]]
+    reg = np.zeros((len(mus), *grid.shape), np.float32)
+    reg[order] = np.asarray(registered)
+    errors = np.asarray(atlas.local_mismatch(jnp.asarray(reg), drr, geom, grid))
+    everyone = list(range(len(names)))
+    chosen = atlas_subset(scr.mismatch, everyone)
+    prior = fuse_subset(reg, errors, chosen)
+    base = solvers.run("atlas_tv", drr, geom, at_w, support, prior)
+    out = {
+        "truth_hu": truth.astype(np.float32),
+        "body": body,
+        "tv": np.asarray(tv_plain, np.float32),
+        "tv_support": np.asarray(tv, np.float32),
+        "atlas": np.asarray(prior, np.float32),
+        "atlas_tv": np.asarray(base, np.float32),
+    }
+    for n in chosen:  # a fold holding out template n sees the atlas without it
+        sub = atlas_subset(scr.mismatch, [i for i in everyone if i != n])
+        p = fuse_subset(reg, errors, sub)
+        out[f"atlas|{names[n]}"] = np.asarray(p, np.float32)
+        out[f"atlas_tv|{names[n]}"] = np.asarray(
+            solvers.run("atlas_tv", drr, geom, at_w, support, p), np.float32
+        )
+    out["meta"] = {
+        **dataclasses.asdict(spec),
+        "angles_deg": angles.tolist(),
+        "templates": names,
+        "screen_mismatch": np.asarray(scr.mismatch).tolist(),
+        "fused": [names[i] for i in chosen],
+        "mu_water": solvers.mu_water,
+        "spacing_mm": list(grid.spacing_mm),
+        "seconds": time.perf_counter() - t0,
+    }
+    return out
+
+
+def save_case(path, case: dict) -> None:
+    """Write a case (``make_case``) as one ``.npz`` (metadata as JSON), atomically."""
+    from xct import io
+
+    path = pathlib.Path(path)
+    arrays = {k: v for k, v in case.items() if k != "meta"}
+    with io.atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez_compressed(f, meta=json.dumps(case["meta"]), **arrays)
+
+
+def load_case(path) -> dict:
+    """A case saved by ``save_case``."""
+    with np.load(path) as z:
+        out = {k: z[k] for k in z.files if k != "meta"}
+        out["meta"] = json.loads(str(z["meta"]))
+    return out
+
+
+# ------------------------------------------------------------------------------------------
+# Network inputs and outputs
+
+
+def to_unit(mu, mu_water: float) -> np.ndarray:
+    """Attenuation per mm -> ``mu / mu_water - 1`` (HU / 1000)."""
+    return np.asarray(mu, np.float32) / np.float32(mu_water) - np.float32(1.0)
+
+
+def case_inputs(case: dict, held_out: str | None = None) -> np.ndarray:
+    """``[z, y, x, 3]`` inputs (``INPUTS``, HU / 1000) of ``case`` as the fold that holds
+    out ``held_out`` sees it (its atlas without that chest), or with every template."""
+    mw = case["meta"]["mu_water"]
+    sfx = f"|{held_out}" if held_out and f"atlas|{held_out}" in case else ""
+    chans = [case["atlas_tv" + sfx], case["atlas" + sfx], case["tv_support"]]
+    return np.stack([to_unit(c, mw) for c in chans], axis=-1)
+
+
+def case_target(case: dict) -> np.ndarray:
+    """``[z, y, x]`` truth, HU / 1000."""
+    return np.asarray(case["truth_hu"], np.float32) / np.float32(1000.0)
+
+
+def apply(model, params, inputs) -> jax.Array:
+    """The refined volume, HU / 1000: ``inputs[..., 0] + residual``; ``inputs``
+    ``[B, z, y, x, 3]`` (or one ``[z, y, x, 3]``)."""
+    x = jnp.asarray(inputs, jnp.float32)
+    one = x.ndim == 4
+    if one:
+        x = x[None]
+    y = x[..., 0] + model.apply(params, x)
+    return y[0] if one else y
+
+
+def refine_hu(model, params, atlas_tv_mu, atlas_mu, tv_support_mu, mu_water: float) -> np.ndarray:
+    """``atlas_net``'s volume in HU from the three input volumes (attenuation per mm on
+    the same ``[z, y, x]`` grid)."""
+    x = np.stack([to_unit(v, mu_water) for v in (atlas_tv_mu, atlas_mu, tv_support_mu)], -1)
+    return np.asarray(_apply_jit(model, params, x)) * 1000.0
+
+
+_APPLY_CACHE: dict = {}
+
+
+def _apply_jit(model, params, x):
+    fn = _APPLY_CACHE.get(id(model))
+    if fn is None:
+        fn = _APPLY_CACHE.setdefault(id(model), jax.jit(lambda p, v: apply(model, p, v)))
+    return fn(params, x)
+
+
+# ------------------------------------------------------------------------------------------
+# Training
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSettings:
+    """How a fold's network is trained."""
+
+    steps: int = 600
+    batch: int = 4
+    patch: int = 32  # cubic patches cut from the 64^3 cases
+    learning_rate: float = 1e-3
+    body_weight: float = 3.0  # the loss weighs voxels inside the body 1 + body_weight
+    width: int = 12
+    seed: int = 0
+
+
+def loss_fn(model, params, x, y, body, body_weight: float) -> jax.Array:
+    """Weighted mean squared error (HU / 1000), ``1 + body_weight`` inside the body."""
+    pred = apply(model, params, x)
+    w = 1.0 + body_weight * body
+    return jnp.sum(w * jnp.square(pred - y)) / jnp.sum(w)
+
+
+def _patches(rng: np.random.Generator, xs, ys, bs, batch: int, patch: int):
+    xb, yb, bb = [], [], []
+    for _ in range(batch):
+        i = int(rng.integers(len(xs)))
+        n = xs[i].shape[0]
+        o = rng.integers(0, n - patch + 1, size=3)
+        sl = tuple(slice(int(a), int(a) + patch) for a in o)
+        x, y, b = xs[i][sl], ys[i][sl], bs[i][sl]
+        if rng.random() < 0.5:  # left-right flip (x axis)
+            x, y, b = x[:, :, ::-1], y[:, :, ::-1], b[:, :, ::-1]
+        xb.append(x)
+        yb.append(y)
+        bb.append(b)
+    return np.stack(xb), np.stack(yb), np.stack(bb).astype(np.float32)
+
+
+def train(xs, ys, bodies, settings: TrainSettings = TrainSettings(), log=None):
+    """Train a ``Refiner`` on inputs ``xs`` (``[z, y, x, 3]`` each), targets ``ys`` and
+    body masks: Adam with a cosine schedule on random patches (left-right flips).
+    Returns ``(model, params, losses)``."""
+    import optax
+
+    from xct.models.refiner import Refiner
+
+    s = settings
+    model = Refiner(width=s.width)
+    rng = np.random.default_rng(s.seed)
+    params = model.init(jax.random.key(s.seed), jnp.zeros((1, s.patch, s.patch, s.patch, 3)))
+    tx = optax.adam(optax.cosine_decay_schedule(s.learning_rate, s.steps, alpha=0.05))
+    opt = tx.init(params)
+
+    @jax.jit
+    def step(params, opt, x, y, b):
+        loss, g = jax.value_and_grad(lambda p: loss_fn(model, p, x, y, b, s.body_weight))(params)
+        upd, opt = tx.update(g, opt, params)
+        return optax.apply_updates(params, upd), opt, loss
+
+    losses = []
+    for i in range(s.steps):
+        x, y, b = _patches(rng, xs, ys, bodies, s.batch, s.patch)
+        params, opt, loss = step(params, opt, x, y, b)
+        losses.append(float(loss))
+        if log is not None and (i % 50 == 0 or i == s.steps - 1):
+            log(i, float(np.mean(losses[-50:])))
+    return model, params, losses
+
+
+# ------------------------------------------------------------------------------------------
+# The shipped model
+
+
+def save(directory, params, *, width: int, info: dict | None = None) -> None:
+    """Write ``atlas_net.msgpack`` (parameters) and ``atlas_net.json`` (settings, ``info``)."""
+    import flax.serialization
+
+    d = pathlib.Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "atlas_net.msgpack").write_bytes(flax.serialization.to_bytes(params))
+    meta = {"model": "Refiner", "width": int(width), "inputs": list(INPUTS), **(info or {})}
+    (d / "atlas_net.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
+
+
+def load(directory):
+    """``(model, params, meta)`` saved by ``save`` in ``directory``.
+
+    Raises:
+      ValueError: the folder lacks ``atlas_net.json`` / ``atlas_net.msgpack`` (named), or
+        they do not fit together.
+    """
+    import flax.serialization
+
+    from xct.models.refiner import Refiner
+
+    d = pathlib.Path(directory)
+    meta_file, params_file = d / "atlas_net.json", d / "atlas_net.msgpack"
+    for f in (meta_file, params_file):
+        if not f.is_file():
+            raise ValueError(
+                f"atlas_net: {f} not found (train one with python -m scripts.train_atlas_net)"
+            )
+    meta = json.loads(meta_file.read_text(encoding="utf-8"))
+    if meta.get("inputs") != list(INPUTS):
+        raise ValueError(f"{meta_file}: inputs {meta.get('inputs')}, expected {list(INPUTS)}")
+    model = Refiner(width=int(meta["width"]))
+    template = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 8, len(INPUTS))))
+    try:
+        params = flax.serialization.from_bytes(template, params_file.read_bytes())
+        shapes = jax.tree_util.tree_map(jnp.shape, params)
+        if shapes != jax.tree_util.tree_map(jnp.shape, template):
+            raise ValueError("other shapes")
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(
+            f"{params_file}: not the parameters of a width-{meta['width']} Refiner ({e})"
+        ) from None
+    return model, params, meta
