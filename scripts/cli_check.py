@@ -40,7 +40,9 @@ import time
 import numpy as np
 
 DEFAULT_CHESTS = "/work/shared/data/ct/chest_*_2mm.nii.gz"
-METHODS = ("auto", "tv", "tv_support")
+METHODS = ("auto", "tv", "tv_support", "atlas_tv", "atlas_net")
+DEFAULT_METHODS = ("auto", "tv", "tv_support")
+WITH_TEMPLATES = ("auto", "atlas_tv", "atlas_net")
 BODY_OVERLAP_MIN = 0.9  # fraction of the truth's body that the reconstruction's must cover
 
 
@@ -224,10 +226,14 @@ def check_chest(path, pool, args, index: int) -> list[dict]:
             _log(f"{name} {v}v: RTK vs xct render, relative L2 {orient['rel_l2']:.4f} "
                  f"(mirrored: {orient['rel_l2_mirrored']:.3f})")  # fmt: skip
         for method in args.methods:
-            tmpl = templates if method == "auto" else []
+            tmpl = templates if method in WITH_TEMPLATES else []
+            more = list(extra)
+            if args.atlas_net_folds and method in ("auto", "atlas_net"):
+                # the fold's model: trained without this chest (leave one out)
+                more += ["--atlas_net", str(pathlib.Path(args.atlas_net_folds) / name)]
             try:
                 summary, seconds = run_cli(
-                    files, angles, args.pixel_mm, side, iso, case / method, method, tmpl, extra
+                    files, angles, args.pixel_mm, side, iso, case / method, method, tmpl, more
                 )
             except RuntimeError as e:
                 _log(f"FAILED {name} {v}v {method}: {e}")
@@ -309,7 +315,13 @@ def _parser() -> argparse.ArgumentParser:
         help="globs of the template pool (default: --chests); a chest is never its own template",
     )  # fmt: skip
     p.add_argument("--views", type=int, nargs="+", default=[2, 8])
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=METHODS)
+    p.add_argument(
+        "--atlas_net_folds",
+        default=None,
+        help="folder of atlas_net fold models, one per chest name (scripts/train_atlas_net.py "
+        "writes OUT/folds): --atlas_net for auto / atlas_net runs, a model that never saw it",
+    )
     p.add_argument("--photons", type=float, default=1e5, help="unattenuated photons per pixel")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--det", type=int, nargs=2, default=[400, 400], metavar=("ROWS", "COLS"))

@@ -246,11 +246,18 @@ def test_template_tv_on_a_real_chest(tmp_path):
     assert s["registration_seconds"] > 0
 
 
-def test_auto_method_without_and_with_a_folder_of_templates(tmp_path, capsys):
+def test_auto_method_without_and_with_a_folder_of_templates(tmp_path, capsys, monkeypatch):
     """--method auto (the default) runs the benchmark's choice for the number of X-rays:
     without templates the X-ray-priors TV, with a --template folder the atlas (files that are
-    not CTs of the right size left out with a note), both named in summary.json."""
-    from xct import scoring
+    not CTs of the right size left out with a note), both named in summary.json; with an
+    atlas_net model that beat atlas_tv at these views in its folds, atlas_net."""
+    import jax
+    import jax.numpy as jnp
+
+    from xct import atlas_net, scoring
+    from xct.models.refiner import Refiner
+
+    monkeypatch.setattr(atlas_net, "DEFAULT_DIR", tmp_path / "no_shipped_model")
 
     hu, xrays, pixel = _phantom_views(tmp_path)
     base = ["--xrays", *xrays, "--angles_deg", "0", "90", "--resolution=16", "--iters=5"]
@@ -277,6 +284,16 @@ def test_auto_method_without_and_with_a_folder_of_templates(tmp_path, capsys):
     assert len(s["atlas"]["templates"]) == 3 and s["registration_seconds"] > 0
     assert [t["template"] for t in s["templates_skipped"]] == [str(folder / "organs.nii.gz")]
     assert "organs.nii.gz left out" in capsys.readouterr().err
+
+    params = Refiner(width=4).init(jax.random.key(0), jnp.zeros((1, 8, 8, 8, 3)))
+    for views, name in (([4], "net4"), ([2, 4], "net24")):
+        atlas_net.save(tmp_path / name, params, width=4, info={"auto_views": views})
+        argv = [*base, "--template", str(folder), f"--atlas_net={tmp_path / name}"]
+        assert reconstruct.main([*argv, f"--out={tmp_path / name}_out"]) == 0
+        s = _summary(tmp_path / f"{name}_out")
+        assert s["method"] == ("atlas_net" if 2 in views else "atlas_tv"), views
+    assert "atlas_net beat atlas_tv at 2 to 4 views" in s["method_why"]
+    assert s["atlas_net"]["model"] == str(tmp_path / "net24")
 
 
 def test_atlas_net_method_names_its_model(tmp_path, capsys):

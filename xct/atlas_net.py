@@ -368,3 +368,21 @@ def load(directory):
             f"{params_file}: not the parameters of a width-{meta['width']} Refiner ({e})"
         ) from None
     return model, params, meta
+
+
+def shipped_meta(directory=None) -> dict | None:
+    """The metadata of the model in ``directory`` (``load`` checks it fully), or, with no
+    directory, of the shipped model ``DEFAULT_DIR`` when it is there (else None).
+
+    Raises:
+      ValueError: ``directory`` was given and holds no model.
+    """
+    d = pathlib.Path(directory) if directory else DEFAULT_DIR
+    f = d / "atlas_net.json"
+    if not f.is_file():
+        if directory:
+            raise ValueError(
+                f"--atlas_net: {f} not found (train one with python -m scripts.train_atlas_net)"
+            )
+        return None
+    return {**json.loads(f.read_text(encoding="utf-8")), "path": str(d)}

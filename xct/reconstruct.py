@@ -286,6 +286,11 @@ def parse_args(argv=None) -> argparse.Namespace:
             "--grid_factor: .npy/.png X-rays only (DICOM radiographs are calibrated onto the "
             "resolution^2 detector)"
         )
+    if args.method == "atlas_net" and (args.tv_weight is not None or args.prior_weight is not None):
+        p.error(
+            "--method atlas_net runs atlas_tv at the weights its network trained with (the "
+            "clinical benchmark's); leave --tv_weight and --prior_weight out"
+        )
     if args.iters < 1 or (args.tv_weight or 0) < 0 or (args.prior_weight or 0) < 0:
         p.error("--iters >= 1, --tv_weight >= 0, --prior_weight >= 0")
     if not args.mu_water > 0 or not args.fov_mm > 0:
@@ -545,7 +550,10 @@ def resolve_method(args) -> dict:
     dicom = pathlib.Path(args.xrays[0]).suffix.lower() in DICOM_SUFFIXES
     chosen: dict = {}
     if args.method == "auto":
-        method, auto, why = scoring.auto_method(views, bool(args.template))
+        from xct import atlas_net
+
+        learned = atlas_net.shipped_meta(args.atlas_net) if args.template else None
+        method, auto, why = scoring.auto_method(views, bool(args.template), learned)
         if args.grid_factor is None:
             args.grid_factor = 1 if dicom else auto["grid_factor"]
             if dicom and auto["grid_factor"] > 1:
@@ -860,6 +868,8 @@ def _solve(args, solvers, vols, names, drr, geom, grid, summary: dict) -> tuple:
         summary["tv_weight"] = params["tv_weight"]
     if method in ("template_tv", "atlas_tv"):
         summary["prior_weight"] = params["prior_weight"]
+    if method == "atlas_net":  # its atlas_tv and tv_support run at the benchmark's weights
+        summary["atlas_net"]["atlas_tv"] = scoring.benchmark_weights("atlas_tv", drr.shape[0])
     return jnp.maximum(mu, 0.0), loss
 
 

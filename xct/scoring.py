@@ -212,16 +212,36 @@ def benchmark_weights(method: str, num_views: int, grid_factor: int = 1) -> dict
     if method in ("tv", "tv_support"):
         tv = 0.03 if grid_factor > 1 or num_views <= 3 else 0.1
         return {"tv_weight": tv, "prior_weight": 0.0}
-    if method in ("template_tv", "atlas_tv"):
+    if method in ("template_tv", "atlas_tv", "atlas_net"):
         return {"tv_weight": 0.03 if num_views <= 6 else 0.1, "prior_weight": 1.0}
     return None
 
 
-def auto_method(num_views: int, templates: bool) -> tuple[str, dict, str]:
+def learned_views(meta: dict | None) -> tuple[int, int] | None:
+    """The range of views at which a trained ``atlas_net`` (its saved metadata, ``meta``)
+    beat ``atlas_tv`` in its fold benchmark (``"auto_views"``, written by
+    ``scripts/train_atlas_net.py``), or None."""
+    views = (meta or {}).get("auto_views") or []
+    return (min(views), max(views)) if views else None
+
+
+def auto_method(
+    num_views: int, templates: bool, learned: dict | None = None
+) -> tuple[str, dict, str]:
     """``(method, {"tv_weight", "prior_weight", "grid_factor"}, why)`` that ``--method
-    auto`` runs for ``num_views`` X-rays, with or without template CTs."""
+    auto`` runs for ``num_views`` X-rays, with or without template CTs; ``learned``: the
+    metadata of an ``atlas_net`` model at hand (``atlas_net.load``), run with templates
+    where its fold benchmark found it better than atlas_tv (``learned_views``)."""
     if num_views < 1:
         raise ValueError(f"auto method: expected at least one view, got {num_views}")
+    span = learned_views(learned)
+    if templates and span and span[0] <= num_views <= span[1]:
+        w = benchmark_weights("atlas_tv", num_views)
+        why = (
+            f"atlas_net beat atlas_tv at {span[0]} to {span[1]} views in its fold benchmark "
+            f"({learned.get('benchmark', 'scripts/train_atlas_net.py')}), with template CTs"
+        )
+        return "atlas_net", {**w, "grid_factor": 1}, why
     choice = next(c for c in AUTO if num_views <= c.max_views)
     method, tv_weight, prior_weight, grid = choice.with_templates if templates else choice.without
     why = f"best in the clinical-mode benchmark ({choice.source}) at {num_views} view(s) " + (
