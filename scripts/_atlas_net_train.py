@@ -32,7 +32,9 @@ def _train_on(cases, held_out: str | None, args, label: str):
     xs = [atlas_net.case_inputs(c, held_out) for c in cases]
     ys = [atlas_net.case_target(c) for c in cases]
     bs = [c["body"] for c in cases]
-    s = atlas_net.TrainSettings(steps=args.steps, width=args.width, seed=args.seed)
+    s = atlas_net.TrainSettings(
+        steps=args.steps, width=args.width, seed=args.seed, body_weight=args.body_weight
+    )
     t = time.perf_counter()
 
     def log(i, loss):
@@ -55,7 +57,11 @@ def run(args) -> None:
     if not files:
         raise ValueError(f"{args.out}/cases: no cases (run the 'cases' stage first)")
     cases = [atlas_net.load_case(f) for f in files]
-    chests = sorted({c["meta"]["chest"] for c in cases})
+    if not args.with_phantoms:
+        cases = [c for c in cases if not c["meta"]["chest"].startswith("phantom_")]
+    chests = sorted(
+        {c["meta"]["chest"] for c in cases if not c["meta"]["chest"].startswith("phantom_")}
+    )
     folds = args.folds or chests
     print(f"{len(cases)} cases of {len(chests)} chests; folds: {len(folds)}", file=sys.stderr)
     rows, train_s = [], {}

@@ -11,6 +11,10 @@ the others deform the scan (smooth random field up to ``--deform_mm``) and jitte
 angles (up to ``--jitter_deg``). The other chests are the templates. One ``.npz`` per case
 in ``OUT/cases``; a rerun skips the cases already there (a killed run resumes).
 
+``--phantoms N`` adds chest phantoms v2 (with couch and arms) X-rayed the same way, the real
+chests their templates: training cases only (every fold's atlas leaves its chest out of
+them too).
+
 ``train``: one network per held-out chest (fold): trained on the other chests' cases, with
 the held-out chest removed from their atlases too, then scored on the held-out chest's
 variant-0 cases against TV, tv_support, atlas and atlas_tv of the same X-rays
@@ -41,11 +45,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--variants", type=int, default=3, help="cases per chest and views")
     p.add_argument("--deform_mm", type=float, default=10.0)
     p.add_argument("--jitter_deg", type=float, default=10.0)
+    p.add_argument(
+        "--phantoms",
+        type=int,
+        default=0,
+        help="also this many chest phantoms v2 (couch, arms; seeds 100, 101, ...) as training "
+        "cases at each --views, the real chests their templates (never scored)",
+    )
     p.add_argument("--resolution", type=int, default=64)
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--width", type=int, default=12)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--folds", nargs="+", default=None, help="held-out chests (default: all)")
+    p.add_argument("--with_phantoms", action="store_true", help="train on the phantom cases too")
+    p.add_argument("--body_weight", type=float, default=3.0, help="loss weight inside the body")
     p.add_argument("--ship", default=None, help="write the all-chest model here")
     p.add_argument("--report", default=None, help="write the fold table here")
     return p.parse_args(argv)
@@ -80,15 +93,16 @@ def build_cases(args) -> None:
         mu = np.asarray(jnp.maximum(physics.hu_to_mu(cube.hu), 0.0), np.float32)
         cubes[chest_name(p)] = (cube.fov_mm, mu)
     jobs = [(p, v, m) for p in todo for v in args.views for m in range(args.variants)]
+    jobs += [(100 + i, v, 0) for i in range(args.phantoms) for v in args.views]
     bar = tqdm(jobs, desc="cases", unit="case", file=sys.stderr)
     solvers: dict = {}
     for p, v, m in bar:
-        name = chest_name(p)
+        name = f"phantom_s{p}" if isinstance(p, int) else chest_name(p)
         f = out / f"{name}_v{v}_m{m}.npz"
         bar.set_postfix_str(f"{name} {v}v #{m}")
         if f.exists():
             continue
-        scan = clinical.load_scan(p)
+        scan = atlas_net.phantom_scan(p) if isinstance(p, int) else clinical.load_scan(p)
         templates = {}
         for n, (fov, mu) in cubes.items():
             if n == name:

@@ -67,6 +67,20 @@ def deform_scan(
     return dataclasses.replace(scan, hu=hu, body=body, source=scan.source + " (deformed)")
 
 
+def phantom_scan(seed: int, spacing_mm: float = 2.0, version: int = 2) -> clinical.ClinicalScan:
+    """A ``phantoms.chest_phantom`` (``version`` 2: arms, shoulders, contrast; with its
+    couch) as a clinical scan of ``spacing_mm`` voxels: 352 x 400 x 512 mm (front-back,
+    head-foot, left-right), through ``clinical.scan_from_array`` as a read CT is."""
+    from xct import io, phantoms
+
+    n = (round(352 / spacing_mm), round(400 / spacing_mm), round(512 / spacing_mm))
+    pgrid = geometry.VolumeGrid.centered(n, spacing_mm)  # the projector frame
+    hu, _ = phantoms.chest_phantom(seed, pgrid, couch=True, version=version)
+    hu_lps = io.from_projector_frame(np.asarray(hu, np.float32))
+    lps = geometry.VolumeGrid.centered(hu_lps.shape, spacing_mm)
+    return clinical.scan_from_array(hu_lps, lps, f"chest_phantom(seed={seed}, version={version})")
+
+
 def atlas_subset(screen_mismatch: np.ndarray, allowed: list[int], k: int = ATLAS_K) -> list[int]:
     """The templates ``recon.atlas.atlas`` would fuse when only ``allowed`` (indices) are
     given: the ``k`` with the smallest screening mismatch."""
