@@ -57,7 +57,8 @@ def test_fuse_subset_is_the_atlas_of_that_subset():
     drr = physics.render_drrs(jnp.asarray(phantoms.chest_phantom(9, grid)[0]), grid, geom)
     err = A.local_mismatch(vols, drr, geom, grid)
     screen = np.asarray([0.3, 0.1, 0.2, 0.4])
-    assert atlas_net.atlas_subset(screen, [0, 1, 2, 3]) == [1, 2, 0]
+    assert atlas_net.atlas_subset(screen, [0, 1, 2, 3], k=3) == [1, 2, 0]
+    assert atlas_net.atlas_subset(screen, [0, 1, 2, 3]) == [1, 2, 0, 3]  # default: all
     sub = atlas_net.atlas_subset(screen, [0, 2, 3])  # template 1 held out
     assert sub == [2, 0, 3]
     got = atlas_net.fuse_subset(vols, err, sub)
@@ -122,9 +123,9 @@ def test_solvers_atlas_net_is_atlas_tv_plus_the_correction():
 
 
 def test_make_case_is_the_tables_xrays_and_scores(tmp_path):
-    """A tiny deformed case: three templates fused, a fold's atlas (and atlas_tv) without
-    each of them and none for the others, the angles jittered together, finite inputs,
-    and a saved case reads back."""
+    """A tiny deformed case: every template fused, a fold's atlas (and atlas_tv) without
+    each of them, the angles jittered together, finite inputs, its X-rays explained by
+    its geometry, and a saved case reads back."""
     grid = geometry.VolumeGrid.centered((24, 40, 40), 10.0)
     hu, _ = phantoms.chest_phantom(4, grid, couch=True)
     scan = clinical.scan_from_array(np.asarray(hu), grid, "chest_4")
@@ -147,11 +148,17 @@ def test_make_case_is_the_tables_xrays_and_scores(tmp_path):
     )
     case = atlas_net.make_case(spec, scan, templates, {})
     meta = case["meta"]
-    assert len(meta["fused"]) == 3 and meta["templates"] == ["t5", "t6", "t7", "t8"]
+    assert sorted(meta["fused"]) == meta["templates"] == ["t5", "t6", "t7", "t8"]
     for name in meta["fused"]:
         assert f"atlas|{name}" in case and f"atlas_tv|{name}" in case
-    for name in set(meta["templates"]) - set(meta["fused"]):
-        assert f"atlas|{name}" not in case
+    assert case["registered"].shape == case["errors"].shape == (4, 16, 16, 16)
+    from xct import projector
+
+    grid, geom = atlas_net.case_grid(case), atlas_net.case_geometry(case)
+    mu_truth = jnp.maximum(physics.hu_to_mu(jnp.asarray(case["truth_hu"])), 0.0)
+    fp = projector.forward_project(mu_truth, grid, geom)
+    rel = float(jnp.linalg.norm(fp - case["drr"]) / jnp.linalg.norm(case["drr"]))
+    assert rel < 0.25, rel  # the truth cube explains its X-rays (noise, couch, 16^3 aside)
     assert abs(meta["angles_deg"][1] - meta["angles_deg"][0] - 90.0) < 1e-6
     assert case["truth_hu"].shape == (16, 16, 16) and case["body"].any()
     x = atlas_net.case_inputs(case, meta["fused"][0])

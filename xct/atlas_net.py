@@ -39,8 +39,8 @@ from xct import clinical, geometry
 INPUTS = ("atlas_tv", "atlas", "tv_support")
 #: The shipped model (trained on the seven shared chests), beside the package in a checkout.
 DEFAULT_DIR = pathlib.Path(__file__).resolve().parents[1] / "checkpoints" / "atlas_net64"
-#: Templates fused into the atlas (``recon.atlas.atlas``'s default k).
-ATLAS_K = 3
+#: Templates fused into the atlas (``recon.atlas.K``: None, all of them).
+ATLAS_K = None
 
 
 # ------------------------------------------------------------------------------------------
@@ -81,10 +81,13 @@ def phantom_scan(seed: int, spacing_mm: float = 2.0, version: int = 2) -> clinic
     return clinical.scan_from_array(hu_lps, lps, f"chest_phantom(seed={seed}, version={version})")
 
 
-def atlas_subset(screen_mismatch: np.ndarray, allowed: list[int], k: int = ATLAS_K) -> list[int]:
+def atlas_subset(
+    screen_mismatch: np.ndarray, allowed: list[int], k: int | None = ATLAS_K
+) -> list[int]:
     """The templates ``recon.atlas.atlas`` would fuse when only ``allowed`` (indices) are
-    given: the ``k`` with the smallest screening mismatch."""
-    return sorted(allowed, key=lambda i: (screen_mismatch[i], i))[:k]
+    given: the ``k`` (None: all) with the smallest screening mismatch."""
+    order = sorted(allowed, key=lambda i: (screen_mismatch[i], i))
+    return order if k is None else order[:k]
 
 
 def fuse_subset(registered, errors, subset: list[int], temperature: float | None = None):
@@ -168,6 +171,11 @@ def make_case(spec: CaseSpec, scan, templates: dict, solvers_cache: dict) -> dic
     out = {
         "truth_hu": truth.astype(np.float32),
         "body": body,
+        "drr": np.asarray(drr, np.float32),  # the X-rays brought to the grid
+        "registered": reg,  # [T, r, r, r] every template registered, ``templates`` order
+        "errors": errors.astype(np.float32),  # [T, r, r, r] their local mismatch
+        # the X-rays' geometry (``case_geometry``)
+        **{f"geom_{k}": np.asarray(getattr(geom, k), np.float64) for k in GEOMETRY_ARRAYS},
         "tv": np.asarray(tv_plain, np.float32),
         "tv_support": np.asarray(tv, np.float32),
         "atlas": np.asarray(prior, np.float32),
@@ -188,9 +196,27 @@ def make_case(spec: CaseSpec, scan, templates: dict, solvers_cache: dict) -> dic
         "fused": [names[i] for i in chosen],
         "mu_water": solvers.mu_water,
         "spacing_mm": list(grid.spacing_mm),
+        "origin_xyz_mm": list(grid.origin_xyz_mm),
         "seconds": time.perf_counter() - t0,
     }
     return out
+
+
+GEOMETRY_ARRAYS = ("source_xyz_mm", "det_center_xyz_mm", "det_u_xyz_mm", "det_v_xyz_mm")
+
+
+def case_geometry(case: dict) -> geometry.Geometry:
+    """The cone-beam ``Geometry`` of a case's X-rays ``case["drr"]``."""
+    arrays = {k: jnp.asarray(case[f"geom_{k}"], jnp.float32) for k in GEOMETRY_ARRAYS}
+    return geometry.Geometry(**arrays, kind="cone", det_shape=tuple(case["drr"].shape[1:]))
+
+
+def case_grid(case: dict) -> geometry.VolumeGrid:
+    """The case's reconstruction grid (``clinical.cube_grid``)."""
+    m = case["meta"]
+    return geometry.VolumeGrid(
+        tuple(case["truth_hu"].shape), tuple(m["spacing_mm"]), tuple(m["origin_xyz_mm"])
+    )
 
 
 def save_case(path, case: dict) -> None:
@@ -275,6 +301,7 @@ class TrainSettings:
     batch: int = 4
     patch: int = 32  # cubic patches cut from the 64^3 cases
     learning_rate: float = 1e-3
+    weight_decay: float = 0.0  # AdamW's decoupled decay
     body_weight: float = 3.0  # the loss weighs voxels inside the body 1 + body_weight
     width: int = 12
     seed: int = 0
@@ -315,7 +342,8 @@ def train(xs, ys, bodies, settings: TrainSettings = TrainSettings(), log=None):
     model = Refiner(width=s.width)
     rng = np.random.default_rng(s.seed)
     params = model.init(jax.random.key(s.seed), jnp.zeros((1, s.patch, s.patch, s.patch, 3)))
-    tx = optax.adam(optax.cosine_decay_schedule(s.learning_rate, s.steps, alpha=0.05))
+    schedule = optax.cosine_decay_schedule(s.learning_rate, s.steps, alpha=0.05)
+    tx = optax.adamw(schedule, weight_decay=s.weight_decay)
     opt = tx.init(params)
 
     @jax.jit

@@ -108,8 +108,8 @@ def _method_arguments(p: argparse.ArgumentParser) -> None:
         nargs="+",
         default=[],
         metavar="CT",
-        help="template CT file(s) or folder(s) of them (other patients; several are screened, "
-        "the best 3 registered and fused by atlas / atlas_tv)",
+        help="template CT file(s) or folder(s) of them (other patients; all are screened, "
+        "registered and fused by atlas / atlas_tv / atlas_net)",
     )
     p.add_argument(
         "--atlas_net",
@@ -874,18 +874,20 @@ def _solve(args, solvers, vols, names, drr, geom, grid, summary: dict) -> tuple:
 
 
 def _atlas_prior(vols, names, drr, geom, grid, summary: dict):
-    """The fused atlas of the templates (``recon.atlas``: all screened, the best 3
-    registered with a progress bar, fused by local fit); what it chose goes into
-    ``summary``."""
+    """The fused atlas of the templates (``recon.atlas``: all screened, ``atlas.K`` of
+    them (all) registered with a progress bar, fused by local fit); what it chose goes
+    into ``summary``."""
     from xct.recon import atlas, template
 
+    k = len(vols) if atlas.K is None else min(atlas.K, len(vols))
+
     print(
-        f"atlas: screening {len(vols)} template(s), registering the best {min(3, len(vols))} "
+        f"atlas: screening {len(vols)} template(s), registering {k} of them "
         f"on a {grid.shape[0]}^3 grid (the first run includes compiling)",
         file=sys.stderr,
         flush=True,
     )
-    at = atlas.atlas(vols, drr, geom, grid, k=min(3, len(vols)), progress=True)
+    at = atlas.atlas(vols, drr, geom, grid, k=k, progress=True)
     used = [names[i] for i in at.indices]
     template.check_match(used[at.best], float(at.mismatch[at.best]))
     summary["atlas"] = {

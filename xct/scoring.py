@@ -731,10 +731,13 @@ class Solvers:
         best = min(results, key=lambda r: r[2])
         return best[0], best[1], {name: m for name, _, m in results}
 
-    def atlas(self, templates: list[Volume], drr, geom, *, k: int = 3, progress: bool = False):
+    def atlas(
+        self, templates: list[Volume], drr, geom, *, k: int | None = None, progress: bool = False
+    ):
         """``recon.atlas.atlas`` of the templates (HU cubes on the grid): screened, the best
-        ``k`` registered and fused. Its ``volumes[best]`` is the single best template, so
-        ``template`` / ``template_tv`` need no registration of their own."""
+        ``k`` (None: ``recon.atlas.K``, all) registered and fused. Its ``volumes[best]`` is
+        the single best template, so ``template`` / ``template_tv`` need no registration of
+        their own."""
         import jax.numpy as jnp
 
         from xct import physics
@@ -744,7 +747,9 @@ class Solvers:
         mus = [
             jnp.maximum(physics.hu_to_mu(jnp.asarray(t.hu), self.mu_water), 0.0) for t in templates
         ]
-        return atlas.atlas(mus, drr, geom, self.grid, k=min(k, len(mus)), progress=progress)
+        k = atlas.K if k is None else k
+        k = len(mus) if k is None else min(k, len(mus))
+        return atlas.atlas(mus, drr, geom, self.grid, k=k, progress=progress)
 
     def atlas_net(self, net, drr, geom, support, prior):
         """``atlas_net``: ``tv_support`` and ``atlas_tv`` at the clinical benchmark's weights
