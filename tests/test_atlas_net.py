@@ -167,3 +167,46 @@ def test_make_case_is_the_tables_xrays_and_scores(tmp_path):
     back = atlas_net.load_case(tmp_path / "c.npz")
     assert back["meta"] == meta
     np.testing.assert_array_equal(back["atlas_tv"], case["atlas_tv"])
+
+
+def _fake_case(chest: str, views: int, variant: int, rng) -> dict:
+    mw = float(physics.MU_WATER_PER_MM)
+    truth = rng.normal(0.0, 300.0, (16, 16, 16)).astype(np.float32)
+    mu = np.maximum(physics.hu_to_mu(truth), 0.0).astype(np.float32)
+    noisy = (mu + rng.normal(0.0, 0.002, mu.shape)).astype(np.float32)
+    case = {"truth_hu": truth, "body": np.ones_like(truth, bool)}
+    for k in ("tv", "tv_support", "atlas", "atlas_tv"):
+        case[k] = noisy
+    others = {"chest_a", "chest_b", "chest_c"} - {chest}
+    for o in others:
+        case[f"atlas|{o}"] = case[f"atlas_tv|{o}"] = noisy
+    case["meta"] = {"chest": chest, "views": views, "variant": variant, "mu_water": mw}
+    return case
+
+
+def test_train_script_scores_folds_ships_and_resumes(tmp_path, capsys):
+    """scripts/train_atlas_net.py train on tiny cases of three 'chests': a model per fold
+    (trained without its chest), the fold table, a shipped model trained on all three; a
+    rerun keeps the finished folds."""
+    from scripts import train_atlas_net
+
+    rng = np.random.default_rng(0)
+    for chest in ("chest_a", "chest_b", "chest_c"):
+        for m in (0, 1):
+            case = _fake_case(chest, 2, m, rng)
+            atlas_net.save_case(tmp_path / "cases" / f"{chest}_v2_m{m}.npz", case)
+    argv = ["train", "--out", str(tmp_path), "--steps", "3", "--width", "4", "--patch", "8"]
+    argv += ["--batch", "1", "--ship", str(tmp_path / "ship"), "--report", str(tmp_path / "rep")]
+    assert train_atlas_net.main(argv) == 0
+    for chest in ("chest_a", "chest_b", "chest_c"):
+        _, _, meta = atlas_net.load(tmp_path / "folds" / chest)
+        assert chest not in meta["trained_on"] and len(meta["trained_on"]) == 2
+    _, _, meta = atlas_net.load(tmp_path / "ship")
+    assert meta["trained_on"] == ["chest_a", "chest_b", "chest_c"] and meta["cases"] == 6
+    assert isinstance(meta["auto_views"], list)
+    text = (tmp_path / "rep" / "README.md").read_text()
+    assert "| atlas_net |" in text and "| atlas_tv |" in text
+    capsys.readouterr()
+    assert train_atlas_net.main(argv[:-4] + ["--report", str(tmp_path / "rep2")]) == 0
+    assert capsys.readouterr().err.count("done before, kept") == 3
+    assert (tmp_path / "rep2" / "README.md").read_text().count("| atlas_net |") == 2
