@@ -26,13 +26,10 @@ def _hu(mu, case) -> np.ndarray:
     return np.asarray(physics.mu_to_hu(np.asarray(mu), case["meta"]["mu_water"]))
 
 
-def _train_on(cases, held_out: str | None, args, label: str):
+def settings_of(args):
     from xct import atlas_net
 
-    xs = [atlas_net.case_inputs(c, held_out) for c in cases]
-    ys = [atlas_net.case_target(c) for c in cases]
-    bs = [c["body"] for c in cases]
-    s = atlas_net.TrainSettings(
+    return atlas_net.TrainSettings(
         steps=args.steps,
         batch=args.batch,
         patch=args.patch,
@@ -42,6 +39,15 @@ def _train_on(cases, held_out: str | None, args, label: str):
         width=args.width,
         seed=args.seed,
     )
+
+
+def _train_on(cases, held_out: str | None, args, label: str):
+    from xct import atlas_net
+
+    xs = [atlas_net.case_inputs(c, held_out) for c in cases]
+    ys = [atlas_net.case_target(c) for c in cases]
+    bs = [c["body"] for c in cases]
+    s = settings_of(args)
     t = time.perf_counter()
 
     def log(i, loss):
@@ -138,9 +144,10 @@ def run(args) -> None:
             "seed": args.seed,
             "train_seconds": round(secs, 1),
             "date": datetime.date.today().isoformat(),
-            "command": " ".join(sys.argv),
+            "command": args.command,
         }
-        atlas_net.save(args.ship, params, width=args.width, info=info)
+        info["machine"] = scoring.machine_line()
+        atlas_net.save(args.ship, params, width=args.width, info=info, settings=settings_of(args))
         print(f"wrote {args.ship}", file=sys.stderr)
     if args.report:
         write_report(pathlib.Path(args.report), rows, train_s, args, scoring.machine_line())
@@ -187,7 +194,7 @@ def write_report(out: pathlib.Path, rows, train_s, args, machine: str) -> None:
         "",
         f"Machine: {machine}; {datetime.date.today().isoformat()}.",
         "",
-        "Command: `" + " ".join(sys.argv) + "`",
+        f"Command: `{args.command}`",
         "",
     ]
     summary = {}

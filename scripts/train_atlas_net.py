@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import pathlib
+import shlex
 import sys
 import time
 
@@ -59,6 +60,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--folds", nargs="+", default=None, help="held-out chests (default: all)")
     p.add_argument("--with_phantoms", action="store_true", help="train on the phantom cases too")
     p.add_argument("--body_weight", type=float, default=3.0, help="loss weight inside the body")
+    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (cosine decay)")
+    p.add_argument("--weight_decay", type=float, default=0.0)
+    p.add_argument("--patch", type=int, default=32, help="cubic training patches (64: whole)")
+    p.add_argument("--batch", type=int, default=4)
     p.add_argument("--ship", default=None, help="write the all-chest model here")
     p.add_argument("--report", default=None, help="write the fold table here")
     return p.parse_args(argv)
@@ -132,7 +137,9 @@ def build_cases(args) -> None:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
+    args.command = "python -m scripts.train_atlas_net " + shlex.join(argv)
     t = time.perf_counter()
     if args.stage == "cases":
         build_cases(args)

@@ -203,7 +203,18 @@ def test_train_script_scores_folds_ships_and_resumes(tmp_path, capsys):
         assert chest not in meta["trained_on"] and len(meta["trained_on"]) == 2
     _, _, meta = atlas_net.load(tmp_path / "ship")
     assert meta["trained_on"] == ["chest_a", "chest_b", "chest_c"] and meta["cases"] == 6
-    assert isinstance(meta["auto_views"], list)
+    assert isinstance(meta["auto_views"], list) and meta["train"]["steps"] == 3
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("shipped_cfg", tmp_path / "ship" / "config.py")
+    cfg = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cfg)
+    c = cfg.get_config()
+    assert c.width == 4 and c.train.steps == 3 and list(c.trained_on) == meta["trained_on"]
+    assert (
+        "python -m scripts.train_atlas_net train" in (tmp_path / "ship" / "config.py").read_text()
+    )
+    assert not (tmp_path / "folds" / "chest_a" / "config.py").exists()  # folds are not shipped
     text = (tmp_path / "rep" / "README.md").read_text()
     assert "| atlas_net |" in text and "| atlas_tv |" in text
     capsys.readouterr()

@@ -11,7 +11,12 @@ import pytest
 from scripts import ship_checkpoint
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-SHIPPED = sorted(p.parent for p in (ROOT / "checkpoints").glob("*/config.py"))
+SHIPPED = sorted(
+    p.parent
+    for p in (ROOT / "checkpoints").glob("*/config.py")
+    if not (p.parent / "atlas_net.json").is_file()
+)  # trained by xct.main; atlas_net models (xct.atlas_net) are checked below
+ATLAS_NETS = sorted(p.parent for p in (ROOT / "checkpoints").glob("*/atlas_net.json"))
 CT_DIR = ROOT.parent / "shared" / "data" / "ct"
 
 
@@ -29,6 +34,26 @@ def test_shipped_model_loads_through_its_config(model):
 def test_there_are_shipped_models():
     names = {p.name for p in SHIPPED}
     assert {"unet32_2v", "unrolled32_8v", "unrolled64_2v", "unrolled64_8v"} <= names, names
+
+
+@pytest.mark.parametrize("model", ATLAS_NETS, ids=lambda p: p.name)
+def test_shipped_atlas_net_loads_and_records_how_it_was_made(model):
+    """A shipped atlas_net: within 20 MB, loads, trained on the seven shared chests, and its
+    config.py (the command that made it) agrees with its metadata."""
+    import importlib.util
+
+    from xct import atlas_net
+
+    mb = sum(f.stat().st_size for f in model.rglob("*") if f.is_file()) / 2**20
+    assert mb <= 20.0
+    net, params, meta = atlas_net.load(model)
+    assert len(meta["trained_on"]) == 7 and all(n.startswith("chest_") for n in meta["trained_on"])
+    spec = importlib.util.spec_from_file_location(f"cfg_{model.name}", model / "config.py")
+    cfg = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cfg)
+    c = cfg.get_config()
+    assert c.width == meta["width"] == net.width and c.train.steps == meta["train"]["steps"]
+    assert "python -m scripts.train_atlas_net train" in (model / "config.py").read_text()
 
 
 def test_ship_repackages_a_workdir_and_names_a_wrong_override(tmp_path):

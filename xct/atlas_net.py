@@ -366,15 +366,72 @@ def train(xs, ys, bodies, settings: TrainSettings = TrainSettings(), log=None):
 # The shipped model
 
 
-def save(directory, params, *, width: int, info: dict | None = None) -> None:
-    """Write ``atlas_net.msgpack`` (parameters) and ``atlas_net.json`` (settings, ``info``)."""
+_CONFIG_PY = '''"""atlas_net: a residual 3D U-Net (width {width}) that corrects atlas_tv from
+(atlas_tv, the fused atlas, tv_support) on the 64^3 output grid, trained on clinical cases
+of {trained}.
+
+Made with ({minutes:.0f} minutes of training on {machine}):
+
+    {command}
+
+Use it with template CTs (``--method auto`` runs it at the views where it beat atlas_tv in
+its folds, {auto_views}):
+
+    python -m xct.reconstruct --xrays ... --template DIR --atlas_net {directory}
+
+Written by ``xct.atlas_net.save``; the weights are ``atlas_net.msgpack``, the metadata
+``atlas_net.json``; BENCHMARKS.md has its fold scores.
+"""
+
+import ml_collections
+
+
+def get_config(arg=None):
+    c = ml_collections.ConfigDict()
+    c.model = "Refiner"
+    c.width = {width}
+    c.inputs = {inputs!r}
+    c.train = ml_collections.ConfigDict({train!r})
+    c.trained_on = {trained_on!r}
+    return c
+'''
+
+
+def save(
+    directory,
+    params,
+    *,
+    width: int,
+    info: dict | None = None,
+    settings: TrainSettings | None = None,
+) -> None:
+    """Write ``atlas_net.msgpack`` (parameters) and ``atlas_net.json`` (settings, ``info``);
+    with ``settings`` (a model to ship) also ``config.py``, the executable record of how it
+    was trained (``info``'s ``command``, ``trained_on``, ``auto_views``)."""
     import flax.serialization
 
     d = pathlib.Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     (d / "atlas_net.msgpack").write_bytes(flax.serialization.to_bytes(params))
     meta = {"model": "Refiner", "width": int(width), "inputs": list(INPUTS), **(info or {})}
+    if settings is not None:
+        meta["train"] = dataclasses.asdict(settings)
     (d / "atlas_net.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
+    if settings is not None:
+        trained_on = list(meta.get("trained_on", []))
+        text = _CONFIG_PY.format(
+            width=int(width),
+            trained=f"{len(trained_on)} real chests" if trained_on else "real chests",
+            minutes=float(meta.get("train_seconds", 0.0)) / 60.0,
+            machine=meta.get("machine", "a CPU"),
+            command=meta.get("command", "python -m scripts.train_atlas_net train ..."),
+            auto_views=f"views {meta.get('auto_views')}" if meta.get("auto_views") else "none",
+            directory=d.as_posix(),
+            inputs=tuple(INPUTS),
+            train=dataclasses.asdict(settings),
+            trained_on=tuple(trained_on),
+        )
+        (d / "config.py").write_text(text, encoding="utf-8")
 
 
 def load(directory):
