@@ -132,6 +132,11 @@ def run(args) -> None:
                     f.write(json.dumps(r) + "\n")
     wins = auto_views(rows, folds, chests)
     print(f"atlas_net beat atlas_tv at views {wins} (every fold)", file=sys.stderr)
+    for k in folds:  # the fold models carry the decision too (scripts/cli_check.py runs them)
+        f = pathlib.Path(args.out) / "folds" / k / "atlas_net.json"
+        meta = json.loads(f.read_text())
+        meta.update(auto_views=wins, benchmark=args.report or "scripts/train_atlas_net.py")
+        f.write_text(json.dumps(meta, indent=1), encoding="utf-8")
     if args.ship:
         model, params, losses, secs = _train_on(cases, None, args, "all chests")
         info = {
