@@ -126,6 +126,27 @@ def _method_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _solver_arguments(p: argparse.ArgumentParser) -> None:
+    """Iterations, weights and the priors' air tolerance."""
+    p.add_argument("--iters", type=int, default=200, help="iterations of SIRT / CGLS / TV")
+    p.add_argument(
+        "--tv_weight",
+        type=float,
+        default=None,
+        help="TV weight, mm^2 (default: the clinical-mode benchmark's for the method and "
+        "number of views, xct.scoring.AUTO; else 0.03)",
+    )
+    p.add_argument(
+        "--prior_weight",
+        type=float,
+        default=None,
+        help="template_tv / atlas_tv pull, mm (default: the benchmark's, as --tv_weight)",
+    )
+    p.add_argument(
+        "--air_tol", type=float, default=None, help="priors: air line integral (default: priors')"
+    )
+
+
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="python -m xct.reconstruct", description=__doc__, formatter_class=_HelpFormatter
@@ -208,23 +229,7 @@ def _parser() -> argparse.ArgumentParser:
         "--resolution; classical and prior methods only (default: --method auto's choice, "
         "else 1)",
     )
-    p.add_argument("--iters", type=int, default=200, help="iterations of SIRT / CGLS / TV")
-    p.add_argument(
-        "--tv_weight",
-        type=float,
-        default=None,
-        help="TV weight, mm^2 (default: the clinical-mode benchmark's for the method and "
-        "number of views, xct.scoring.AUTO; else 0.03)",
-    )
-    p.add_argument(
-        "--prior_weight",
-        type=float,
-        default=None,
-        help="template_tv / atlas_tv pull, mm (default: the benchmark's, as --tv_weight)",
-    )
-    p.add_argument(
-        "--air_tol", type=float, default=None, help="priors: air line integral (default: priors')"
-    )
+    _solver_arguments(p)
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--pixel_mm", default=None, help=argparse.SUPPRESS)  # removed: see below
     return p
