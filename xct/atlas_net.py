@@ -370,7 +370,8 @@ _CONFIG_PY = '''"""atlas_net: a residual 3D U-Net (width {width}) that corrects 
 (atlas_tv, the fused atlas, tv_support) on the 64^3 output grid, trained on clinical cases
 of {trained}.
 
-Made with ({minutes:.0f} minutes of training on {machine}):
+Made with ({minutes:.1f} minutes of training on {machine}; the cases first, with
+``python -m scripts.train_atlas_net cases``):
 
     {command}
 

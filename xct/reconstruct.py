@@ -276,10 +276,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     auto = args.method == "auto" and (args.grid_factor or 1) > 1
     if auto and scoring.auto_method(len(args.xrays), bool(args.template))[0] in TEMPLATE:
         p.error(
-            f"--grid_factor {args.grid_factor}: --method auto chooses "
-            f"{scoring.auto_method(len(args.xrays), True)[0]} for {len(args.xrays)} X-rays "
-            "with templates, which registers them on the output grid only; leave "
-            "--grid_factor out"
+            f"--grid_factor {args.grid_factor}: --method auto chooses a template method "
+            f"(atlas_tv or atlas_net) for {len(args.xrays)} X-rays with templates, which "
+            "registers them on the output grid only; leave --grid_factor out"
         )
     if (args.grid_factor or 1) > 1 and args.method in TEMPLATE:
         p.error(
