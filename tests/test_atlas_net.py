@@ -115,7 +115,10 @@ def test_solvers_atlas_net_is_atlas_tv_plus_the_correction():
     params = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 8, 3)))
     net = (model, params, {})
     got = solvers.run("atlas_net", drr, geom, {}, support=support, prior=prior, net=net)
-    w = scoring.benchmark_weights("atlas_tv", 2)
+    w = atlas_net.input_weights(2)[1]
+    assert (
+        w == scoring.benchmark_weights("atlas_net", 2) == {"tv_weight": 0.03, "prior_weight": 1.0}
+    )
     want = jnp.maximum(solvers.run("atlas_tv", drr, geom, w, support, prior), 0.0)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-6)
     with pytest.raises(ValueError, match="atlas_net: needs a trained model"):

@@ -39,6 +39,24 @@ from xct import clinical, geometry
 INPUTS = ("atlas_tv", "atlas", "tv_support")
 #: The shipped model (trained on the seven shared chests), beside the package in a checkout.
 DEFAULT_DIR = pathlib.Path(__file__).resolve().parents[1] / "checkpoints" / "atlas_net64"
+#: The weights its inputs are made with, in training (``make_case``) and use
+#: (``scoring.Solvers.atlas_net``), whatever atlas_tv's own benchmark weights become:
+#: tv_support's TV weight (mm^2) up to 3 views and beyond, and atlas_tv's (TV, prior) weights.
+INPUT_WEIGHTS = {
+    "tv_support": (
+        {"tv_weight": 0.03, "prior_weight": 0.0},
+        {"tv_weight": 0.1, "prior_weight": 0.0},
+    ),
+    "atlas_tv": {"tv_weight": 0.03, "prior_weight": 1.0},
+}
+
+
+def input_weights(views: int) -> tuple[dict, dict]:
+    """``(tv_support's, atlas_tv's)`` weights of the inputs at ``views`` X-rays."""
+    tv = INPUT_WEIGHTS["tv_support"][0 if views <= 3 else 1]
+    return dict(tv), dict(INPUT_WEIGHTS["atlas_tv"])
+
+
 #: Templates fused into the atlas (``recon.atlas.K``: None, all of them).
 ATLAS_K = None
 
@@ -151,8 +169,7 @@ def make_case(spec: CaseSpec, scan, templates: dict, solvers_cache: dict) -> dic
         )
     solvers = solvers_cache[sk]
     support = solvers.support(drr, geom)
-    tv_w = scoring.benchmark_weights("tv_support", spec.views)
-    at_w = scoring.benchmark_weights("atlas_tv", spec.views)
+    tv_w, at_w = input_weights(spec.views)
     tv_plain = solvers.run("tv", drr, geom, tv_w)
     tv = solvers.run("tv_support", drr, geom, tv_w, support)
     names = sorted(templates)

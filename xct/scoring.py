@@ -184,17 +184,24 @@ class Choice:
 
 #: ``--method auto``, from the clinical-mode tables (seven real chests, leave one out, X-rays
 #: of the whole scan with couch and 1e5 photons; BENCHMARKS.md), measured at 2, 4 and 8 views
-#: (2026-12-06). Inside the body: atlas_tv beat TV by +4.2 / +2.7 / +0.6 dB and every other
-#: 64^3 method; tv_support on a 128^3 grid averaged to 64^3 (grid_factor 2) beat it at 8
-#: views (25.80 vs atlas_tv's 24.72) and beat tv_support at 64^3 at 4 (+0.5); weights are
+#: (2026-12-06). Inside the body: atlas_tv (every template fused) beat TV by +4.6 / +3.1 dB at
+#: 2 / 4 views (docs/quality_clinical_atlas_all) and every other 64^3 method but atlas_net
+#: (which ``auto_method`` runs instead where a trained model beat it in its folds);
+#: tv_support on a 128^3 grid averaged to 64^3 (grid_factor 2) beat atlas_tv at 8 views
+#: (25.80 vs 24.72, docs/quality_clinical) and tv_support at 64^3 at 4 (+0.5); weights are
 #: those chosen leave one out on most chests.
 AUTO = (
-    Choice(3, ("atlas_tv", 0.03, 1.0, 1), ("tv_support", 0.03, 0.0, 1), "docs/quality_clinical"),
+    Choice(
+        3,
+        ("atlas_tv", 0.03, 3.0, 1),
+        ("tv_support", 0.03, 0.0, 1),
+        "docs/quality_clinical_atlas_all",
+    ),
     Choice(
         6,
-        ("atlas_tv", 0.03, 1.0, 1),
+        ("atlas_tv", 0.1, 3.0, 1),
         ("tv_support", 0.03, 0.0, 2),
-        "docs/quality_clinical, docs/quality_clinical_grid2",
+        "docs/quality_clinical_atlas_all, docs/quality_clinical_grid2",
     ),
     Choice(
         10**9,
@@ -212,8 +219,20 @@ def benchmark_weights(method: str, num_views: int, grid_factor: int = 1) -> dict
     if method in ("tv", "tv_support"):
         tv = 0.03 if grid_factor > 1 or num_views <= 3 else 0.1
         return {"tv_weight": tv, "prior_weight": 0.0}
-    if method in ("template_tv", "atlas_tv", "atlas_net"):
-        return {"tv_weight": 0.03 if num_views <= 6 else 0.1, "prior_weight": 1.0}
+    if method == "atlas_net":  # its inputs' atlas_tv (what it trained with)
+        from xct import atlas_net
+
+        return atlas_net.input_weights(num_views)[1]
+    if method in ("template_tv", "atlas_tv"):
+        # docs/quality_clinical_atlas_all (every template fused): atlas_tv TV 0.03 at 2 views
+        # and 0.1 at 4, prior 3 (7 of 7 chests each); template_tv 0.1 / 3 at both (6 and 5 of
+        # 7); 8 views: docs/quality_clinical (0.1 / 1, prior candidates 0.3 and 1 then)
+        if num_views <= 3:
+            tv = 0.03 if method == "atlas_tv" else 0.1
+            return {"tv_weight": tv, "prior_weight": 3.0}
+        if num_views <= 6:
+            return {"tv_weight": 0.1, "prior_weight": 3.0}
+        return {"tv_weight": 0.1, "prior_weight": 1.0}
     return None
 
 
@@ -236,7 +255,7 @@ def auto_method(
         raise ValueError(f"auto method: expected at least one view, got {num_views}")
     span = learned_views(learned)
     if templates and span and span[0] <= num_views <= span[1]:
-        w = benchmark_weights("atlas_tv", num_views)
+        w = benchmark_weights("atlas_net", num_views)
         why = (
             f"atlas_net beat atlas_tv at {span[0]} to {span[1]} views in its fold benchmark "
             f"({learned.get('benchmark', 'scripts/train_atlas_net.py')}), with template CTs"
@@ -752,8 +771,8 @@ class Solvers:
         return atlas.atlas(mus, drr, geom, self.grid, k=k, progress=progress)
 
     def atlas_net(self, net, drr, geom, support, prior):
-        """``atlas_net``: ``tv_support`` and ``atlas_tv`` at the clinical benchmark's weights
-        for the number of views (what the network trained on), then the network's correction
+        """``atlas_net``: ``tv_support`` and ``atlas_tv`` at the weights its network trained
+        with (``atlas_net.input_weights``), then the network's correction
         (``xct.atlas_net.refine_hu``); attenuation per mm, >= 0."""
         import jax.numpy as jnp
 
@@ -761,10 +780,9 @@ class Solvers:
 
         if net is None or prior is None or support is None:
             raise ValueError("atlas_net: needs a trained model, the fused atlas and the support")
-        views = int(drr.shape[0])
-        tv = self.run("tv_support", drr, geom, benchmark_weights("tv_support", views), support)
-        w = benchmark_weights("atlas_tv", views)
-        base = self.run("atlas_tv", drr, geom, w, support, prior)
+        tv_w, at_w = atlas_net.input_weights(int(drr.shape[0]))
+        tv = self.run("tv_support", drr, geom, tv_w, support)
+        base = self.run("atlas_tv", drr, geom, at_w, support, prior)
         model, params, _ = net
         hu = atlas_net.refine_hu(model, params, base, prior, tv, self.mu_water)
         return jnp.maximum(physics.hu_to_mu(jnp.asarray(hu), self.mu_water), 0.0)
