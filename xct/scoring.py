@@ -256,8 +256,9 @@ def auto_method(
     span = learned_views(learned)
     if templates and span and span[0] <= num_views <= span[1]:
         w = benchmark_weights("atlas_net", num_views)
+        at = f"{span[0]} views" if span[0] == span[1] else f"{span[0]} to {span[1]} views"
         why = (
-            f"atlas_net beat atlas_tv at {span[0]} to {span[1]} views in its fold benchmark "
+            f"atlas_net beat atlas_tv at {at} in its fold benchmark "
             f"({learned.get('benchmark', 'scripts/train_atlas_net.py')}), with template CTs"
         )
         return "atlas_net", {**w, "grid_factor": 1}, why

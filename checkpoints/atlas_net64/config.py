@@ -10,7 +10,8 @@ each, on a 2-core x86_64 CPU, JAX 0.10.2):
     python -m scripts.train_atlas_net train --out /tmp/atlas_net2 --width 8 --steps 300 --patch 64 --batch 1 --lr 5e-4 --ship checkpoints/atlas_net64 --report docs/atlas_net
 
 Use it with template CTs (``--method auto`` runs it at the views where it beat atlas_tv in
-its folds, views [2, 4]):
+its folds and
+the clinical table, views [2]; see atlas_net.json's auto_views_note):
 
     python -m xct.reconstruct --xrays ... --template DIR --atlas_net checkpoints/atlas_net64
 
