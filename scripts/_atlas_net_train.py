@@ -229,22 +229,14 @@ def write_report(out: pathlib.Path, rows, train_s, args, machine: str) -> None:
     for k in sorted({r["chest"] for r in rows}):
         parts = []
         for v in views:
-            a = [
-                r["psnr_body"]
-                for r in rows
-                if r["chest"] == k
-                and r["views"] == v
-                and r["variant"] == 0
-                and r["method"] == "atlas_tv"
-            ]
-            n = [
-                r["psnr_body"]
-                for r in rows
-                if r["chest"] == k
-                and r["views"] == v
-                and r["variant"] == 0
-                and r["method"] == "atlas_net"
-            ]
+            a, n = (
+                [
+                    r["psnr_body"]
+                    for r in rows
+                    if (r["chest"], r["views"], r["variant"], r["method"]) == (k, v, 0, method)
+                ]
+                for method in ("atlas_tv", "atlas_net")
+            )
             if a and n:
                 parts.append(f"{v}v {a[0]:.2f} -> {n[0]:.2f} ({n[0] - a[0]:+.2f})")
         md.append(f"- {k}: " + "; ".join(parts) + f" (fold trained in {train_s.get(k, 0):.0f} s)")
