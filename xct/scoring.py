@@ -63,11 +63,14 @@ What is measured, per volume and per number of views V (``Settings.views``):
     left out with the reason. Its ``seconds`` include the registration.
   - ``template_tv``: TV with the priors, started from the registered template and pulled
     towards it (``prior_weight / 2 ||x - template||^2``).
-  - ``atlas`` / ``atlas_tv``: every template screened cheaply (``recon.atlas.screen``), the
-    best three registered fully and fused, weighted per voxel by how well each explains the
-    rays through it (``recon.atlas``); ``atlas_tv`` is ``template_tv`` with the fused atlas
-    for the template. When an atlas method is asked, ``template`` / ``template_tv`` use the
-    atlas's best registered template: one registration per volume and number of views.
+  - ``atlas`` / ``atlas_tv``: every template screened cheaply (``recon.atlas.screen``), then
+    registered fully (``recon.atlas.K``: all) and fused, weighted per voxel by how well each
+    explains the rays through it (``recon.atlas``); ``atlas_tv`` is ``template_tv`` with the
+    fused atlas for the template. When an atlas method is asked, ``template`` /
+    ``template_tv`` use the atlas's best registered template: one registration per volume
+    and number of views.
+  - ``atlas_net``: ``xct.atlas_net``'s learned correction of ``atlas_tv`` (``--atlas_net``
+    models; each volume scored by one whose ``trained_on`` leaves it out, else no row).
 
   Weights: ``tv_weight`` (mm^2) and ``prior_weight`` (mm) take several values; each volume
   is then scored with the candidate whose mean PSNR is best on the *other* volumes of its
@@ -1537,9 +1540,11 @@ def _setup_lines(result: dict) -> list[str]:
                 "the --template CT, never the volume scored, registered to the views through "
                 "the projector (pose and scale, then smooth displacement fields and a smooth "
                 "gain; Adam, coarse to fine); with several, the best DRR match. Atlas "
-                "(`xct.recon.atlas`): every template screened, the best 3 registered and "
-                "fused by local fit. template_tv / atlas_tv: "
-                "TV with the priors from the registered template, pulled towards it."
+                "(`xct.recon.atlas`): every template screened, registered and fused by "
+                "local fit. template_tv / atlas_tv: TV with the priors from the registered "
+                "template, pulled towards it. atlas_net (`xct.atlas_net`): a network's "
+                "correction of atlas_tv (at the weights it trained with), by a model that "
+                "never trained on the CT scored."
             ),
         ]
     return md

@@ -1,4 +1,4 @@
-"""Atlas reconstruction: several real CTs screened, the best few registered and fused.
+"""Atlas reconstruction: several real CTs screened, registered and fused.
 
 With several templates (other patients' CTs on the reconstruction grid, attenuation per
 mm), betting on the single best DRR match chooses among near-ties; fusing several
