@@ -54,6 +54,12 @@ def test_shipped_atlas_net_loads_and_records_how_it_was_made(model):
     c = cfg.get_config()
     assert c.width == meta["width"] == net.width and c.train.steps == meta["train"]["steps"]
     assert "python -m scripts.train_atlas_net train" in (model / "config.py").read_text()
+    folds = sorted((model / "folds").glob("*/atlas_net.json"))  # the table's fold models
+    for f in folds:
+        _, _, fold = atlas_net.load(f.parent)
+        assert fold["held_out"] == f.parent.name not in fold["trained_on"]
+        assert sorted([*fold["trained_on"], fold["held_out"]]) == sorted(meta["trained_on"])
+    assert len(folds) in (0, len(meta["trained_on"]))
 
 
 def test_ship_repackages_a_workdir_and_names_a_wrong_override(tmp_path):
