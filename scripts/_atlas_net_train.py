@@ -113,7 +113,7 @@ def run(args) -> None:
             if m["chest"] != k:
                 continue
             t = time.perf_counter()
-            hu = np.asarray(atlas_net._apply_jit(model, params, atlas_net.case_inputs(c))) * 1e3
+            hu = atlas_net.predict(model, params, atlas_net.case_inputs(c)) * 1e3
             net_s = time.perf_counter() - t
             base = {"chest": k, "views": m["views"], "variant": m["variant"]}
             for method in BASELINES:

@@ -101,13 +101,17 @@ def build_cases(args) -> None:
     jobs += [(100 + i, v, 0) for i in range(args.phantoms) for v in args.views]
     bar = tqdm(jobs, desc="cases", unit="case", file=sys.stderr)
     solvers: dict = {}
+    scans: dict = {}  # the jobs come chest by chest: keep only the current one's scan
     for p, v, m in bar:
         name = f"phantom_s{p}" if isinstance(p, int) else chest_name(p)
         f = out / f"{name}_v{v}_m{m}.npz"
         bar.set_postfix_str(f"{name} {v}v #{m}")
         if f.exists():
             continue
-        scan = atlas_net.phantom_scan(p) if isinstance(p, int) else clinical.load_scan(p)
+        if name not in scans:
+            scans.clear()
+            scans[name] = atlas_net.phantom_scan(p) if isinstance(p, int) else clinical.load_scan(p)
+        scan = scans[name]
         templates = {}
         for n, (fov, mu) in cubes.items():
             if n == name:

@@ -25,6 +25,7 @@ Values: inputs and output are ``mu / mu_water - 1`` (HU / 1000), arrays ``[z, y,
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import pathlib
 import time
@@ -65,6 +66,13 @@ ATLAS_K = None
 # Cases: one chest X-rayed as a clinic does, with what every fold needs
 
 
+@functools.partial(jax.jit, static_argnums=2)
+def _warp(volume, displacement, fill: float):
+    from xct import input_pipeline
+
+    return input_pipeline.warp(volume, displacement, fill)
+
+
 def deform_scan(
     scan: clinical.ClinicalScan, key: jax.Array, max_mm: float, coarse: int = 4
 ) -> clinical.ClinicalScan:
@@ -79,9 +87,8 @@ def deform_scan(
     disp = input_pipeline.elastic_displacement(
         key, scan.hu.shape, max_mm=max_mm, spacing_mm=spacing, coarse=coarse
     )
-    warp = jax.jit(input_pipeline.warp, static_argnums=2)
-    hu = np.asarray(warp(jnp.asarray(scan.hu), disp, clinical.FILL_HU))
-    body = np.asarray(warp(jnp.asarray(scan.body, jnp.float32), disp, 0.0)) >= 0.5
+    hu = np.asarray(_warp(jnp.asarray(scan.hu), disp, clinical.FILL_HU))
+    body = np.asarray(_warp(jnp.asarray(scan.body, jnp.float32), disp, 0.0)) >= 0.5
     return dataclasses.replace(scan, hu=hu, body=body, source=scan.source + " (deformed)")
 
 
@@ -293,17 +300,17 @@ def refine_hu(model, params, atlas_tv_mu, atlas_mu, tv_support_mu, mu_water: flo
     """``atlas_net``'s volume in HU from the three input volumes (attenuation per mm on
     the same ``[z, y, x]`` grid)."""
     x = np.stack([to_unit(v, mu_water) for v in (atlas_tv_mu, atlas_mu, tv_support_mu)], -1)
-    return np.asarray(_apply_jit(model, params, x)) * 1000.0
+    return predict(model, params, x) * 1000.0
 
 
-_APPLY_CACHE: dict = {}
+#: ``apply`` jitted; the module (a frozen, hashable Flax dataclass) is static, so one
+#: compilation serves every model of the same width and input shape.
+_apply_jit = jax.jit(apply, static_argnums=0)
 
 
-def _apply_jit(model, params, x):
-    fn = _APPLY_CACHE.get(id(model))
-    if fn is None:
-        fn = _APPLY_CACHE.setdefault(id(model), jax.jit(lambda p, v: apply(model, p, v)))
-    return fn(params, x)
+def predict(model, params, inputs) -> np.ndarray:
+    """``apply`` (jitted) on host arrays: the refined volume, HU / 1000."""
+    return np.asarray(_apply_jit(model, params, jnp.asarray(inputs, jnp.float32)))
 
 
 # ------------------------------------------------------------------------------------------
