@@ -75,6 +75,13 @@ def run(args) -> None:
     chests = sorted(
         {c["meta"]["chest"] for c in cases if not c["meta"]["chest"].startswith("phantom_")}
     )
+    weights = {json.dumps(atlas_net.weights_of(c["meta"]), sort_keys=True) for c in cases}
+    if len(weights) > 1:
+        raise ValueError(
+            f"{args.out}/cases: made at different input weights {sorted(weights)} (rerun the "
+            "'cases' stage: it brings every case to atlas_net.INPUT_WEIGHTS)"
+        )
+    input_weights = json.loads(weights.pop())
     folds = args.folds or chests
     print(f"{len(cases)} cases of {len(chests)} chests; folds: {len(folds)}", file=sys.stderr)
     rows, train_s = [], {}
@@ -106,6 +113,7 @@ def run(args) -> None:
                 "seed": args.seed,
                 "train_seconds": round(secs, 1),
                 "final_loss": float(np.mean(losses[-50:])),
+                "input_weights": input_weights,
             },
         )
         for c in cases:
@@ -150,6 +158,7 @@ def run(args) -> None:
             "train_seconds": round(secs, 1),
             "date": datetime.date.today().isoformat(),
             "command": args.command,
+            "input_weights": input_weights,
         }
         info["machine"] = scoring.machine_line()
         atlas_net.save(args.ship, params, width=args.width, info=info, settings=settings_of(args))

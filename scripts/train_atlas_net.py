@@ -9,7 +9,9 @@ each ``--views``, ``--variants`` clinical cases (``xct.atlas_net.make_case``): v
 the quality table's (the whole scan with its couch, nested angles, 1e5 photons, seeded);
 the others deform the scan (smooth random field up to ``--deform_mm``) and jitter the
 angles (up to ``--jitter_deg``). The other chests are the templates. One ``.npz`` per case
-in ``OUT/cases``; a rerun skips the cases already there (a killed run resumes).
+in ``OUT/cases``; a rerun skips the cases already there (a killed run resumes), only
+recomputing their TV inputs when ``xct.atlas_net.INPUT_WEIGHTS`` changed since they were
+made (no registration again: ``atlas_net.refresh_case``).
 
 ``--phantoms N`` adds chest phantoms v2 (with couch and arms) X-rayed the same way, the real
 chests their templates: training cases only (every fold's atlas leaves its chest out of
@@ -106,7 +108,11 @@ def build_cases(args) -> None:
         name = f"phantom_s{p}" if isinstance(p, int) else chest_name(p)
         f = out / f"{name}_v{v}_m{m}.npz"
         bar.set_postfix_str(f"{name} {v}v #{m}")
-        if f.exists():
+        if f.exists():  # kept; its TV inputs brought to atlas_net.INPUT_WEIGHTS if need be
+            case = atlas_net.load_case(f)
+            if atlas_net.refresh_case(case, solvers):
+                atlas_net.save_case(f, case)
+                print(f"  {f.name}: TV inputs recomputed at the current weights", file=sys.stderr)
             continue
         if name not in scans:
             scans.clear()

@@ -115,12 +115,29 @@ def test_solvers_atlas_net_is_atlas_tv_plus_the_correction():
     params = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 8, 3)))
     net = (model, params, {})
     got = solvers.run("atlas_net", drr, geom, {}, support=support, prior=prior, net=net)
-    w = atlas_net.input_weights(2)[1]
-    assert (
-        w == scoring.benchmark_weights("atlas_net", 2) == {"tv_weight": 0.03, "prior_weight": 1.0}
-    )
+    # a model saved before the weights were recorded ran atlas_tv at prior 1 (legacy)
+    w = atlas_net.input_weights(2, atlas_net.weights_of({}))[1]
+    assert w == scoring.benchmark_weights("atlas_net", 2, net_meta={})
+    assert w == {"tv_weight": 0.03, "prior_weight": 1.0}
     want = jnp.maximum(solvers.run("atlas_tv", drr, geom, w, support, prior), 0.0)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-6)
+    # a model recording its weights runs at them: now the table's atlas_tv weights
+    meta = {"input_weights": atlas_net.INPUT_WEIGHTS}
+    for v in (2, 4):
+        w = scoring.benchmark_weights("atlas_net", v, net_meta=meta)
+        assert (
+            w
+            == scoring.benchmark_weights("atlas_tv", v)
+            == scoring.benchmark_weights("atlas_net", v)
+        )
+    got = solvers.run(
+        "atlas_net", drr, geom, {}, support=support, prior=prior, net=(*net[:2], meta)
+    )
+    w = atlas_net.input_weights(2)[1]
+    want = jnp.maximum(solvers.run("atlas_tv", drr, geom, w, support, prior), 0.0)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="input_weights"):
+        atlas_net.weights_of({"input_weights": {"atlas_tv": []}})
     with pytest.raises(ValueError, match="atlas_net: needs a trained model"):
         solvers.run("atlas_net", drr, geom, {}, support=support, prior=prior)
 
@@ -168,8 +185,20 @@ def test_make_case_is_the_tables_xrays_and_scores(tmp_path):
     assert x.shape == (16, 16, 16, 3) and np.all(np.isfinite(x))
     atlas_net.save_case(tmp_path / "c.npz", case)
     back = atlas_net.load_case(tmp_path / "c.npz")
-    assert back["meta"] == meta
+    assert back["meta"]["input_weights"] == json.loads(json.dumps(atlas_net.INPUT_WEIGHTS))
     np.testing.assert_array_equal(back["atlas_tv"], case["atlas_tv"])
+    # a case at the current weights is kept; one made at other weights gets its TV inputs
+    # recomputed from its stored X-rays and atlases (no registration)
+    assert not atlas_net.refresh_case(back, {})
+    old = dict(back, meta={k: v for k, v in back["meta"].items() if k != "input_weights"})
+    old["atlas_tv"] = np.zeros_like(back["atlas_tv"])
+    assert atlas_net.refresh_case(old, {})
+    np.testing.assert_allclose(old["atlas_tv"], back["atlas_tv"], rtol=1e-4, atol=1e-6)
+    name = meta["fused"][0]
+    np.testing.assert_allclose(
+        old[f"atlas_tv|{name}"], back[f"atlas_tv|{name}"], rtol=1e-4, atol=1e-6
+    )
+    assert atlas_net.weights_of(old["meta"]) == atlas_net.weights_of(back["meta"])
 
 
 def _fake_case(chest: str, views: int, variant: int, rng) -> dict:

@@ -41,21 +41,53 @@ INPUTS = ("atlas_tv", "atlas", "tv_support")
 #: The shipped model (trained on the seven shared chests), beside the package in a checkout.
 DEFAULT_DIR = pathlib.Path(__file__).resolve().parents[1] / "checkpoints" / "atlas_net64"
 #: The weights its inputs are made with, in training (``make_case``) and use
-#: (``scoring.Solvers.atlas_net``), whatever atlas_tv's own benchmark weights become:
-#: tv_support's TV weight (mm^2) up to 3 views and beyond, and atlas_tv's (TV, prior) weights.
+#: (``scoring.Solvers.atlas_net``): tv_support's TV weight (mm^2) and atlas_tv's (TV, prior)
+#: weights, up to 3 views and beyond. atlas_tv's are the clinical table's benchmark weights
+#: (``scoring.benchmark_weights``), so the network corrects the very atlas_tv the table
+#: reports. A model and a case record the weights they were made with (``"input_weights"``
+#: in their metadata, ``weights_of``): a model always runs at its own.
 INPUT_WEIGHTS = {
     "tv_support": (
         {"tv_weight": 0.03, "prior_weight": 0.0},
         {"tv_weight": 0.1, "prior_weight": 0.0},
     ),
-    "atlas_tv": {"tv_weight": 0.03, "prior_weight": 1.0},
+    "atlas_tv": (
+        {"tv_weight": 0.03, "prior_weight": 3.0},
+        {"tv_weight": 0.1, "prior_weight": 3.0},
+    ),
+}
+#: What models and cases made before the weights were recorded in their metadata used
+#: (atlas_tv at TV 0.03, prior 1, at every number of views).
+LEGACY_INPUT_WEIGHTS = {
+    "tv_support": INPUT_WEIGHTS["tv_support"],
+    "atlas_tv": (
+        {"tv_weight": 0.03, "prior_weight": 1.0},
+        {"tv_weight": 0.03, "prior_weight": 1.0},
+    ),
 }
 
 
-def input_weights(views: int) -> tuple[dict, dict]:
-    """``(tv_support's, atlas_tv's)`` weights of the inputs at ``views`` X-rays."""
-    tv = INPUT_WEIGHTS["tv_support"][0 if views <= 3 else 1]
-    return dict(tv), dict(INPUT_WEIGHTS["atlas_tv"])
+def weights_of(meta: dict) -> dict:
+    """The input weights a model or a case (its metadata ``meta``) was made with:
+    its ``"input_weights"``, or ``LEGACY_INPUT_WEIGHTS`` when it predates them."""
+    w = meta.get("input_weights")
+    if w is None:
+        return LEGACY_INPUT_WEIGHTS
+    try:
+        return {k: tuple(dict(w[k][i]) for i in (0, 1)) for k in ("tv_support", "atlas_tv")}
+    except (KeyError, IndexError, TypeError, ValueError):
+        raise ValueError(
+            f"atlas_net: input_weights {w!r}: expected tv_support and atlas_tv, each the "
+            "weights up to 3 views and beyond"
+        ) from None
+
+
+def input_weights(views: int, weights: dict | None = None) -> tuple[dict, dict]:
+    """``(tv_support's, atlas_tv's)`` weights of the inputs at ``views`` X-rays, from
+    ``weights`` (``weights_of`` a model or case; default: ``INPUT_WEIGHTS``)."""
+    w = INPUT_WEIGHTS if weights is None else weights
+    i = 0 if views <= 3 else 1
+    return dict(w["tv_support"][i]), dict(w["atlas_tv"][i])
 
 
 #: Templates fused into the atlas (``recon.atlas.K``: None, all of them).
@@ -148,7 +180,6 @@ def make_case(spec: CaseSpec, scan, templates: dict, solvers_cache: dict) -> dic
     ``tv_support``, the atlas and ``atlas_tv`` of all templates, and for each template
     ``n`` among the fused ones, the atlas and ``atlas_tv`` without ``n`` (what a fold that
     holds out ``n`` sees). Returns a dict of NumPy arrays and metadata (``save_case``)."""
-    from xct import scoring
     from xct.recon import atlas
 
     t0 = time.perf_counter()
@@ -169,20 +200,10 @@ def make_case(spec: CaseSpec, scan, templates: dict, solvers_cache: dict) -> dic
     )
     drr, geom = clinical.xrays_for_grid(np.asarray(fine), spec.pixel_mm, angles, grid)
     drr = jnp.asarray(drr, jnp.float32)
-    sk = (grid, drr.shape)
-    if sk not in solvers_cache:
-        solvers_cache[sk] = scoring.Solvers(
-            grid, sirt_iters=1, cgls_iters=1, tv_iters=spec.tv_iters
-        )
-    solvers = solvers_cache[sk]
-    support = solvers.support(drr, geom)
-    tv_w, at_w = input_weights(spec.views)
-    tv_plain = solvers.run("tv", drr, geom, tv_w)
-    tv = solvers.run("tv_support", drr, geom, tv_w, support)
     names = sorted(templates)
     mus = [jnp.asarray(templates[n], jnp.float32) for n in names]
     scr = atlas.screen(mus, drr, geom, grid)
-    _, registered, mism = atlas.register_best(mus, scr, drr, geom, grid, k=len(mus))
+    _, registered, _ = atlas.register_best(mus, scr, drr, geom, grid, k=len(mus))
     # register_best returns them in screening order; put them back in ``names`` order
     order = [int(i) for i in scr.order[: len(mus)]]
     reg = np.zeros((len(mus), *grid.shape), np.float32)
@@ -190,8 +211,6 @@ def make_case(spec: CaseSpec, scan, templates: dict, solvers_cache: dict) -> dic
     errors = np.asarray(atlas.local_mismatch(jnp.asarray(reg), drr, geom, grid))
     everyone = list(range(len(names)))
     chosen = atlas_subset(scr.mismatch, everyone)
-    prior = fuse_subset(reg, errors, chosen)
-    base = solvers.run("atlas_tv", drr, geom, at_w, support, prior)
     out = {
         "truth_hu": truth.astype(np.float32),
         "body": body,
@@ -200,30 +219,59 @@ def make_case(spec: CaseSpec, scan, templates: dict, solvers_cache: dict) -> dic
         "errors": errors.astype(np.float32),  # [T, r, r, r] their local mismatch
         # the X-rays' geometry (``case_geometry``)
         **{f"geom_{k}": np.asarray(getattr(geom, k), np.float64) for k in GEOMETRY_ARRAYS},
-        "tv": np.asarray(tv_plain, np.float32),
-        "tv_support": np.asarray(tv, np.float32),
-        "atlas": np.asarray(prior, np.float32),
-        "atlas_tv": np.asarray(base, np.float32),
+        "atlas": np.asarray(fuse_subset(reg, errors, chosen), np.float32),
     }
     for n in chosen:  # a fold holding out template n sees the atlas without it
         sub = atlas_subset(scr.mismatch, [i for i in everyone if i != n])
-        p = fuse_subset(reg, errors, sub)
-        out[f"atlas|{names[n]}"] = np.asarray(p, np.float32)
-        out[f"atlas_tv|{names[n]}"] = np.asarray(
-            solvers.run("atlas_tv", drr, geom, at_w, support, p), np.float32
-        )
+        out[f"atlas|{names[n]}"] = np.asarray(fuse_subset(reg, errors, sub), np.float32)
     out["meta"] = {
         **dataclasses.asdict(spec),
         "angles_deg": angles.tolist(),
         "templates": names,
         "screen_mismatch": np.asarray(scr.mismatch).tolist(),
         "fused": [names[i] for i in chosen],
-        "mu_water": solvers.mu_water,
+        "mu_water": None,
         "spacing_mm": list(grid.spacing_mm),
         "origin_xyz_mm": list(grid.origin_xyz_mm),
-        "seconds": time.perf_counter() - t0,
     }
+    _tv_inputs(out, solvers_cache, spec.tv_iters)
+    out["meta"]["seconds"] = time.perf_counter() - t0
     return out
+
+
+def _tv_inputs(case: dict, solvers_cache: dict, tv_iters: int) -> None:
+    """(Re)compute a case's TV inputs from its X-rays and atlases, at ``INPUT_WEIGHTS``:
+    ``tv``, ``tv_support``, ``atlas_tv`` and each fold's ``atlas_tv|name``; records the
+    weights in its metadata."""
+    from xct import scoring
+
+    grid, geom = case_grid(case), case_geometry(case)
+    drr = jnp.asarray(case["drr"], jnp.float32)
+    sk = (grid, drr.shape, tv_iters)
+    if sk not in solvers_cache:
+        solvers_cache[sk] = scoring.Solvers(grid, sirt_iters=1, cgls_iters=1, tv_iters=tv_iters)
+    solvers = solvers_cache[sk]
+    support = solvers.support(drr, geom)
+    tv_w, at_w = input_weights(int(drr.shape[0]))
+    case["tv"] = np.asarray(solvers.run("tv", drr, geom, tv_w), np.float32)
+    case["tv_support"] = np.asarray(solvers.run("tv_support", drr, geom, tv_w, support), np.float32)
+    for key in [k for k in case if k == "atlas" or k.startswith("atlas|")]:
+        prior = jnp.asarray(case[key], jnp.float32)
+        case[key.replace("atlas", "atlas_tv", 1)] = np.asarray(
+            solvers.run("atlas_tv", drr, geom, at_w, support, prior), np.float32
+        )
+    case["meta"]["mu_water"] = solvers.mu_water
+    case["meta"]["input_weights"] = INPUT_WEIGHTS
+
+
+def refresh_case(case: dict, solvers_cache: dict) -> bool:
+    """Bring a saved case's TV inputs to ``INPUT_WEIGHTS`` when it was made at other
+    weights (no registration: its registered templates, atlases, X-rays and geometry are
+    kept). True if it was recomputed."""
+    if weights_of(case["meta"]) == weights_of({"input_weights": INPUT_WEIGHTS}):
+        return False
+    _tv_inputs(case, solvers_cache, int(case["meta"].get("tv_iters", 200)))
+    return True
 
 
 GEOMETRY_ARRAYS = ("source_xyz_mm", "det_center_xyz_mm", "det_u_xyz_mm", "det_v_xyz_mm")
@@ -430,7 +478,8 @@ def save(
     info: dict | None = None,
     settings: TrainSettings | None = None,
 ) -> None:
-    """Write ``atlas_net.msgpack`` (parameters) and ``atlas_net.json`` (settings, ``info``);
+    """Write ``atlas_net.msgpack`` (parameters) and ``atlas_net.json`` (settings, ``info``;
+    the inputs' weights are ``INPUT_WEIGHTS`` unless ``info`` says ``"input_weights"``);
     with ``settings`` (a model to ship) also ``config.py``, the executable record of how it
     was trained (``info``'s ``command``, ``trained_on``, ``auto_views``)."""
     import flax.serialization
@@ -438,7 +487,13 @@ def save(
     d = pathlib.Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     (d / "atlas_net.msgpack").write_bytes(flax.serialization.to_bytes(params))
-    meta = {"model": "Refiner", "width": int(width), "inputs": list(INPUTS), **(info or {})}
+    meta = {
+        "model": "Refiner",
+        "width": int(width),
+        "inputs": list(INPUTS),
+        "input_weights": INPUT_WEIGHTS,
+        **(info or {}),
+    }
     if settings is not None:
         meta["train"] = dataclasses.asdict(settings)
     (d / "atlas_net.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")

@@ -873,7 +873,9 @@ def _solve(args, solvers, vols, names, drr, geom, grid, summary: dict) -> tuple:
     if method in ("template_tv", "atlas_tv"):
         summary["prior_weight"] = params["prior_weight"]
     if method == "atlas_net":  # its atlas_tv and tv_support run at the benchmark's weights
-        summary["atlas_net"]["atlas_tv"] = scoring.benchmark_weights("atlas_net", drr.shape[0])
+        summary["atlas_net"]["atlas_tv"] = scoring.benchmark_weights(
+            "atlas_net", drr.shape[0], net_meta=net[2]
+        )
     return jnp.maximum(mu, 0.0), loss
 
 

@@ -215,17 +215,22 @@ AUTO = (
 )
 
 
-def benchmark_weights(method: str, num_views: int, grid_factor: int = 1) -> dict | None:
+def benchmark_weights(
+    method: str, num_views: int, grid_factor: int = 1, net_meta: dict | None = None
+) -> dict | None:
     """The leave-one-out weights of the clinical-mode tables for ``method`` at
     ``num_views`` on a ``grid_factor`` times finer grid: TV's for ``tv`` / ``tv_support``,
-    atlas_tv's for the TV-from-a-prior methods; None for a method without weights."""
+    atlas_tv's for the TV-from-a-prior methods (for ``atlas_net``, its inputs' atlas_tv:
+    those its model, metadata ``net_meta``, was trained with); None for a method without
+    weights."""
     if method in ("tv", "tv_support"):
         tv = 0.03 if grid_factor > 1 or num_views <= 3 else 0.1
         return {"tv_weight": tv, "prior_weight": 0.0}
     if method == "atlas_net":  # its inputs' atlas_tv (what it trained with)
         from xct import atlas_net
 
-        return atlas_net.input_weights(num_views)[1]
+        w = None if net_meta is None else atlas_net.weights_of(net_meta)
+        return atlas_net.input_weights(num_views, w)[1]
     if method in ("template_tv", "atlas_tv"):
         # docs/quality_clinical_atlas_all (every template fused): atlas_tv TV 0.03 at 2 views
         # and 0.1 at 4, prior 3 (7 of 7 chests each); template_tv 0.1 / 3 at both (6 and 5 of
@@ -258,7 +263,7 @@ def auto_method(
         raise ValueError(f"auto method: expected at least one view, got {num_views}")
     span = learned_views(learned)
     if templates and span and span[0] <= num_views <= span[1]:
-        w = benchmark_weights("atlas_net", num_views)
+        w = benchmark_weights("atlas_net", num_views, net_meta=learned)
         at = f"{span[0]} views" if span[0] == span[1] else f"{span[0]} to {span[1]} views"
         why = (
             f"atlas_net beat atlas_tv at {at} in its fold benchmark "
@@ -776,7 +781,7 @@ class Solvers:
 
     def atlas_net(self, net, drr, geom, support, prior):
         """``atlas_net``: ``tv_support`` and ``atlas_tv`` at the weights its network trained
-        with (``atlas_net.input_weights``), then the network's correction
+        with (``atlas_net.input_weights`` of the model's metadata), then the network's correction
         (``xct.atlas_net.refine_hu``); attenuation per mm, >= 0."""
         import jax.numpy as jnp
 
@@ -784,10 +789,10 @@ class Solvers:
 
         if net is None or prior is None or support is None:
             raise ValueError("atlas_net: needs a trained model, the fused atlas and the support")
-        tv_w, at_w = atlas_net.input_weights(int(drr.shape[0]))
+        model, params, meta = net
+        tv_w, at_w = atlas_net.input_weights(int(drr.shape[0]), atlas_net.weights_of(meta))
         tv = self.run("tv_support", drr, geom, tv_w, support)
         base = self.run("atlas_tv", drr, geom, at_w, support, prior)
-        model, params, _ = net
         hu = atlas_net.refine_hu(model, params, base, prior, tv, self.mu_water)
         return jnp.maximum(physics.hu_to_mu(jnp.asarray(hu), self.mu_water), 0.0)
 
