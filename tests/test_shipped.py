@@ -36,6 +36,14 @@ def test_there_are_shipped_models():
     assert {"unet32_2v", "unrolled32_8v", "unrolled64_2v", "unrolled64_8v"} <= names, names
 
 
+def folds_agree(model, weights) -> bool:
+    """Every fold model beside a shipped atlas_net had its inputs made as it did."""
+    from xct import atlas_net
+
+    folds = sorted((model / "folds").glob("*/atlas_net.json"))
+    return all(atlas_net.weights_of(atlas_net.load(f.parent)[2]) == weights for f in folds)
+
+
 @pytest.mark.parametrize("model", ATLAS_NETS, ids=lambda p: p.name)
 def test_shipped_atlas_net_loads_and_records_how_it_was_made(model):
     """A shipped atlas_net: within 20 MB, loads, trained on the seven shared chests, and its
@@ -54,6 +62,11 @@ def test_shipped_atlas_net_loads_and_records_how_it_was_made(model):
     c = cfg.get_config()
     assert c.width == meta["width"] == net.width and c.train.steps == meta["train"]["steps"]
     assert "python -m scripts.train_atlas_net train" in (model / "config.py").read_text()
+    weights = atlas_net.weights_of(meta)  # what its inputs were made with, and run at
+    assert atlas_net.weights_of({"input_weights": c.input_weights.to_dict()}) == weights
+    for views in (2, 4):
+        assert atlas_net.input_weights(views, weights)[1]["prior_weight"] > 0
+    assert folds_agree(model, weights)
     folds = sorted((model / "folds").glob("*/atlas_net.json"))  # the table's fold models
     for f in folds:
         _, _, fold = atlas_net.load(f.parent)

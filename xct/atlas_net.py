@@ -464,6 +464,9 @@ def get_config(arg=None):
     c.model = "Refiner"
     c.width = {width}
     c.inputs = {inputs!r}
+    # the (TV, prior) weights its inputs tv_support and atlas_tv are made with, up to 3 views
+    # and beyond (xct.atlas_net.input_weights)
+    c.input_weights = {input_weights!r}
     c.train = ml_collections.ConfigDict({train!r})
     c.trained_on = {trained_on!r}
     return c
@@ -508,6 +511,7 @@ def save(
             auto_views=f"views {meta.get('auto_views')}" if meta.get("auto_views") else "none",
             directory=d.as_posix(),
             inputs=tuple(INPUTS),
+            input_weights=weights_of(meta),
             train=dataclasses.asdict(settings),
             trained_on=tuple(trained_on),
         )
