@@ -4,7 +4,8 @@ real template CTs. Nothing about the acquisition is guessed: the detector pixel,
 distances and the isocentre come from the DICOM tags or from you.
 
 Example (two line-integral images of 2 mm detector pixels, PA and lateral; other
-patients' chest CTs as templates, so --method auto runs atlas_tv):
+patients' chest CTs as templates, so --method auto runs atlas_net, the shipped network
+that corrects atlas_tv, or atlas_tv where that network is absent):
 
     python -m xct.reconstruct --xrays pa.npy lat.npy --angles_deg 0 90 \\
         --detector_pixel_mm 2 --fov_mm 360 \\
