@@ -294,6 +294,9 @@ def test_auto_method_without_and_with_a_folder_of_templates(tmp_path, capsys, mo
         assert s["method"] == ("atlas_net" if 2 in views else "atlas_tv"), views
     assert "atlas_net beat atlas_tv at 2 to 4 views" in s["method_why"]
     assert s["atlas_net"]["model"] == str(tmp_path / "net24")
+    # its weights are the model's, not a benchmark guess recorded beside them
+    assert s["atlas_net"]["atlas_tv"] == atlas_net.input_weights(2)[1]
+    assert "tv_weight_source" not in s and "tv_weight" not in s
 
 
 def test_atlas_net_method_names_its_model(tmp_path, capsys):

@@ -573,7 +573,10 @@ def resolve_method(args) -> dict:
         chosen = {"method_requested": "auto", "method_why": why}
     if args.grid_factor is None:
         args.grid_factor = 1
-    weights = scoring.benchmark_weights(args.method, views, args.grid_factor)
+    # atlas_net runs its inputs at the weights its model was trained with (its metadata)
+    weights = None
+    if args.method != "atlas_net":
+        weights = scoring.benchmark_weights(args.method, views, args.grid_factor)
     if weights and args.tv_weight is None:
         args.tv_weight = weights["tv_weight"]
         chosen["tv_weight_source"] = f"clinical-mode benchmark at {views} view(s)"
