@@ -37,6 +37,7 @@ def settings_of(args):
         weight_decay=args.weight_decay,
         body_weight=args.body_weight,
         width=args.width,
+        depth=args.depth,
         seed=args.seed,
     )
 
@@ -105,6 +106,7 @@ def run(args) -> None:
             fold_dir,
             params,
             width=args.width,
+            depth=args.depth,
             info={
                 "trained_on": [c for c in chests if c != k],
                 "held_out": k,
@@ -161,7 +163,14 @@ def run(args) -> None:
             "input_weights": input_weights,
         }
         info["machine"] = scoring.machine_line()
-        atlas_net.save(args.ship, params, width=args.width, info=info, settings=settings_of(args))
+        atlas_net.save(
+            args.ship,
+            params,
+            width=args.width,
+            depth=args.depth,
+            info=info,
+            settings=settings_of(args),
+        )
         print(f"wrote {args.ship}", file=sys.stderr)
     if args.report:
         write_report(pathlib.Path(args.report), rows, train_s, args, scoring.machine_line())
@@ -257,6 +266,7 @@ def write_report(out: pathlib.Path, rows, train_s, args, machine: str) -> None:
                 "train_seconds": train_s,
                 "steps": args.steps,
                 "width": args.width,
+                "depth": args.depth,
             },
             indent=1,
         ),

@@ -58,6 +58,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--resolution", type=int, default=64)
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--width", type=int, default=12)
+    p.add_argument("--depth", type=int, default=3, choices=(3, 4), help="the Refiner's scales")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--folds", nargs="+", default=None, help="held-out chests (default: all)")
     p.add_argument("--with_phantoms", action="store_true", help="train on the phantom cases too")

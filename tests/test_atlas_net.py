@@ -97,8 +97,50 @@ def test_save_and_load(tmp_path):
         atlas_net.load(tmp_path / "nothing")
     meta_file = tmp_path / "m" / "atlas_net.json"
     meta_file.write_text(json.dumps({**meta, "width": 8}))
-    with pytest.raises(ValueError, match="width-8 Refiner"):
+    with pytest.raises(ValueError, match="width-8, depth-3 Refiner"):
         atlas_net.load(tmp_path / "m")
+
+
+def test_depth_four_refiner_sees_the_whole_cube_and_loads(tmp_path):
+    """A fourth scale: still no correction untrained; one voxel changed at a corner moves the
+    output at the opposite corner of a 16^3 cube (the three-scale refiner's field of view
+    does not reach it); saved and loaded with its depth; a model saved without ``depth``
+    (before it was recorded) loads as three scales."""
+    x = jax.random.normal(jax.random.key(0), (1, 16, 16, 16, 3))
+    reach = {}
+    for depth in (3, 4):
+        model = Refiner(width=4, depth=depth)
+        params = model.init(jax.random.key(1), x)
+        np.testing.assert_array_equal(np.asarray(model.apply(params, x)), 0.0)
+        # a non-zero head, to see how far one input voxel reaches
+        params = jax.tree_util.tree_map(lambda a: a, params)
+        head = params["params"]["head"]
+        head["kernel"] = jnp.ones_like(head["kernel"])
+        x2 = x.at[0, 0, 0, 0, 0].add(10.0)
+        d = np.abs(np.asarray(model.apply(params, x2) - model.apply(params, x)))
+        reach[depth] = d[0, -1, -1, -1]
+    assert reach[3] == 0.0 and reach[4] > 0.0
+    with pytest.raises(ValueError, match="divisible by 8"):
+        Refiner(width=4, depth=4).init(jax.random.key(0), jnp.zeros((1, 12, 12, 12, 3)))
+    with pytest.raises(ValueError, match="depth must be 3 or 4"):
+        Refiner(width=4, depth=5).init(jax.random.key(0), jnp.zeros((1, 8, 8, 8, 3)))
+    model = Refiner(width=4, depth=4)
+    params = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 8, 3)))
+    atlas_net.save(tmp_path / "m4", params, width=4, depth=4)
+    m2, p2, meta = atlas_net.load(tmp_path / "m4")
+    assert meta["depth"] == 4 and m2.depth == 4
+    for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(p2), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    params3 = Refiner(width=4).init(jax.random.key(0), jnp.zeros((1, 8, 8, 8, 3)))
+    atlas_net.save(tmp_path / "m3", params3, width=4)
+    meta_file = tmp_path / "m3" / "atlas_net.json"
+    old = json.loads(meta_file.read_text())
+    del old["depth"]
+    meta_file.write_text(json.dumps(old))
+    assert atlas_net.load(tmp_path / "m3")[0].depth == 3
+    meta_file.write_text(json.dumps({**old, "depth": 4}))
+    with pytest.raises(ValueError, match="width-4, depth-4 Refiner"):
+        atlas_net.load(tmp_path / "m3")
 
 
 def test_solvers_atlas_net_is_atlas_tv_plus_the_correction():

@@ -376,6 +376,7 @@ class TrainSettings:
     weight_decay: float = 0.0  # AdamW's decoupled decay
     body_weight: float = 3.0  # the loss weighs voxels inside the body 1 + body_weight
     width: int = 12
+    depth: int = 3  # the Refiner's scales (3 or 4)
     seed: int = 0
 
 
@@ -411,7 +412,7 @@ def train(xs, ys, bodies, settings: TrainSettings = TrainSettings(), log=None):
     from xct.models.refiner import Refiner
 
     s = settings
-    model = Refiner(width=s.width)
+    model = Refiner(width=s.width, depth=s.depth)
     rng = np.random.default_rng(s.seed)
     params = model.init(jax.random.key(s.seed), jnp.zeros((1, s.patch, s.patch, s.patch, 3)))
     schedule = optax.cosine_decay_schedule(s.learning_rate, s.steps, alpha=0.05)
@@ -463,6 +464,7 @@ def get_config(arg=None):
     c = ml_collections.ConfigDict()
     c.model = "Refiner"
     c.width = {width}
+    c.depth = {depth}
     c.inputs = {inputs!r}
     # the (TV, prior) weights its inputs tv_support and atlas_tv are made with, up to 3 views
     # and beyond (xct.atlas_net.input_weights)
@@ -478,6 +480,7 @@ def save(
     params,
     *,
     width: int,
+    depth: int = 3,
     info: dict | None = None,
     settings: TrainSettings | None = None,
 ) -> None:
@@ -493,6 +496,7 @@ def save(
     meta = {
         "model": "Refiner",
         "width": int(width),
+        "depth": int(depth),
         "inputs": list(INPUTS),
         "input_weights": INPUT_WEIGHTS,
         **(info or {}),
@@ -504,6 +508,7 @@ def save(
         trained_on = list(meta.get("trained_on", []))
         text = _CONFIG_PY.format(
             width=int(width),
+            depth=int(depth),
             trained=f"{len(trained_on)} real chests" if trained_on else "real chests",
             minutes=float(meta.get("train_seconds", 0.0)) / 60.0,
             machine=meta.get("machine", "a CPU"),
@@ -539,7 +544,8 @@ def load(directory):
     meta = json.loads(meta_file.read_text(encoding="utf-8"))
     if meta.get("inputs") != list(INPUTS):
         raise ValueError(f"{meta_file}: inputs {meta.get('inputs')}, expected {list(INPUTS)}")
-    model = Refiner(width=int(meta["width"]))
+    # models saved before ``depth`` was recorded have three scales
+    model = Refiner(width=int(meta["width"]), depth=int(meta.get("depth", 3)))
     template = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 8, len(INPUTS))))
     try:
         params = flax.serialization.from_bytes(template, params_file.read_bytes())
@@ -548,7 +554,8 @@ def load(directory):
             raise ValueError("other shapes")
     except (ValueError, KeyError, TypeError) as e:
         raise ValueError(
-            f"{params_file}: not the parameters of a width-{meta['width']} Refiner ({e})"
+            f"{params_file}: not the parameters of a width-{meta['width']}, "
+            f"depth-{meta.get('depth', 3)} Refiner ({e})"
         ) from None
     return model, params, meta
 
