@@ -243,9 +243,9 @@ def test_make_case_is_the_tables_xrays_and_scores(tmp_path):
     assert atlas_net.weights_of(old["meta"]) == atlas_net.weights_of(back["meta"])
 
 
-def _fake_case(chest: str, views: int, variant: int, rng) -> dict:
+def _fake_case(chest: str, views: int, variant: int, rng, side: int = 16) -> dict:
     mw = float(physics.MU_WATER_PER_MM)
-    truth = rng.normal(0.0, 300.0, (16, 16, 16)).astype(np.float32)
+    truth = rng.normal(0.0, 300.0, (side, side, side)).astype(np.float32)
     mu = np.maximum(physics.hu_to_mu(truth), 0.0).astype(np.float32)
     noisy = (mu + rng.normal(0.0, 0.002, mu.shape)).astype(np.float32)
     case = {"truth_hu": truth, "body": np.ones_like(truth, bool)}
@@ -285,6 +285,7 @@ def test_train_script_scores_folds_ships_and_resumes(tmp_path, capsys):
     spec.loader.exec_module(cfg)
     c = cfg.get_config()
     assert c.width == 4 and c.train.steps == 3 and list(c.trained_on) == meta["trained_on"]
+    assert c.depth == 3 == meta["depth"]
     assert (
         "python -m scripts.train_atlas_net train" in (tmp_path / "ship" / "config.py").read_text()
     )
@@ -295,3 +296,17 @@ def test_train_script_scores_folds_ships_and_resumes(tmp_path, capsys):
     assert train_atlas_net.main(argv[:-4] + ["--report", str(tmp_path / "rep2")]) == 0
     assert capsys.readouterr().err.count("done before, kept") == 3
     assert (tmp_path / "rep2" / "README.md").read_text().count("| atlas_net |") == 2
+    # the grid probe scores each chest by its own fold model, on the grid and on blocks
+    from scripts import atlas_net_grid_probe as gp
+
+    for chest in ("chest_a", "chest_b", "chest_c"):  # big enough for SSIM's window on blocks
+        case = _fake_case(chest, 2, 0, rng, side=32)
+        atlas_net.save_case(tmp_path / "cases32" / f"{chest}_v2_m0.npz", case)
+    rows = gp.probe(tmp_path / "cases32", tmp_path / "folds", views=2, factor=2)
+    assert [r["chest"] for r in rows] == ["chest_a", "chest_b", "chest_c"]
+    assert all(np.isfinite(r[k]) for r in rows for k in ("atlas_net", "atlas_tv_coarse"))
+    a = np.arange(64, dtype=np.float32).reshape(4, 4, 4)
+    np.testing.assert_allclose(gp.block_mean(a, 2)[0, 0, 0], np.mean(a[:2, :2, :2]))
+    assert gp.block_mean(a, 4).item() == pytest.approx(a.mean())
+    with pytest.raises(ValueError, match="--factor 3: does not divide"):
+        gp.block_mean(a, 3)
