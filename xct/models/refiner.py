@@ -3,11 +3,10 @@
 ``Refiner(width, depth)``: ``[B, D, D, D, C]`` input volumes (any ``C``; ``D`` divisible by
 ``2 ** (depth - 1)``) -> ``[B, D, D, D]`` residual. ``depth`` 3: three scales (``width``,
 ``2 width``, ``4 width`` channels); ``depth`` 4 adds a fourth (``8 width`` channels at an
-eighth of the side, two convolutions), which widens the field of view of the coarsest
-features to the whole 64^3 cube at little cost. SiLU, skip connections by concatenation,
-trilinear upsampling. The last layer starts at
-zero, so an untrained refiner returns no correction (the caller adds the residual to its
-base volume).
+eighth of the side, two convolutions), about doubling the field of view for little compute
+(it lost on the clinical folds: BENCHMARKS.md). SiLU, skip connections by concatenation,
+trilinear upsampling. The last layer starts at zero, so an untrained refiner returns no
+correction (the caller adds the residual to its base volume).
 """
 
 from __future__ import annotations
