@@ -33,11 +33,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def block_mean(a: np.ndarray, k: int) -> np.ndarray:
-    """``a`` averaged over ``k``^3 blocks (each side must be divisible by ``k``)."""
+    """``a`` averaged over ``k``^3 blocks (``recon.template.block_mean``; each side must be
+    divisible by ``k``, where that function would drop a remainder)."""
+    from xct.recon import template
+
     if any(n % k for n in a.shape):
         raise ValueError(f"--factor {k}: does not divide the grid {a.shape}")
-    z, y, x = (n // k for n in a.shape)
-    return a.reshape(z, k, y, k, x, k).mean((1, 3, 5))
+    return np.asarray(template.block_mean(np.asarray(a, np.float32), k, 3))
 
 
 def probe(cases_dir, folds_dir, views: int, factor: int) -> list[dict]:
